@@ -1,0 +1,16 @@
+# The CUDA backend is optional: AUTO builds it when a CUDA compiler is found, and the CPU
+# build always works without it.
+set(RLHF_HAVE_CUDA OFF)
+if(NOT RLHF_CUDA STREQUAL "OFF")
+  if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(RLHF_HAVE_CUDA ON)
+  elseif(RLHF_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "RLHF_CUDA=ON but no CUDA compiler was found")
+  endif()
+endif()
+message(STATUS "rlhf: CUDA backend ${RLHF_HAVE_CUDA} (the first CUDA kernels come with the FP4 and CUDA issues)")

@@ -1,0 +1,715 @@
+#include "kernels/cpu/cpu_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include <cblas.h>
+#include <omp.h>
+
+#include "common/error.h"
+
+namespace rlhf {
+
+namespace {
+
+// The BLAS entry point for each compute type. Row-major, C = alpha op(A) op(B) + beta C.
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, double alpha, const double* A,
+          int lda, const double* B, int ldb, double beta, double* C, int ldc) {
+  cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <typename T>
+T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Static partition of [0, n) for thread `tid` of `nthreads`: deterministic chunk boundaries.
+inline void thread_range(int64_t n, int tid, int nthreads, int64_t& begin, int64_t& end) {
+  const int64_t chunk = (n + nthreads - 1) / nthreads;
+  begin = std::min<int64_t>(n, chunk * tid);
+  end = std::min<int64_t>(n, begin + chunk);
+}
+
+}  // namespace
+
+void cpu_set_threads(int threads) {
+  if (threads <= 0) threads = omp_get_num_procs();
+  omp_set_num_threads(threads);
+  openblas_set_num_threads(threads);
+}
+
+int cpu_threads() { return omp_get_max_threads(); }
+
+// ---------------------------------------------------------------- memory
+
+template <typename T>
+void* CpuOps<T>::alloc_bytes(size_t bytes) {
+  // 64-byte alignment: whole cache lines, and what AVX-512 loads would want.
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* ptr = std::aligned_alloc(64, rounded);
+  if (!ptr) throw std::bad_alloc();
+  return ptr;
+}
+
+template <typename T>
+void CpuOps<T>::free_bytes(void* ptr) {
+  std::free(ptr);
+}
+
+template <typename T>
+void CpuOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
+  if (bytes) std::memcpy(host_dst, src, bytes);
+}
+
+template <typename T>
+void CpuOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
+  if (bytes) std::memcpy(dst, host_src, bytes);
+}
+
+// ---------------------------------------------------------------- dense algebra
+
+template <typename T>
+void CpuOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
+                               bool accumulate) {
+  if (M == 0) return;
+  gemm(false, true, M, N, K, T(1), in, K, w, K, accumulate ? T(1) : T(0), out, N);
+}
+
+template <typename T>
+void CpuOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M,
+                                int N, int K, bool accumulate_din) {
+  if (M == 0) return;
+  if (din) gemm(false, false, M, K, N, T(1), dout, N, w, K, accumulate_din ? T(1) : T(0), din, K);
+  if (dw) gemm(true, false, N, K, M, T(1), dout, N, in, K, T(1), dw, K);
+}
+
+template <typename T>
+void CpuOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
+                                       int n_groups, int N, int K) {
+  for (int e = 0; e < n_groups; ++e) {
+    const int rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    matmul_forward(out + int64_t(offsets[e]) * N, in + int64_t(offsets[e]) * K,
+                   w + int64_t(e) * N * K, rows, N, K, false);
+  }
+}
+
+template <typename T>
+void CpuOps<T>::grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
+                                        const int32_t* offsets, int n_groups, int N, int K,
+                                        bool accumulate_din) {
+  for (int e = 0; e < n_groups; ++e) {
+    const int rows = offsets[e + 1] - offsets[e];
+    if (rows == 0) continue;
+    const int64_t r0 = offsets[e];
+    matmul_backward(din ? din + r0 * K : nullptr, dw ? dw + int64_t(e) * N * K : nullptr,
+                    dout + r0 * N, in + r0 * K, w + int64_t(e) * N * K, rows, N, K, accumulate_din);
+  }
+}
+
+// ---------------------------------------------------------------- embedding
+
+template <typename T>
+void CpuOps<T>::embedding_forward(T* out, const int32_t* tokens, const T* table, int N, int D) {
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < N; ++i) {
+    std::memcpy(out + int64_t(i) * D, table + int64_t(tokens[i]) * D, sizeof(T) * D);
+  }
+}
+
+template <typename T>
+void CpuOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int N, int D,
+                                   int V) {
+  // Threads split the D columns, so two threads never add into the same element and the
+  // summation order over tokens is fixed.
+#pragma omp parallel
+  {
+    int64_t c0, c1;
+    thread_range(D, omp_get_thread_num(), omp_get_num_threads(), c0, c1);
+    for (int i = 0; i < N; ++i) {
+      T* dst = dtable + int64_t(tokens[i]) * D;
+      const T* src = dout + int64_t(i) * D;
+      for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+template <typename T>
+void CpuOps<T>::rmsnorm_forward(T* out, T* rstd, const T* in, const T* weight, int N, int D,
+                                double eps) {
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < N; ++i) {
+    const T* x = in + int64_t(i) * D;
+    T* y = out + int64_t(i) * D;
+    T sum = 0;
+    for (int c = 0; c < D; ++c) sum += x[c] * x[c];
+    const T r = T(1) / std::sqrt(sum / T(D) + T(eps));
+    for (int c = 0; c < D; ++c) y[c] = x[c] * r * weight[c];
+    rstd[i] = r;
+  }
+}
+
+template <typename T>
+void CpuOps<T>::rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
+                                 const T* rstd, int N, int D) {
+  const int nthreads = omp_get_max_threads();
+  std::vector<T> partial(size_t(nthreads) * D, T(0));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num();
+    int64_t r0, r1;
+    thread_range(N, tid, omp_get_num_threads(), r0, r1);
+    T* dw = partial.data() + size_t(tid) * D;
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* x = in + i * D;
+      const T* dy = dout + i * D;
+      T* dx = din + i * D;
+      const T r = rstd[i];
+      // y = x r w  =>  dx = r (dy w) - x r^3 mean(dy w x)
+      T dot = 0;
+      for (int c = 0; c < D; ++c) dot += dy[c] * weight[c] * x[c];
+      const T coef = dot * r * r * r / T(D);
+      for (int c = 0; c < D; ++c) {
+        dx[c] += dy[c] * weight[c] * r - x[c] * coef;
+        dw[c] += dy[c] * x[c] * r;
+      }
+    }
+  }
+  for (int t = 0; t < nthreads; ++t) {
+    for (int c = 0; c < D; ++c) dweight[c] += partial[size_t(t) * D + c];
+  }
+}
+
+// ---------------------------------------------------------------- RoPE
+
+template <typename T>
+const T* CpuOps<T>::rope_table(int positions, int hd, double theta) {
+  const bool same_geometry = hd == rope_head_dim_ && theta == rope_theta_;
+  if (!same_geometry || positions > rope_positions_) {
+    // Grow geometrically so a decode loop extends the table O(log n) times, not per token.
+    const int n = same_geometry ? std::max(positions, 2 * rope_positions_) : positions;
+    rope_table_.assign(size_t(n) * hd, T(0));
+    for (int p = 0; p < n; ++p) {
+      for (int i = 0; i < hd / 2; ++i) {
+        const double angle = p * std::pow(theta, -2.0 * i / hd);
+        rope_table_[(size_t(p) * (hd / 2) + i) * 2] = T(std::cos(angle));
+        rope_table_[(size_t(p) * (hd / 2) + i) * 2 + 1] = T(std::sin(angle));
+      }
+    }
+    rope_positions_ = n;
+    rope_head_dim_ = hd;
+    rope_theta_ = theta;
+  }
+  return rope_table_.data();
+}
+
+namespace {
+template <typename T>
+void rope_rotate(T* x, const int32_t* positions, int N, int H, int hd, const T* table, T sign) {
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < N; ++i) {
+    const T* cs = table + size_t(positions[i]) * hd;
+    for (int h = 0; h < H; ++h) {
+      T* v = x + (int64_t(i) * H + h) * hd;
+      for (int p = 0; p < hd / 2; ++p) {
+        const T c = cs[2 * p], s = sign * cs[2 * p + 1];
+        const T a = v[2 * p], b = v[2 * p + 1];
+        v[2 * p] = a * c - b * s;
+        v[2 * p + 1] = a * s + b * c;
+      }
+    }
+  }
+}
+
+int max_position(const int32_t* positions, int N) {
+  int m = 0;
+  for (int i = 0; i < N; ++i) m = std::max(m, positions[i]);
+  return m;
+}
+}  // namespace
+
+template <typename T>
+void CpuOps<T>::rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
+                             double theta) {
+  const T* table = rope_table(max_position(positions, N) + 1, hd, theta);
+  rope_rotate(x, positions, N, H, hd, table, T(1));
+}
+
+template <typename T>
+void CpuOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
+                              double theta) {
+  // The rotation is orthogonal, so its gradient is the rotation by the negative angle.
+  const T* table = rope_table(max_position(positions, N) + 1, hd, theta);
+  rope_rotate(dx, positions, N, H, hd, table, T(-1));
+}
+
+// ---------------------------------------------------------------- attention
+
+template <typename T>
+T* CpuOps<T>::attention_scratch(int capacity) {
+  const size_t need = size_t(omp_get_max_threads()) * size_t(capacity);
+  if (scratch_.size() < need) scratch_.resize(need);
+  return scratch_.data();
+}
+
+template <typename T>
+void CpuOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) {
+  const int64_t row = int64_t(s.n_kv_heads) * s.head_dim;
+  for (int b = 0; b < s.batch; ++b) {
+    RLHF_CHECK(s.start[b] + s.n_new <= s.capacity, "KV cache overflow: {} + {} > {}", s.start[b],
+               s.n_new, s.capacity);
+    std::memcpy(cache + (int64_t(b) * s.capacity + s.start[b]) * row,
+                kv + int64_t(b) * s.n_new * row, sizeof(T) * row * s.n_new);
+  }
+}
+
+template <typename T>
+void CpuOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+                                  const AttentionShape& s) {
+  const int hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+  const T scale = T(1) / std::sqrt(T(hd));
+  const int64_t q_row = int64_t(s.n_heads) * hd, kv_row = int64_t(s.n_kv_heads) * hd;
+  T* scratch = attention_scratch(s.capacity);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.n_heads; ++h) {
+      T* scores = scratch + size_t(omp_get_thread_num()) * s.capacity;
+      const int kvh = h / group;
+      const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      for (int t = 0; t < s.n_new; ++t) {
+        const int last = s.start[b] + t;  // attends to 0..last
+        const T* qt = q + (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
+        T max_score = -std::numeric_limits<T>::infinity();
+        for (int j = 0; j <= last; ++j) {
+          const T* kj = kb + int64_t(j) * kv_row;
+          T dot = 0;
+          for (int c = 0; c < hd; ++c) dot += qt[c] * kj[c];
+          scores[j] = dot * scale;
+          max_score = std::max(max_score, scores[j]);
+        }
+        T sum = 0;
+        for (int j = 0; j <= last; ++j) {
+          scores[j] = std::exp(scores[j] - max_score);
+          sum += scores[j];
+        }
+        T* ot = out + (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
+        for (int c = 0; c < hd; ++c) ot[c] = 0;
+        const T inv = T(1) / sum;
+        for (int j = 0; j <= last; ++j) {
+          const T p = scores[j] * inv;
+          const T* vj = vb + int64_t(j) * kv_row;
+          for (int c = 0; c < hd; ++c) ot[c] += p * vj[c];
+        }
+        if (lse) lse[(int64_t(b) * s.n_heads + h) * s.n_new + t] = max_score + std::log(sum);
+      }
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out,
+                                   const T* lse, const T* q, const T* k, const T* v,
+                                   const AttentionShape& s) {
+  const int hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+  const T scale = T(1) / std::sqrt(T(hd));
+  const int64_t q_row = int64_t(s.n_heads) * hd, kv_row = int64_t(s.n_kv_heads) * hd;
+  T* scratch = attention_scratch(s.capacity);
+  // One task per (sequence, kv head): it owns that slice of dk/dv, so no two threads write
+  // the same element, and every sum runs in a fixed order.
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int b = 0; b < s.batch; ++b) {
+    for (int kvh = 0; kvh < s.n_kv_heads; ++kvh) {
+      T* dscore = scratch + size_t(omp_get_thread_num()) * s.capacity;
+      const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      T* dkb = dk + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      T* dvb = dv + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      for (int j = 0; j < s.capacity; ++j) {
+        for (int c = 0; c < hd; ++c) dkb[j * kv_row + c] = dvb[j * kv_row + c] = 0;
+      }
+      for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+        for (int t = 0; t < s.n_new; ++t) {
+          const int last = s.start[b] + t;
+          const int64_t qi = (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
+          const T* qt = q + qi;
+          const T* dot_ = dout + qi;
+          const T* ot = out + qi;
+          T* dqt = dq + qi;
+          const T l = lse[(int64_t(b) * s.n_heads + h) * s.n_new + t];
+          T d_sum = 0;  // sum_j p_j dp_j == dout . out
+          for (int c = 0; c < hd; ++c) d_sum += dot_[c] * ot[c];
+          for (int c = 0; c < hd; ++c) dqt[c] = 0;
+          for (int j = 0; j <= last; ++j) {
+            const T* kj = kb + int64_t(j) * kv_row;
+            const T* vj = vb + int64_t(j) * kv_row;
+            T dot = 0, dp = 0;
+            for (int c = 0; c < hd; ++c) {
+              dot += qt[c] * kj[c];
+              dp += dot_[c] * vj[c];
+            }
+            const T p = std::exp(dot * scale - l);
+            const T ds = p * (dp - d_sum) * scale;
+            dscore[j] = ds;
+            T* dvj = dvb + int64_t(j) * kv_row;
+            for (int c = 0; c < hd; ++c) dvj[c] += p * dot_[c];
+          }
+          for (int j = 0; j <= last; ++j) {
+            const T ds = dscore[j];
+            const T* kj = kb + int64_t(j) * kv_row;
+            T* dkj = dkb + int64_t(j) * kv_row;
+            for (int c = 0; c < hd; ++c) {
+              dqt[c] += ds * kj[c];
+              dkj[c] += ds * qt[c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- SwiGLU with clamping
+
+template <typename T>
+ClampCounts CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                                      const SwigluClampConfig& clamp) {
+  const bool on = clamp.enabled;
+  const T gmax = T(clamp.gate_max), lim = T(clamp.linear_limit);
+  int64_t clamped_gate = 0, clamped_linear = 0;
+#pragma omp parallel for schedule(static) reduction(+ : clamped_gate, clamped_linear)
+  for (int64_t i = 0; i < n; ++i) {
+    T g = gate[i], u = up[i];
+    if (on) {
+      if (g > gmax) { g = gmax; ++clamped_gate; }
+      if (u > lim) { u = lim; ++clamped_linear; }
+      else if (u < -lim) { u = -lim; ++clamped_linear; }
+    }
+    h[i] = g * sigmoid(g) * u;
+  }
+  return ClampCounts{clamped_gate, clamped_linear, n};
+}
+
+template <typename T>
+void CpuOps<T>::swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
+                                int64_t n, const SwigluClampConfig& clamp) {
+  const bool on = clamp.enabled;
+  const T gmax = T(clamp.gate_max), lim = T(clamp.linear_limit);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    T g = gate[i], u = up[i];
+    bool gate_clamped = false, linear_clamped = false;
+    if (on) {
+      if (g > gmax) { g = gmax; gate_clamped = true; }
+      if (u > lim) { u = lim; linear_clamped = true; }
+      else if (u < -lim) { u = -lim; linear_clamped = true; }
+    }
+    const T sg = sigmoid(g);
+    const T silu = g * sg;
+    dgate[i] = gate_clamped ? T(0) : dh[i] * u * sg * (T(1) + g * (T(1) - sg));
+    dup[i] = linear_clamped ? T(0) : dh[i] * silu;
+  }
+}
+
+// ---------------------------------------------------------------- MoE
+
+template <typename T>
+void CpuOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* logits,
+                               const T* bias, double route_scale, bool replay) {
+  const int N = r.n_tokens, E = r.n_experts, K = r.top_k;
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < N; ++t) {
+    const T* lt = logits + int64_t(t) * E;
+    T* st = scores + int64_t(t) * E;
+    for (int e = 0; e < E; ++e) st[e] = sigmoid(lt[e]);
+    int32_t* ids = r.expert_ids + int64_t(t) * K;
+    if (!replay) {
+      // Top-k of score + bias by repeated selection (k is small); ties go to the lower id.
+      for (int j = 0; j < K; ++j) {
+        int best = -1;
+        T best_value = -std::numeric_limits<T>::infinity();
+        for (int e = 0; e < E; ++e) {
+          bool taken = false;
+          for (int i = 0; i < j; ++i) taken |= ids[i] == e;
+          const T value = st[e] + (bias ? bias[e] : T(0));
+          if (!taken && value > best_value) { best = e; best_value = value; }
+        }
+        ids[j] = best;
+      }
+    }
+    T sum = 0;
+    for (int j = 0; j < K; ++j) sum += st[ids[j]];
+    for (int j = 0; j < K; ++j) gates[int64_t(t) * K + j] = T(route_scale) * st[ids[j]] / sum;
+  }
+  // Counting sort of the (token, choice) pairs by expert; ascending token order inside each
+  // expert keeps everything deterministic.
+  for (int e = 0; e <= E; ++e) r.offsets[e] = 0;
+  for (int64_t i = 0; i < int64_t(N) * K; ++i) {
+    RLHF_CHECK(r.expert_ids[i] >= 0 && r.expert_ids[i] < E, "expert id {} out of range",
+               r.expert_ids[i]);
+    ++r.offsets[r.expert_ids[i] + 1];
+  }
+  for (int e = 0; e < E; ++e) r.offsets[e + 1] += r.offsets[e];
+  std::vector<int32_t> cursor(r.offsets, r.offsets + E);
+  for (int t = 0; t < N; ++t) {
+    for (int j = 0; j < K; ++j) {
+      const int32_t row = cursor[r.expert_ids[int64_t(t) * K + j]]++;
+      r.sorted_token[row] = t;
+      r.sorted_choice[row] = j;
+      r.slot[int64_t(t) * K + j] = row;
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::router_backward(T* dlogits, const T* dgates, const T* scores, const T* gates,
+                                const MoeRouting& r, double route_scale) {
+  const int N = r.n_tokens, E = r.n_experts, K = r.top_k;
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < N; ++t) {
+    const T* st = scores + int64_t(t) * E;
+    const int32_t* ids = r.expert_ids + int64_t(t) * K;
+    const T* gt = gates + int64_t(t) * K;
+    const T* dg = dgates + int64_t(t) * K;
+    T* dl = dlogits + int64_t(t) * E;
+    for (int e = 0; e < E; ++e) dl[e] = 0;
+    T sum = 0, weighted = 0;
+    for (int j = 0; j < K; ++j) {
+      sum += st[ids[j]];
+      weighted += dg[j] * gt[j];
+    }
+    // g_j = c s_j / S  =>  dL/ds_j = (c dg_j - sum_i dg_i g_i) / S
+    for (int j = 0; j < K; ++j) {
+      const T s = st[ids[j]];
+      const T ds = (T(route_scale) * dg[j] - weighted) / sum;
+      dl[ids[j]] += ds * s * (T(1) - s);
+    }
+  }
+}
+
+template <typename T>
+double CpuOps<T>::seq_balance_loss(T* dlogits, const T* scores, const MoeRouting& r,
+                                   int seq_len, double coef, double normalizer) {
+  const int N = r.n_tokens, E = r.n_experts, K = r.top_k;
+  RLHF_CHECK(N % seq_len == 0, "{} tokens are not whole sequences of {}", N, seq_len);
+  const int n_seq = N / seq_len;
+  double total = 0;
+  std::vector<double> f(E), p(E);
+  for (int b = 0; b < n_seq; ++b) {
+    std::fill(f.begin(), f.end(), 0.0);
+    std::fill(p.begin(), p.end(), 0.0);
+    for (int t = b * seq_len; t < (b + 1) * seq_len; ++t) {
+      for (int j = 0; j < K; ++j) f[r.expert_ids[int64_t(t) * K + j]] += 1.0;
+      const T* st = scores + int64_t(t) * E;
+      double sum = 0;
+      for (int e = 0; e < E; ++e) sum += st[e];
+      for (int e = 0; e < E; ++e) p[e] += st[e] / sum;
+    }
+    for (int e = 0; e < E; ++e) {
+      f[e] *= double(E) / (double(K) * seq_len);
+      p[e] /= seq_len;
+      total += coef * f[e] * p[e] / normalizer;
+    }
+    // dL/ds'_{t,e} = coef f_e / (seq_len normalizer); s' = s / sum(s) per token.
+    for (int t = b * seq_len; t < (b + 1) * seq_len; ++t) {
+      const T* st = scores + int64_t(t) * E;
+      T* dl = dlogits + int64_t(t) * E;
+      double sum = 0, inner = 0;
+      for (int e = 0; e < E; ++e) sum += st[e];
+      for (int e = 0; e < E; ++e) inner += coef * f[e] / (seq_len * normalizer) * st[e] / sum;
+      for (int e = 0; e < E; ++e) {
+        const double dsn = coef * f[e] / (seq_len * normalizer);
+        const double ds = (dsn - inner) / sum;
+        dl[e] += T(ds * st[e] * (1.0 - st[e]));
+      }
+    }
+  }
+  return total;
+}
+
+template <typename T>
+void CpuOps<T>::moe_dispatch_forward(T* xe, const T* x, const MoeRouting& r, int D) {
+  const int64_t rows = int64_t(r.n_tokens) * r.top_k;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    std::memcpy(xe + row * D, x + int64_t(r.sorted_token[row]) * D, sizeof(T) * D);
+  }
+}
+
+template <typename T>
+void CpuOps<T>::moe_dispatch_backward(T* dx, const T* dxe, const MoeRouting& r, int D) {
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < r.n_tokens; ++t) {
+    T* dst = dx + int64_t(t) * D;
+    for (int j = 0; j < r.top_k; ++j) {
+      const T* src = dxe + int64_t(r.slot[int64_t(t) * r.top_k + j]) * D;
+      for (int c = 0; c < D; ++c) dst[c] += src[c];
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::moe_combine_forward(T* out, const T* ye, const T* gates, const MoeRouting& r,
+                                    int D) {
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < r.n_tokens; ++t) {
+    T* dst = out + int64_t(t) * D;
+    for (int j = 0; j < r.top_k; ++j) {
+      const T g = gates[int64_t(t) * r.top_k + j];
+      const T* src = ye + int64_t(r.slot[int64_t(t) * r.top_k + j]) * D;
+      for (int c = 0; c < D; ++c) dst[c] += g * src[c];
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
+                                     const T* gates, const MoeRouting& r, int D) {
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < r.n_tokens; ++t) {
+    const T* dy = dout + int64_t(t) * D;
+    for (int j = 0; j < r.top_k; ++j) {
+      const int64_t i = int64_t(t) * r.top_k + j;
+      const int64_t row = r.slot[i];
+      const T g = gates[i];
+      const T* y = ye + row * D;
+      T* d = dye + row * D;
+      T dot = 0;
+      for (int c = 0; c < D; ++c) {
+        dot += y[c] * dy[c];
+        d[c] = g * dy[c];
+      }
+      dgates[i] = dot;
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::expert_load(T* load, const MoeRouting& r) {
+  for (int e = 0; e < r.n_experts; ++e) load[e] = T(r.offsets[e + 1] - r.offsets[e]);
+}
+
+// ---------------------------------------------------------------- loss
+
+template <typename T>
+double CpuOps<T>::cross_entropy_forward_backward(T* dlogits, const T* logits,
+                                                 const int32_t* targets, const T* weights, int N,
+                                                 int V) {
+  std::vector<double> row_loss(N, 0.0);
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < N; ++i) {
+    const T* l = logits + int64_t(i) * V;
+    T* d = dlogits + int64_t(i) * V;
+    const T w = weights[i];
+    if (w == T(0)) {
+      for (int c = 0; c < V; ++c) d[c] = 0;
+      continue;
+    }
+    T max_logit = l[0];
+    for (int c = 1; c < V; ++c) max_logit = std::max(max_logit, l[c]);
+    T sum = 0;
+    for (int c = 0; c < V; ++c) sum += std::exp(l[c] - max_logit);
+    const T log_sum = std::log(sum);
+    row_loss[i] = double(w) * double(max_logit + log_sum - l[targets[i]]);
+    const T inv = T(1) / sum;
+    for (int c = 0; c < V; ++c) d[c] = w * std::exp(l[c] - max_logit) * inv;
+    d[targets[i]] -= w;
+  }
+  double total = 0;
+  for (double x : row_loss) total += x;
+  return total;
+}
+
+template <typename T>
+void CpuOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N,
+                                   int V, double temperature) {
+  const T inv_temp = T(1) / T(temperature);
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < N; ++i) {
+    const T* l = logits + int64_t(i) * V;
+    T max_logit = l[0] * inv_temp;
+    for (int c = 1; c < V; ++c) max_logit = std::max(max_logit, l[c] * inv_temp);
+    T sum = 0;
+    for (int c = 0; c < V; ++c) sum += std::exp(l[c] * inv_temp - max_logit);
+    logprobs[i] = l[targets[i]] * inv_temp - max_logit - std::log(sum);
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
+
+template <typename T>
+void CpuOps<T>::add_inplace(T* x, const T* y, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+template <typename T>
+void CpuOps<T>::copy(T* dst, const T* src, int64_t n) {
+  if (n) std::memcpy(dst, src, sizeof(T) * n);
+}
+
+template <typename T>
+void CpuOps<T>::fill(T* x, T value, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] = value;
+}
+
+template <typename T>
+void CpuOps<T>::scale_inplace(T* x, double s, int64_t n) {
+  const T factor = T(s);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+template <typename T>
+double CpuOps<T>::sum_squares(const T* x, int64_t n) {
+  // Fixed per-thread chunks summed in thread order: the same result on every run.
+  const int nthreads = omp_get_max_threads();
+  std::vector<double> partial(nthreads, 0.0);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t b, e;
+    thread_range(n, omp_get_thread_num(), omp_get_num_threads(), b, e);
+    double s = 0;
+    for (int64_t i = b; i < e; ++i) s += double(x[i]) * double(x[i]);
+    partial[omp_get_thread_num()] = s;
+  }
+  double total = 0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+template <typename T>
+void CpuOps<T>::adamw_step(T* param, const T* grad, T* m, T* v, int64_t n,
+                           const AdamWHyper& h) {
+  const T b1 = T(h.beta1), b2 = T(h.beta2);
+  const T correction1 = T(1.0 - std::pow(h.beta1, double(h.step)));
+  const T correction2 = T(1.0 - std::pow(h.beta2, double(h.step)));
+  const T lr = T(h.lr), wd = T(h.weight_decay), eps = T(h.eps);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = grad[i];
+    m[i] = b1 * m[i] + (T(1) - b1) * g;
+    v[i] = b2 * v[i] + (T(1) - b2) * g * g;
+    const T m_hat = m[i] / correction1;
+    const T v_hat = v[i] / correction2;
+    param[i] -= lr * (m_hat / (std::sqrt(v_hat) + eps) + wd * param[i]);
+  }
+}
+
+template class CpuOps<float>;
+template class CpuOps<double>;
+
+}  // namespace rlhf

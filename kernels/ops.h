@@ -1,0 +1,183 @@
+#pragma once
+// The op interface: everything the model computes goes through one of these calls, so the
+// architecture in model/ is written once and each backend (kernels/cpu now, kernels/cuda next)
+// implements the full set. Conventions:
+//  - Row-major tensors; a shape comment on every argument. Outputs come first.
+//  - Weight matrices are [out, in]: y = x W^T (PyTorch's nn.Linear convention).
+//  - Backward ops ACCUMULATE into parameter gradients (dW += ...), so one gradient buffer
+//    collects contributions from several uses; activation gradients are overwritten unless
+//    the argument says "+=".
+//  - `T` is the compute type: float for real work, double for the gradient-check reference.
+//  - Pointers are in the backend's memory (host for the CPU backend). Index arrays too.
+#include <cstddef>
+#include <cstdint>
+
+#include "model/config.h"
+
+namespace rlhf {
+
+// Attention geometry. Queries are the T new tokens of each of B sequences; keys and values
+// live in a cache of capacity S per sequence (in training, the cache IS this batch's K/V:
+// S == T and start == 0). Query t of sequence b sits at absolute position start[b] + t and
+// attends to cache positions 0..start[b] + t (causal).
+struct AttentionShape {
+  int batch = 0;         // B
+  int n_new = 0;         // T: new tokens per sequence
+  int capacity = 0;      // S: cache positions per sequence
+  int n_heads = 0;       // Hq
+  int n_kv_heads = 0;    // Hkv (Hq % Hkv == 0; query head h reads kv head h / (Hq / Hkv))
+  int head_dim = 0;      // hd
+  const int32_t* start = nullptr;  // [B] absolute position of the first new token
+};
+
+// Which rows go to which expert. After routing, the N*k (token, choice) pairs are sorted by
+// expert so each expert's rows are contiguous: rows offsets[e] .. offsets[e+1]-1.
+struct MoeRouting {
+  int n_tokens = 0;                // N
+  int top_k = 0;                   // k
+  int n_experts = 0;               // E
+  int32_t* expert_ids = nullptr;   // [N, k] chosen experts (the routing trace)
+  int32_t* offsets = nullptr;      // [E + 1] first sorted row of each expert
+  int32_t* sorted_token = nullptr; // [N * k] token of sorted row r
+  int32_t* sorted_choice = nullptr;// [N * k] which of the token's k choices row r is
+  int32_t* slot = nullptr;         // [N * k] sorted row of (token t, choice j), at t * k + j
+};
+
+struct ClampCounts {
+  int64_t gate = 0;    // units whose gate pre-activation exceeded gate_max
+  int64_t linear = 0;  // units whose linear path fell outside [-limit, limit]
+  int64_t total = 0;   // units looked at
+};
+
+struct AdamWHyper {
+  double lr = 0.0;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.0;  // decoupled: param -= lr * wd * param
+  int64_t step = 1;           // 1-based, for bias correction
+};
+
+template <typename T>
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual const char* name() const = 0;
+
+  // ---- memory (bytes; the model keeps all tensors in backend memory) ----
+  virtual void* alloc_bytes(size_t bytes) = 0;
+  virtual void free_bytes(void* ptr) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy_from_host(void* dst, const void* host_src, size_t bytes) = 0;
+
+  // ---- dense algebra ----
+  // out[M,N] = in[M,K] . w[N,K]^T   (out += ... when accumulate)
+  virtual void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
+                              bool accumulate) = 0;
+  // din[M,K] = dout[M,N] . w[N,K] (+= when accumulate_din; skipped when din is null)
+  // dw[N,K] += dout[M,N]^T . in[M,K] (skipped when dw is null)
+  virtual void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M,
+                               int N, int K, bool accumulate_din) = 0;
+  // Expert GEMMs for all experts in one call: rows offsets[e]..offsets[e+1]-1 of in[R,K] use
+  // w[e] ([E,N,K]). out[R,N].
+  virtual void grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
+                                      int n_groups, int N, int K) = 0;
+  // din[R,K] = dout . w[e] (+= when accumulate_din); dw[E,N,K] += dout^T . in (per group)
+  virtual void grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
+                                       const int32_t* offsets, int n_groups, int N, int K,
+                                       bool accumulate_din) = 0;
+
+  // ---- embedding ----
+  // out[N,D] = table[tokens[i]]
+  virtual void embedding_forward(T* out, const int32_t* tokens, const T* table, int N, int D) = 0;
+  // dtable[V,D] += scatter of dout[N,D] by tokens
+  virtual void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int N,
+                                  int D, int V) = 0;
+
+  // ---- RMSNorm ----
+  // out[N,D] = in * rstd * weight, rstd[N] = 1 / sqrt(mean(in^2) + eps)
+  virtual void rmsnorm_forward(T* out, T* rstd, const T* in, const T* weight, int N, int D,
+                               double eps) = 0;
+  // din[N,D] += ..., dweight[D] += ...
+  virtual void rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
+                                const T* rstd, int N, int D) = 0;
+
+  // ---- rotary position embedding, in place on x[N, H, hd] at positions[N] ----
+  // Pairs (2i, 2i+1) rotate by angle pos * theta^(-2i/hd).
+  virtual void rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
+                            double theta) = 0;
+  // The inverse rotation applied to the gradient.
+  virtual void rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
+                             double theta) = 0;
+
+  // ---- causal attention with grouped-query heads ----
+  // cache[B,S,Hkv,hd] at positions start[b]+t <- kv[B,T,Hkv,hd]
+  virtual void kv_cache_write(T* cache, const T* kv, const AttentionShape& shape) = 0;
+  // out[B,T,Hq,hd] = softmax(q k^T / sqrt(hd)) v; lse[B,Hq,T] (log-sum-exp of the scaled
+  // scores, kept for backward; may be null at inference). q[B,T,Hq,hd], k/v[B,S,Hkv,hd].
+  virtual void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+                                 const AttentionShape& shape) = 0;
+  // dq[B,T,Hq,hd] =; dk, dv[B,S,Hkv,hd] = (training layout: S == T, start == 0).
+  // Recomputes the probabilities from lse instead of storing a T x S matrix.
+  virtual void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out,
+                                  const T* lse, const T* q, const T* k, const T* v,
+                                  const AttentionShape& shape) = 0;
+
+  // ---- SwiGLU with clamping ----
+  // h[n] = silu(min(gate, gate_max)) * clamp(up, -limit, limit)   (no clamping if disabled)
+  virtual ClampCounts swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                                     const SwigluClampConfig& clamp) = 0;
+  // dgate[n], dup[n] = ; zero where the input was clamped.
+  virtual void swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
+                               int64_t n, const SwigluClampConfig& clamp) = 0;
+
+  // ---- MoE routing, dispatch and combine ----
+  // scores[N,E] = sigmoid(logits[N,E]). Unless `replay`, expert_ids[N,k] = top-k of
+  // scores + bias[E] (the bias steers selection only). gates[N,k] = route_scale * s_j /
+  // sum_k s. Fills routing.offsets / sorted_token / sorted_choice / slot.
+  virtual void router_forward(T* scores, T* gates, MoeRouting& routing, const T* logits,
+                              const T* bias, double route_scale, bool replay) = 0;
+  // dlogits[N,E] = d(gates)/d(logits)^T . dgates[N,k]
+  virtual void router_backward(T* dlogits, const T* dgates, const T* scores, const T* gates,
+                               const MoeRouting& routing, double route_scale) = 0;
+  // Sequence-level balance loss (DeepSeek-V3 style), per sequence of `seq_len` tokens:
+  //   coef * sum_e f_e * P_e, f_e = E/(k T) * #tokens routed to e, P_e = mean_t s'_{t,e}
+  // with s' the scores normalized over all experts. Returns the loss summed over sequences,
+  // divided by `normalizer`; dlogits[N,E] += its gradient (through P only).
+  virtual double seq_balance_loss(T* dlogits, const T* scores, const MoeRouting& routing,
+                                  int seq_len, double coef, double normalizer) = 0;
+  // xe[N*k, D] = x[sorted_token[r]]
+  virtual void moe_dispatch_forward(T* xe, const T* x, const MoeRouting& routing, int D) = 0;
+  // dx[N,D] += sum over the token's rows of dxe
+  virtual void moe_dispatch_backward(T* dx, const T* dxe, const MoeRouting& routing, int D) = 0;
+  // out[N,D] += sum_j gates[t,j] * ye[slot(t,j)]
+  virtual void moe_combine_forward(T* out, const T* ye, const T* gates,
+                                   const MoeRouting& routing, int D) = 0;
+  // dye[R,D] = gate * dout[token]; dgates[N,k] = ye[slot] . dout[token]
+  virtual void moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
+                                    const T* gates, const MoeRouting& routing, int D) = 0;
+  // load[E] = number of rows routed to each expert (from routing.offsets), as T.
+  virtual void expert_load(T* load, const MoeRouting& routing) = 0;
+
+  // ---- loss and probabilities ----
+  // Returns sum_i weights[i] * -log softmax(logits[i])[targets[i]]; dlogits[N,V] =
+  // weights[i] * (softmax - onehot). dlogits may alias logits. Rows with weight 0 get 0.
+  virtual double cross_entropy_forward_backward(T* dlogits, const T* logits,
+                                                const int32_t* targets, const T* weights, int N,
+                                                int V) = 0;
+  // logprobs[N] = log softmax(logits[i] / temperature)[targets[i]]
+  virtual void log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N,
+                                  int V, double temperature) = 0;
+
+  // ---- elementwise and reductions ----
+  virtual void add_inplace(T* x, const T* y, int64_t n) = 0;  // x += y
+  virtual void copy(T* dst, const T* src, int64_t n) = 0;  // same backend
+  virtual void fill(T* x, T value, int64_t n) = 0;
+  virtual void scale_inplace(T* x, double s, int64_t n) = 0;
+  virtual double sum_squares(const T* x, int64_t n) = 0;
+  // One AdamW update of n parameters in place.
+  virtual void adamw_step(T* param, const T* grad, T* m, T* v, int64_t n,
+                          const AdamWHyper& hyper) = 0;
+};
+
+}  // namespace rlhf

@@ -1,0 +1,468 @@
+#include "model/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/core.h>
+
+#include "common/error.h"
+#include "common/rng.h"
+
+namespace rlhf {
+
+template <typename T>
+ModelWeights<T> ModelWeights<T>::view(const ModelConfig& c, const ParamLayout& layout, T* base) {
+  auto at = [&](const std::string& name) { return base + layout.find(name).offset; };
+  auto maybe = [&](const std::string& name) -> T* {
+    const TensorSpec* spec = layout.find_or_null(name);
+    return spec ? base + spec->offset : nullptr;
+  };
+  ModelWeights w;
+  w.embed = at("embed");
+  w.final_norm = at("final_norm");
+  w.lm_head = at("lm_head");
+  w.layers.resize(c.n_layers);
+  for (int i = 0; i < c.n_layers; ++i) {
+    const std::string p = fmt::format("layers.{}.", i);
+    LayerWeights<T>& l = w.layers[i];
+    l.attn_norm = at(p + "attn_norm");
+    l.wq = at(p + "wq");
+    l.wk = at(p + "wk");
+    l.wv = at(p + "wv");
+    l.wo = at(p + "wo");
+    l.ffn_norm = at(p + "ffn_norm");
+    if (!c.is_moe_layer(i)) {
+      l.ffn_gate = at(p + "ffn.w_gate");
+      l.ffn_up = at(p + "ffn.w_up");
+      l.ffn_down = at(p + "ffn.w_down");
+      continue;
+    }
+    l.router = at(p + "router");
+    l.shared_gate = maybe(p + "shared.w_gate");
+    l.shared_up = maybe(p + "shared.w_up");
+    l.shared_down = maybe(p + "shared.w_down");
+    l.expert_gate = at(p + "experts.w_gate");
+    l.expert_up = at(p + "experts.w_up");
+    l.expert_down = at(p + "experts.w_down");
+  }
+  return w;
+}
+
+template <typename T>
+KvCache<T>::KvCache(Ops<T>& ops, const ModelConfig& c, int batch, int capacity)
+    : batch_(batch), capacity_(capacity),
+      layer_stride_(int64_t(batch) * capacity * c.kv_dim()),
+      k_(ops, layer_stride_ * c.n_layers), v_(ops, layer_stride_ * c.n_layers) {}
+
+template <typename T>
+Transformer<T>::Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq)
+    : ops_(ops), config_(config), layout_(ParamLayout::parameters(config)),
+      buffer_layout_(ParamLayout::buffers(config)), max_tokens_(max_batch * max_seq),
+      max_batch_(max_batch), max_seq_(max_seq), params_(ops, layout_.total()),
+      grads_(ops, layout_.total()), buffers_(ops, std::max<int64_t>(1, buffer_layout_.total())) {
+  config_.validate();
+  RLHF_CHECK(max_batch > 0 && max_seq > 0, "empty activation shape");
+  weights_ = ModelWeights<T>::view(config_, layout_, params_.data());
+  grad_views_ = ModelWeights<T>::view(config_, layout_, grads_.data());
+  for (int i = config_.n_dense_layers; i < config_.n_layers; ++i) {
+    router_bias_.push_back(buffers_.data() +
+                           buffer_layout_.find(fmt::format("layers.{}.router_bias", i)).offset);
+  }
+  ops_.fill(grads_.data(), T(0), grads_.size());
+  ops_.fill(buffers_.data(), T(0), buffers_.size());
+  allocate_activations();
+}
+
+template <typename T>
+void Transformer<T>::allocate_activations() {
+  const ModelConfig& c = config_;
+  const int64_t N = max_tokens_, D = c.d_model, E = c.n_routed_experts, K = c.top_k;
+  const int64_t NK = N * K, Fe = c.d_expert, shared = int64_t(c.n_shared_experts) * Fe;
+  const int64_t ffn_width = std::max<int64_t>(c.d_ff, shared);
+  const int64_t hidden_scratch = N * std::max<int64_t>(ffn_width, K * Fe);
+
+  // Two passes over the same plan: the first counts, the second hands out pointers. Each
+  // piece is rounded to 16 elements to keep rows of different tensors off shared lines.
+  auto plan = [&](T* base, int32_t* ibase, int64_t& total, int64_t& itotal) {
+    total = itotal = 0;
+    auto take = [&](int64_t n) {
+      T* p = base ? base + total : nullptr;
+      total += (n + 15) / 16 * 16;
+      return p;
+    };
+    auto take_index = [&](int64_t n) {
+      int32_t* p = ibase ? ibase + itotal : nullptr;
+      itotal += (n + 15) / 16 * 16;
+      return p;
+    };
+    layer_acts_.assign(c.n_layers, LayerActs{});
+    for (int l = 0; l < c.n_layers; ++l) {
+      LayerActs& a = layer_acts_[l];
+      a.x_in = take(N * D);
+      a.attn_in = take(N * D);
+      a.attn_rstd = take(N);
+      a.q = take(N * c.q_dim());
+      a.k = take(N * c.kv_dim());
+      a.v = take(N * c.kv_dim());
+      a.attn_out = take(N * c.q_dim());
+      a.lse = take(N * c.n_heads);
+      a.x_mid = take(N * D);
+      a.ffn_in = take(N * D);
+      a.ffn_rstd = take(N);
+      const int64_t width = c.is_moe_layer(l) ? shared : c.d_ff;
+      a.gate = take(N * width);
+      a.up = take(N * width);
+      a.h = take(N * width);
+      if (!c.is_moe_layer(l)) continue;
+      a.scores = take(N * E);
+      a.gates = take(NK);
+      a.xe = take(NK * D);
+      a.e_gate = take(NK * Fe);
+      a.e_up = take(NK * Fe);
+      a.e_h = take(NK * Fe);
+      a.ye = take(NK * D);
+      a.routing.expert_ids = take_index(NK);
+      a.routing.offsets = take_index(E + 1);
+      a.routing.sorted_token = take_index(NK);
+      a.routing.sorted_choice = take_index(NK);
+      a.routing.slot = take_index(NK);
+    }
+    resid_final_ = take(N * D);
+    final_in_ = take(N * D);
+    final_rstd_ = take(N);
+    logits_ = take(N * c.vocab_size);
+    loss_weights_ = take(N);
+    d_resid_ = take(N * D);
+    d_norm_ = take(N * D);
+    d_q_ = take(N * c.q_dim());
+    d_k_ = take(N * c.kv_dim());
+    d_v_ = take(N * c.kv_dim());
+    d_attn_ = take(N * c.q_dim());
+    d_gate_ = take(hidden_scratch);
+    d_up_ = take(hidden_scratch);
+    d_h_ = take(hidden_scratch);
+    d_xe_ = take(NK * D);
+    d_ye_ = take(NK * D);
+    d_scores_ = take(N * E);
+    d_gates_ = take(NK);
+    router_logits_ = take(N * E);
+    tokens_ = take_index(N);
+    targets_ = take_index(N);
+    positions_ = take_index(N);
+    start_ = take_index(max_batch_);
+  };
+  int64_t total = 0, itotal = 0;
+  plan(nullptr, nullptr, total, itotal);
+  act_ = Buffer<T, Ops<T>>(ops_, total);
+  act_index_ = Buffer<int32_t, Ops<T>>(ops_, itotal);
+  plan(act_.data(), act_index_.data(), total, itotal);
+  ops_.fill(act_.data(), T(0), total);
+}
+
+template <typename T>
+void Transformer<T>::init_random(uint64_t seed) {
+  // Normal(0, init_std) for matrices; output projections (wo, w_down) scaled down by
+  // sqrt(2 n_layers) so the residual stream's variance does not grow with depth (GPT-2).
+  Rng rng(seed);
+  std::vector<T> host(size_t(layout_.total()));
+  const double std = config_.init_std;
+  const double out_std = std / std::sqrt(2.0 * config_.n_layers);
+  for (const TensorSpec& t : layout_.tensors()) {
+    const bool is_norm = t.name.find("norm") != std::string::npos;
+    const bool is_output = t.name.ends_with("wo") || t.name.ends_with("w_down");
+    for (int64_t i = 0; i < t.numel; ++i) {
+      host[t.offset + i] = is_norm ? T(1) : T(rng.normal() * (is_output ? out_std : std));
+    }
+  }
+  params_.from_host(host.data(), layout_.total());
+  ops_.fill(buffers_.data(), T(0), buffers_.size());
+}
+
+template <typename T>
+void Transformer<T>::zero_grads() {
+  ops_.fill(grads_.data(), T(0), grads_.size());
+}
+
+template <typename T>
+const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, KvCache<T>* cache,
+                                 const int32_t* start, RoutingTrace* record,
+                                 const RoutingTrace* replay) {
+  const ModelConfig& c = config_;
+  const int N = batch * n_new;
+  RLHF_CHECK(batch <= max_batch_ && N <= max_tokens_ && n_new > 0,
+             "batch {}x{} exceeds the activation capacity {}x{}", batch, n_new, max_batch_,
+             max_seq_);
+  RLHF_CHECK(cache || n_new <= max_seq_, "sequence of {} exceeds {}", n_new, max_seq_);
+  cur_batch_ = batch;
+  cur_seq_ = n_new;
+
+  std::vector<int32_t> host_start(batch, 0), host_positions(N);
+  for (int b = 0; b < batch; ++b) {
+    if (cache) host_start[b] = start ? start[b] : 0;
+    for (int t = 0; t < n_new; ++t) host_positions[b * n_new + t] = host_start[b] + t;
+  }
+  for (int i = 0; i < N; ++i) {
+    RLHF_CHECK(tokens[i] >= 0 && tokens[i] < c.vocab_size, "token {} outside the vocabulary",
+               tokens[i]);
+  }
+  ops_.copy_from_host(tokens_, tokens, sizeof(int32_t) * N);
+  ops_.copy_from_host(positions_, host_positions.data(), sizeof(int32_t) * N);
+  ops_.copy_from_host(start_, host_start.data(), sizeof(int32_t) * batch);
+
+  if (record) {
+    record->n_layers = c.n_moe_layers();
+    record->n_tokens = N;
+    record->top_k = c.top_k;
+    record->expert_ids.assign(size_t(c.n_moe_layers()) * N * c.top_k, 0);
+  }
+  if (replay) {
+    RLHF_CHECK(replay->n_layers == c.n_moe_layers() && replay->n_tokens == N &&
+                   replay->top_k == c.top_k,
+               "routing trace shape does not match this forward");
+  }
+  stats_.expert_load.assign(c.n_moe_layers(), std::vector<int64_t>(c.n_routed_experts, 0));
+  stats_.clamp.assign(c.n_layers, ClampCounts{});
+
+  const int D = c.d_model;
+  ops_.embedding_forward(layer_acts_[0].x_in, tokens_, weights_.embed, N, D);
+  double flops = 0;
+  for (int l = 0; l < c.n_layers; ++l) {
+    attention_block(l, batch, n_new, cache);
+    ffn_block(l, N, record, replay);
+  }
+  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, weights_.final_norm, N, D,
+                       c.norm_eps);
+  ops_.matmul_forward(logits_, final_in_, weights_.lm_head, N, c.vocab_size, D, false);
+
+  // Model FLOPs: 2 per multiply-add of every matmul, attention counted over the keys each
+  // query actually reads (causal), routed experts over the rows they actually receive.
+  const double n = N;
+  const double attn_keys = [&] {
+    double keys = 0;
+    for (int b = 0; b < batch; ++b) {
+      for (int t = 0; t < n_new; ++t) keys += host_start[b] + t + 1;
+    }
+    return keys;
+  }();
+  for (int l = 0; l < c.n_layers; ++l) {
+    flops += 2 * n * D * (2.0 * c.q_dim() + 2.0 * c.kv_dim());
+    flops += 2 * 2 * attn_keys * c.n_heads * c.head_dim;
+    if (!c.is_moe_layer(l)) {
+      flops += 2 * n * D * 3.0 * c.d_ff;
+    } else {
+      flops += 2 * n * D * c.n_routed_experts;
+      flops += 2 * n * D * 3.0 * c.n_shared_experts * c.d_expert;
+      flops += 2 * n * c.top_k * D * 3.0 * c.d_expert;
+    }
+  }
+  flops += 2 * n * D * c.vocab_size;
+  last_forward_flops_ = flops;
+  return logits_;
+}
+
+template <typename T>
+void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* cache) {
+  const ModelConfig& c = config_;
+  const int N = batch * n_new, D = c.d_model;
+  LayerActs& a = layer_acts_[l];
+  const LayerWeights<T>& w = weights_.layers[l];
+  ops_.rmsnorm_forward(a.attn_in, a.attn_rstd, a.x_in, w.attn_norm, N, D, c.norm_eps);
+  ops_.matmul_forward(a.q, a.attn_in, w.wq, N, c.q_dim(), D, false);
+  ops_.matmul_forward(a.k, a.attn_in, w.wk, N, c.kv_dim(), D, false);
+  ops_.matmul_forward(a.v, a.attn_in, w.wv, N, c.kv_dim(), D, false);
+  ops_.rope_forward(a.q, positions_, N, c.n_heads, c.head_dim, c.rope_theta);
+  ops_.rope_forward(a.k, positions_, N, c.n_kv_heads, c.head_dim, c.rope_theta);
+  AttentionShape shape{batch, n_new, n_new, c.n_heads, c.n_kv_heads, c.head_dim, start_};
+  if (cache) {
+    shape.capacity = cache->capacity();
+    ops_.kv_cache_write(cache->k(l), a.k, shape);
+    ops_.kv_cache_write(cache->v(l), a.v, shape);
+    ops_.attention_forward(a.attn_out, nullptr, a.q, cache->k(l), cache->v(l), shape);
+  } else {
+    ops_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, shape);
+  }
+  ops_.copy(a.x_mid, a.x_in, int64_t(N) * D);
+  ops_.matmul_forward(a.x_mid, a.attn_out, w.wo, N, D, c.q_dim(), true);
+}
+
+template <typename T>
+void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const RoutingTrace* replay) {
+  const ModelConfig& c = config_;
+  const int D = c.d_model;
+  LayerActs& a = layer_acts_[l];
+  const LayerWeights<T>& w = weights_.layers[l];
+  T* out = l + 1 < c.n_layers ? layer_acts_[l + 1].x_in : resid_final_;
+  ops_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.norm_eps);
+  ops_.copy(out, a.x_mid, int64_t(N) * D);
+  ClampCounts& clamp = stats_.clamp[l];
+  auto add_counts = [&](const ClampCounts& x) {
+    clamp.gate += x.gate;
+    clamp.linear += x.linear;
+    clamp.total += x.total;
+  };
+  // out += SwiGLU(ffn_in) through one dense weight triple of hidden width F.
+  auto dense_swiglu = [&](const T* wg, const T* wu, const T* wd, int F) {
+    ops_.matmul_forward(a.gate, a.ffn_in, wg, N, F, D, false);
+    ops_.matmul_forward(a.up, a.ffn_in, wu, N, F, D, false);
+    add_counts(ops_.swiglu_forward(a.h, a.gate, a.up, int64_t(N) * F, c.clamp));
+    ops_.matmul_forward(out, a.h, wd, N, D, F, true);
+  };
+  if (!c.is_moe_layer(l)) {
+    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff);
+    return;
+  }
+  const int m = l - c.n_dense_layers, E = c.n_routed_experts, K = c.top_k, Fe = c.d_expert;
+  MoeRouting& r = a.routing;
+  r.n_tokens = N;
+  r.top_k = K;
+  r.n_experts = E;
+  ops_.matmul_forward(router_logits_, a.ffn_in, w.router, N, E, D, false);
+  if (replay) {
+    for (int64_t i = 0; i < int64_t(N) * K; ++i) {
+      const int32_t id = replay->layer(m)[i];
+      if (id < 0 || id >= E) fail("routing trace names expert {} but the model has {}", id, E);
+    }
+    ops_.copy_from_host(r.expert_ids, replay->layer(m), sizeof(int32_t) * N * K);
+  }
+  ops_.router_forward(a.scores, a.gates, r, router_logits_, router_bias_[m], c.route_scale,
+                      replay != nullptr);
+  if (record) {
+    ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * K, r.expert_ids,
+                      sizeof(int32_t) * N * K);
+  }
+  std::vector<int32_t> offsets(E + 1);
+  ops_.copy_to_host(offsets.data(), r.offsets, sizeof(int32_t) * (E + 1));
+  for (int e = 0; e < E; ++e) stats_.expert_load[m][e] = offsets[e + 1] - offsets[e];
+
+  if (c.n_shared_experts > 0) {
+    dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe);
+  }
+  const int64_t rows = int64_t(N) * K;
+  ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);
+  ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, Fe, D);
+  ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, Fe, D);
+  add_counts(ops_.swiglu_forward(a.e_h, a.e_gate, a.e_up, rows * Fe, c.clamp));
+  ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, D, Fe);
+  ops_.moe_combine_forward(out, a.ye, a.gates, r, D);
+}
+
+template <typename T>
+double Transformer<T>::forward_backward(const TokenBatch& batch, const RoutingTrace* replay) {
+  const int N = batch.batch * batch.seq_len;
+  RLHF_CHECK(int64_t(batch.tokens.size()) == N && int64_t(batch.targets.size()) == N &&
+                 int64_t(batch.weights.size()) == N,
+             "TokenBatch arrays disagree with its shape");
+  for (int i = 0; i < N; ++i) {
+    RLHF_CHECK(batch.targets[i] >= 0 && batch.targets[i] < config_.vocab_size,
+               "target {} outside the vocabulary", batch.targets[i]);
+  }
+  forward(batch.tokens.data(), batch.batch, batch.seq_len, nullptr, nullptr, nullptr, replay);
+  ops_.copy_from_host(targets_, batch.targets.data(), sizeof(int32_t) * N);
+  std::vector<T> weights(batch.weights.begin(), batch.weights.end());
+  ops_.copy_from_host(loss_weights_, weights.data(), sizeof(T) * N);
+  return backward(batch.batch, batch.seq_len);
+}
+
+template <typename T>
+double Transformer<T>::backward(int batch, int seq_len) {
+  const ModelConfig& c = config_;
+  const int N = batch * seq_len, D = c.d_model, V = c.vocab_size;
+  const int E = c.n_routed_experts, K = c.top_k, Fe = c.d_expert;
+  const int64_t ND = int64_t(N) * D;
+  const ModelWeights<T>& W = weights_;
+  const ModelWeights<T>& G = grad_views_;
+
+  double loss = ops_.cross_entropy_forward_backward(logits_, logits_, targets_, loss_weights_, N, V);
+  T* dlogits = logits_;
+  ops_.matmul_backward(d_norm_, G.lm_head, dlogits, final_in_, W.lm_head, N, V, D, false);
+  ops_.fill(d_resid_, T(0), ND);
+  ops_.rmsnorm_backward(d_resid_, G.final_norm, d_norm_, resid_final_, W.final_norm,
+                        final_rstd_, N, D);
+
+  for (int l = c.n_layers - 1; l >= 0; --l) {
+    LayerActs& a = layer_acts_[l];
+    const LayerWeights<T>& w = W.layers[l];
+    const LayerWeights<T>& g = G.layers[l];
+    // --- FFN block: d_resid_ is dL/d(layer output); d_norm_ collects dL/d(ffn_in).
+    auto dense_swiglu_backward = [&](const T* wg, const T* wu, const T* wd, T* dwg, T* dwu,
+                                     T* dwd, int F, bool accumulate) {
+      ops_.matmul_backward(d_h_, dwd, d_resid_, a.h, wd, N, D, F, false);
+      ops_.swiglu_backward(d_gate_, d_up_, d_h_, a.gate, a.up, int64_t(N) * F, c.clamp);
+      ops_.matmul_backward(d_norm_, dwg, d_gate_, a.ffn_in, wg, N, F, D, accumulate);
+      ops_.matmul_backward(d_norm_, dwu, d_up_, a.ffn_in, wu, N, F, D, true);
+    };
+    if (!c.is_moe_layer(l)) {
+      dense_swiglu_backward(w.ffn_gate, w.ffn_up, w.ffn_down, g.ffn_gate, g.ffn_up, g.ffn_down,
+                            c.d_ff, false);
+    } else {
+      const MoeRouting& r = a.routing;
+      const int64_t rows = int64_t(N) * K;
+      if (c.n_shared_experts > 0) {
+        dense_swiglu_backward(w.shared_gate, w.shared_up, w.shared_down, g.shared_gate,
+                              g.shared_up, g.shared_down, c.n_shared_experts * Fe, false);
+      } else {
+        ops_.fill(d_norm_, T(0), ND);
+      }
+      ops_.moe_combine_backward(d_ye_, d_gates_, d_resid_, a.ye, a.gates, r, D);
+      ops_.grouped_matmul_backward(d_h_, g.expert_down, d_ye_, a.e_h, w.expert_down, r.offsets,
+                                   E, D, Fe, false);
+      ops_.swiglu_backward(d_gate_, d_up_, d_h_, a.e_gate, a.e_up, rows * Fe, c.clamp);
+      ops_.grouped_matmul_backward(d_xe_, g.expert_gate, d_gate_, a.xe, w.expert_gate,
+                                   r.offsets, E, Fe, D, false);
+      ops_.grouped_matmul_backward(d_xe_, g.expert_up, d_up_, a.xe, w.expert_up, r.offsets, E,
+                                   Fe, D, true);
+      ops_.moe_dispatch_backward(d_norm_, d_xe_, r, D);
+      ops_.router_backward(d_scores_, d_gates_, a.scores, a.gates, r, c.route_scale);
+      if (c.seq_balance_loss > 0) {
+        loss += ops_.seq_balance_loss(d_scores_, a.scores, r, seq_len, c.seq_balance_loss,
+                                      double(batch));
+      }
+      ops_.matmul_backward(d_norm_, g.router, d_scores_, a.ffn_in, w.router, N, E, D, true);
+    }
+    // The residual passes d_resid_ through unchanged; the norm adds the FFN path's share.
+    ops_.rmsnorm_backward(d_resid_, g.ffn_norm, d_norm_, a.x_mid, w.ffn_norm, a.ffn_rstd, N, D);
+
+    // --- attention block
+    AttentionShape shape{batch, seq_len, seq_len, c.n_heads, c.n_kv_heads, c.head_dim, start_};
+    ops_.matmul_backward(d_attn_, g.wo, d_resid_, a.attn_out, w.wo, N, D, c.q_dim(), false);
+    ops_.attention_backward(d_q_, d_k_, d_v_, d_attn_, a.attn_out, a.lse, a.q, a.k, a.v, shape);
+    ops_.rope_backward(d_q_, positions_, N, c.n_heads, c.head_dim, c.rope_theta);
+    ops_.rope_backward(d_k_, positions_, N, c.n_kv_heads, c.head_dim, c.rope_theta);
+    ops_.matmul_backward(d_norm_, g.wq, d_q_, a.attn_in, w.wq, N, c.q_dim(), D, false);
+    ops_.matmul_backward(d_norm_, g.wk, d_k_, a.attn_in, w.wk, N, c.kv_dim(), D, true);
+    ops_.matmul_backward(d_norm_, g.wv, d_v_, a.attn_in, w.wv, N, c.kv_dim(), D, true);
+    ops_.rmsnorm_backward(d_resid_, g.attn_norm, d_norm_, a.x_in, w.attn_norm, a.attn_rstd, N,
+                          D);
+  }
+  ops_.embedding_backward(G.embed, d_resid_, tokens_, N, D, V);
+  return loss;
+}
+
+template <typename T>
+void Transformer<T>::update_router_bias() {
+  const ModelConfig& c = config_;
+  if (c.bias_update_rate == 0 || stats_.expert_load.empty()) return;
+  std::vector<T> bias(c.n_routed_experts);
+  for (int m = 0; m < c.n_moe_layers(); ++m) {
+    const auto& load = stats_.expert_load[m];
+    double mean = 0;
+    for (int64_t x : load) mean += double(x);
+    mean /= double(load.size());
+    ops_.copy_to_host(bias.data(), router_bias_[m], sizeof(T) * bias.size());
+    for (int e = 0; e < c.n_routed_experts; ++e) {
+      const double diff = mean - double(load[e]);
+      const double step = diff > 0 ? 1.0 : diff < 0 ? -1.0 : 0.0;
+      bias[e] += T(c.bias_update_rate * step);
+    }
+    ops_.copy_from_host(router_bias_[m], bias.data(), sizeof(T) * bias.size());
+  }
+}
+
+template struct ModelWeights<float>;
+template struct ModelWeights<double>;
+template class KvCache<float>;
+template class KvCache<double>;
+template class Transformer<float>;
+template class Transformer<double>;
+
+}  // namespace rlhf

@@ -1,0 +1,210 @@
+#pragma once
+// The MoE transformer, written once against the op interface (kernels/ops.h).
+//
+//   tokens -> embed -> n_layers x [RMSNorm -> attention (RoPE, GQA, causal) -> +residual
+//                                   -> RMSNorm -> FFN (dense SwiGLU | shared + top-k routed
+//                                      experts) -> +residual] -> RMSNorm -> LM head -> logits
+//
+// Three plain structs carry the state (as in llm.c): ModelWeights (views into one flat
+// parameter allocation; gradients and AdamW moments use the same views), Activations (every
+// intermediate of one forward, sized once for a maximum batch x sequence shape) and KvCache.
+// `T` is float for real work and double for the finite-difference gradient reference.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/buffer.h"
+#include "kernels/ops.h"
+#include "model/config.h"
+#include "model/param_layout.h"
+
+namespace rlhf {
+
+template <typename T>
+struct LayerWeights {
+  T* attn_norm = nullptr;    // [D]
+  T* wq = nullptr;           // [Hq*hd, D]
+  T* wk = nullptr;           // [Hkv*hd, D]
+  T* wv = nullptr;           // [Hkv*hd, D]
+  T* wo = nullptr;           // [D, Hq*hd]
+  T* ffn_norm = nullptr;     // [D]
+  // dense layers
+  T* ffn_gate = nullptr;     // [F, D]
+  T* ffn_up = nullptr;       // [F, D]
+  T* ffn_down = nullptr;     // [D, F]
+  // MoE layers
+  T* router = nullptr;       // [E, D]
+  T* shared_gate = nullptr;  // [S*Fe, D] (null without shared experts)
+  T* shared_up = nullptr;    // [S*Fe, D]
+  T* shared_down = nullptr;  // [D, S*Fe]
+  T* expert_gate = nullptr;  // [E, Fe, D]
+  T* expert_up = nullptr;    // [E, Fe, D]
+  T* expert_down = nullptr;  // [E, D, Fe]
+};
+
+template <typename T>
+struct ModelWeights {
+  T* embed = nullptr;       // [V, D]
+  std::vector<LayerWeights<T>> layers;
+  T* final_norm = nullptr;  // [D]
+  T* lm_head = nullptr;     // [V, D]
+
+  // Carves the views out of `base`, laid out as `layout` (ParamLayout::parameters(config)).
+  static ModelWeights view(const ModelConfig& config, const ParamLayout& layout, T* base);
+};
+
+// Routing of every MoE layer for every token: expert ids [n_moe_layers][n_tokens][top_k].
+// Recorded by a forward on request, and replayed (routing replay) when given.
+struct RoutingTrace {
+  int n_layers = 0;
+  int n_tokens = 0;
+  int top_k = 0;
+  std::vector<int32_t> expert_ids;
+  const int32_t* layer(int moe_layer) const {
+    return expert_ids.data() + size_t(moe_layer) * n_tokens * top_k;
+  }
+};
+
+// What one forward observed, for metrics and for the router's bias balancing.
+struct ForwardStats {
+  std::vector<std::vector<int64_t>> expert_load;  // [n_moe_layers][E] tokens routed
+  std::vector<ClampCounts> clamp;                 // [n_layers] SwiGLU clamping counts
+};
+
+template <typename T>
+class KvCache {
+ public:
+  KvCache(Ops<T>& ops, const ModelConfig& config, int batch, int capacity);
+  T* k(int layer) { return k_.data() + size_t(layer) * layer_stride_; }  // [B, S, Hkv, hd]
+  T* v(int layer) { return v_.data() + size_t(layer) * layer_stride_; }
+  int batch() const { return batch_; }
+  int capacity() const { return capacity_; }
+
+ private:
+  int batch_, capacity_;
+  int64_t layer_stride_;
+  Buffer<T, Ops<T>> k_, v_;
+};
+
+// A training or scoring batch: B sequences of T tokens, right-padded. targets/weights are
+// only needed for the loss: weights[i] multiplies the loss of predicting targets[i] at i.
+struct TokenBatch {
+  int batch = 0;
+  int seq_len = 0;
+  std::vector<int32_t> tokens;   // [B*T]
+  std::vector<int32_t> targets;  // [B*T]
+  std::vector<float> weights;    // [B*T]
+};
+
+template <typename T>
+class Transformer {
+ public:
+  // Allocates parameters (uninitialized; call init_random or load), gradients, moments,
+  // buffers, and activations for batches of up to max_batch x max_seq tokens.
+  Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq);
+
+  const ModelConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  const ParamLayout& buffer_layout() const { return buffer_layout_; }
+  Ops<T>& ops() { return ops_; }
+
+  void init_random(uint64_t seed);
+
+  // Flat storage (backend memory), laid out by layout() / buffer_layout().
+  T* params() { return params_.data(); }
+  T* grads() { return grads_.data(); }
+  T* buffers() { return buffers_.data(); }
+  const ModelWeights<T>& weights() const { return weights_; }
+
+  // Runs the model on `n_new` tokens of each of `batch` sequences. tokens[B*T] (host).
+  // Without a cache the sequences start at position 0 (training / scoring). With a cache,
+  // sequence b's new tokens sit at positions start[b].. and their K/V are appended there.
+  // Returns logits [B*T, V] in backend memory, valid until the next forward.
+  // `record` receives the routing trace; `replay` forces it.
+  const T* forward(const int32_t* tokens, int batch, int n_new, KvCache<T>* cache = nullptr,
+                   const int32_t* start = nullptr, RoutingTrace* record = nullptr,
+                   const RoutingTrace* replay = nullptr);
+
+  // Forward + backward of the weighted cross-entropy (plus the sequence balance loss when
+  // configured). Gradients ACCUMULATE into grads(); zero them with zero_grads(). Returns the
+  // loss (sum over tokens of weight * nll, plus the balance loss).
+  double forward_backward(const TokenBatch& batch, const RoutingTrace* replay = nullptr);
+  void zero_grads();
+
+  // The auxiliary-loss-free balancing step: after an update, each MoE layer's bias moves
+  // by bias_update_rate toward under-loaded experts (sign of mean load - load), using the load
+  // of the last forward.
+  void update_router_bias();
+
+  const ForwardStats& last_stats() const { return stats_; }
+
+  // Model FLOPs of the last forward (matmuls + attention; x3 for forward+backward).
+  double last_forward_flops() const { return last_forward_flops_; }
+
+ private:
+  // Every intermediate one layer's forward keeps for its backward. Row counts are for the
+  // maximum shape; a smaller batch uses the leading rows.
+  struct LayerActs {
+    T* x_in = nullptr;       // [N, D] residual stream entering the layer
+    T* attn_in = nullptr;    // [N, D] RMSNorm(x_in)
+    T* attn_rstd = nullptr;  // [N]
+    T* q = nullptr;          // [N, Hq*hd] after RoPE
+    T* k = nullptr;          // [N, Hkv*hd] after RoPE
+    T* v = nullptr;          // [N, Hkv*hd]
+    T* attn_out = nullptr;   // [N, Hq*hd]
+    T* lse = nullptr;        // [B, Hq, T]
+    T* x_mid = nullptr;      // [N, D] residual after attention
+    T* ffn_in = nullptr;     // [N, D] RMSNorm(x_mid)
+    T* ffn_rstd = nullptr;   // [N]
+    T* gate = nullptr;       // [N, F] dense, or [N, S*Fe] shared experts
+    T* up = nullptr;         // same
+    T* h = nullptr;          // same
+    T* scores = nullptr;     // [N, E] sigmoid affinities
+    T* gates = nullptr;      // [N, k]
+    T* xe = nullptr;         // [N*k, D] token rows sorted by expert
+    T* e_gate = nullptr;     // [N*k, Fe]
+    T* e_up = nullptr;       // [N*k, Fe]
+    T* e_h = nullptr;        // [N*k, Fe]
+    T* ye = nullptr;         // [N*k, D]
+    MoeRouting routing;
+  };
+
+  void allocate_activations();
+  void attention_block(int layer, int batch, int n_new, KvCache<T>* cache);
+  void ffn_block(int layer, int n_tokens, RoutingTrace* record, const RoutingTrace* replay);
+  double backward(int batch, int seq_len);
+
+  Ops<T>& ops_;
+  ModelConfig config_;
+  ParamLayout layout_, buffer_layout_;
+  int max_tokens_;
+  int max_batch_, max_seq_;
+  Buffer<T, Ops<T>> params_, grads_, buffers_;
+  ModelWeights<T> weights_, grad_views_;
+  std::vector<T*> router_bias_;  // [n_moe_layers] -> [E]
+
+  // Activations (one allocation for T, one for int32 indices).
+  Buffer<T, Ops<T>> act_;
+  Buffer<int32_t, Ops<T>> act_index_;
+  std::vector<LayerActs> layer_acts_;
+  T* resid_final_ = nullptr;     // [N, D] residual after the last layer
+  T* final_in_ = nullptr;        // [N, D]
+  T* final_rstd_ = nullptr;      // [N]
+  T* logits_ = nullptr;          // [N, V]
+  T* loss_weights_ = nullptr;    // [N]
+  int32_t* tokens_ = nullptr;    // [N]
+  int32_t* targets_ = nullptr;   // [N]
+  int32_t* positions_ = nullptr; // [N]
+  int32_t* start_ = nullptr;     // [B]
+  // backward scratch, shared by all layers
+  T *d_resid_ = nullptr, *d_norm_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr, *d_v_ = nullptr,
+    *d_attn_ = nullptr, *d_gate_ = nullptr, *d_up_ = nullptr, *d_h_ = nullptr,
+    *d_xe_ = nullptr, *d_ye_ = nullptr, *d_scores_ = nullptr, *d_gates_ = nullptr,
+    *router_logits_ = nullptr;
+
+  int cur_batch_ = 0, cur_seq_ = 0;
+  ForwardStats stats_;
+  double last_forward_flops_ = 0;
+};
+
+}  // namespace rlhf
