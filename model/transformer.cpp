@@ -196,7 +196,10 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   cur_batch_ = batch;
   cur_seq_ = n_new;
 
-  std::vector<int32_t> host_start(batch, 0), host_positions(N);
+  std::vector<int32_t>& host_start = host_start_;
+  std::vector<int32_t>& host_positions = host_positions_;
+  host_start.assign(batch, 0);
+  host_positions.resize(N);
   for (int b = 0; b < batch; ++b) {
     if (cache) host_start[b] = start ? start[b] : 0;
     for (int t = 0; t < n_new; ++t) host_positions[b * n_new + t] = host_start[b] + t;
@@ -220,7 +223,8 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
                    replay->top_k == c.top_k,
                "routing trace shape does not match this forward");
   }
-  stats_.expert_load.assign(c.n_moe_layers(), std::vector<int64_t>(c.n_routed_experts, 0));
+  stats_.expert_load.resize(c.n_moe_layers());
+  for (auto& layer : stats_.expert_load) layer.assign(c.n_routed_experts, 0);
   stats_.clamp.assign(c.n_layers, ClampCounts{});
 
   const int D = c.d_model;
@@ -330,7 +334,8 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
     ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * K, r.expert_ids,
                       sizeof(int32_t) * N * K);
   }
-  std::vector<int32_t> offsets(E + 1);
+  std::vector<int32_t>& offsets = host_offsets_;
+  offsets.resize(E + 1);
   ops_.copy_to_host(offsets.data(), r.offsets, sizeof(int32_t) * (E + 1));
   for (int e = 0; e < E; ++e) stats_.expert_load[m][e] = offsets[e + 1] - offsets[e];
 

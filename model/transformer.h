@@ -107,6 +107,9 @@ class Transformer {
   const ParamLayout& layout() const { return layout_; }
   const ParamLayout& buffer_layout() const { return buffer_layout_; }
   Ops<T>& ops() { return ops_; }
+  // The activation capacity given to the constructor.
+  int max_batch() const { return max_batch_; }
+  int max_seq() const { return max_seq_; }
 
   void init_random(uint64_t seed);
 
@@ -203,6 +206,8 @@ class Transformer {
     *router_logits_ = nullptr;
 
   int cur_batch_ = 0, cur_seq_ = 0;
+  // Host-side staging reused by every forward, so a decode loop does not allocate per token.
+  std::vector<int32_t> host_start_, host_positions_, host_offsets_;
   ForwardStats stats_;
   double last_forward_flops_ = 0;
 };

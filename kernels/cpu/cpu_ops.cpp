@@ -462,7 +462,8 @@ void CpuOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* logi
     ++r.offsets[r.expert_ids[i] + 1];
   }
   for (int e = 0; e < E; ++e) r.offsets[e + 1] += r.offsets[e];
-  std::vector<int32_t> cursor(r.offsets, r.offsets + E);
+  std::vector<int32_t>& cursor = route_cursor_;
+  cursor.assign(r.offsets, r.offsets + E);
   for (int t = 0; t < N; ++t) {
     for (int j = 0; j < K; ++j) {
       const int32_t row = cursor[r.expert_ids[int64_t(t) * K + j]]++;

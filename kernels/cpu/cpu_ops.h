@@ -92,6 +92,7 @@ class CpuOps final : public Ops<T> {
   int rope_head_dim_ = 0;
   double rope_theta_ = 0.0;
   std::vector<T> scratch_;
+  std::vector<int32_t> route_cursor_;  // router_forward's per-expert fill position
 };
 
 // Number of threads the CPU backend (and the BLAS) use; set once at start from the config.

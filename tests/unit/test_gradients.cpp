@@ -314,7 +314,7 @@ TEST_P(ModelGradients, MatchFiniteDifferencesInDouble) {
 }
 
 INSTANTIATE_TEST_SUITE_P(ClampOnOff, ModelGradients, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "clamp_on" : "clamp_off"; });
+                         [](const auto& test_info) { return test_info.param ? "clamp_on" : "clamp_off"; });
 
 TEST(ModelGradientsFloat, FloatMatchesDoubleReference) {
   const ModelConfig c = tiny_config(true);

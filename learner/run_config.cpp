@@ -1,0 +1,101 @@
+#include "learner/run_config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "common/error.h"
+#include "common/yaml_reader.h"
+#include "model/tokenizer.h"
+
+namespace rlhf {
+
+namespace {
+
+SftConfig read_sft(YamlSection& s) {
+  SftConfig c;
+  c.steps = s.get("steps", c.steps);
+  c.batch_size = s.get("batch_size", c.batch_size);
+  c.seed = s.get("seed", c.seed);
+  c.eval_examples = s.get("eval_examples", c.eval_examples);
+  c.eval_batch = s.get("eval_batch", c.eval_batch);
+  c.checkpoint_every = s.get("checkpoint_every", c.checkpoint_every);
+  YamlSection opt = s.section("optimizer");
+  c.optimizer = OptimizerConfig::read(opt);
+  s.finish();
+  if (c.steps < 1) fail("{}: must be >= 1, got {}", s.key_path("steps"), c.steps);
+  if (c.batch_size < 1) fail("{}: must be >= 1, got {}", s.key_path("batch_size"), c.batch_size);
+  if (c.eval_examples < 1) {
+    fail("{}: must be >= 1, got {}", s.key_path("eval_examples"), c.eval_examples);
+  }
+  if (c.eval_batch < 1) fail("{}: must be >= 1, got {}", s.key_path("eval_batch"), c.eval_batch);
+  if (c.checkpoint_every < 1) {
+    fail("{}: must be >= 1, got {}", s.key_path("checkpoint_every"), c.checkpoint_every);
+  }
+  return c;
+}
+
+SamplingConfig read_sampling(YamlSection& s) {
+  SamplingConfig c;
+  c.temperature = s.get("temperature", c.temperature);
+  c.top_k = s.get("top_k", c.top_k);
+  c.top_p = s.get("top_p", c.top_p);
+  c.max_new_tokens = s.get("max_new_tokens", c.max_new_tokens);
+  c.seed = s.get("seed", c.seed);
+  s.finish();
+  if (!(c.temperature >= 0)) {
+    fail("{}: must be >= 0 (0 is greedy), got {}", s.key_path("temperature"), c.temperature);
+  }
+  if (c.top_k < 0) fail("{}: must be >= 0 (0 is off), got {}", s.key_path("top_k"), c.top_k);
+  if (!(c.top_p > 0 && c.top_p <= 1)) fail("{}: must be in (0, 1], got {}", s.key_path("top_p"), c.top_p);
+  if (c.max_new_tokens < 1) {
+    fail("{}: must be >= 1, got {}", s.key_path("max_new_tokens"), c.max_new_tokens);
+  }
+  return c;
+}
+
+RunConfig read_run(const YAML::Node& root, std::string source) {
+  YamlSection top(root, "");
+  RunConfig run;
+  YamlSection model = top.section("model");
+  run.model = ModelConfig::read(model);
+  YamlSection tasks = top.section("tasks");
+  run.tasks = TaskSuiteConfig::read(tasks);
+  YamlSection sft = top.section("sft");
+  run.sft = read_sft(sft);
+  YamlSection sampling = top.section("sampling");
+  run.sampling = read_sampling(sampling);
+  YamlSection runtime = top.section("runtime");
+  run.runtime.threads = runtime.get("threads", run.runtime.threads);
+  runtime.finish();
+  if (run.runtime.threads < 0) fail("runtime.threads: must be >= 0 (0 is every core)");
+  top.finish();
+  const auto tokenizer = make_tokenizer(run.model.tokenizer);
+  model_config_set_vocab(run.model, *tokenizer);
+  run.model.validate();
+  run.source = std::move(source);
+  return run;
+}
+
+}  // namespace
+
+RunConfig RunConfig::load_file(const std::string& path) {
+  const YAML::Node root = yaml_load_file(path);
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    return read_run(root, text.str());
+  } catch (const Error& e) {
+    fail("config '{}': {}", path, e.what());
+  }
+}
+
+RunConfig RunConfig::load_string(const std::string& yaml, const std::string& what) {
+  try {
+    return read_run(yaml_load_string(yaml, what), yaml);
+  } catch (const Error& e) {
+    fail("{}: {}", what, e.what());
+  }
+}
+
+}  // namespace rlhf

@@ -1,0 +1,53 @@
+#pragma once
+// A run's whole configuration, as one YAML file (configs/demo.yaml is the embedded default):
+//   model:    architecture (model/config.h)
+//   tasks:    the built-in task suite (rollout/task_suite.h)
+//   sft:      supervised training (steps, batch, optimizer, evaluation, checkpoints)
+//   sampling: sampling for the sampled held-out evaluation and `rlhf generate`
+//   runtime:  threads
+// Every section is read strictly: an unknown key or a bad value is an error naming its path.
+#include <cstdint>
+#include <string>
+
+#include "learner/optimizer.h"
+#include "model/config.h"
+#include "rollout/task_suite.h"
+
+namespace rlhf {
+
+struct SftConfig {
+  int64_t steps = 600;
+  int batch_size = 32;
+  uint64_t seed = 1;            // initialization and data order
+  int eval_examples = 256;      // held-out prompts in the final evaluation
+  int eval_batch = 64;          // prompts decoded together
+  int checkpoint_every = 200;   // steps; the final step is always saved
+  OptimizerConfig optimizer;
+};
+
+struct SamplingConfig {
+  double temperature = 1.0;
+  int top_k = 0;
+  double top_p = 1.0;
+  int max_new_tokens = 24;
+  uint64_t seed = 7;
+};
+
+struct RuntimeConfig {
+  int threads = 0;  // 0: every core
+};
+
+struct RunConfig {
+  ModelConfig model;
+  TaskSuiteConfig tasks;
+  SftConfig sft;
+  SamplingConfig sampling;
+  RuntimeConfig runtime;
+  std::string source;  // the YAML text it was read from
+
+  // Reads and validates; vocab_size is filled in from the tokenizer.
+  static RunConfig load_file(const std::string& path);
+  static RunConfig load_string(const std::string& yaml, const std::string& what);
+};
+
+}  // namespace rlhf

@@ -1,0 +1,229 @@
+#include "learner/sft.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/error.h"
+#include "common/progress.h"
+#include "model/checkpoint.h"
+#include "model/generate.h"
+
+namespace rlhf {
+
+namespace fs = std::filesystem;
+
+TokenBatch sft_make_batch(const TaskSuite& suite, const Tokenizer& tokenizer,
+                          const std::vector<uint64_t>& example_indices, int max_seq_len) {
+  std::vector<TrainingSequence> sequences;
+  sequences.reserve(example_indices.size());
+  int longest = 0;
+  int64_t targets = 0;
+  for (uint64_t index : example_indices) {
+    const Demonstration demo = suite.demonstration(index);
+    TrainingSequence seq = format_example(tokenizer, demo.example.prompt, demo.response);
+    if (int(seq.tokens.size()) > max_seq_len + 1) {
+      fail("demonstration {} ('{}') is {} tokens long; model.max_seq_len is {}", index,
+           demo.example.prompt, seq.tokens.size(), max_seq_len);
+    }
+    longest = std::max(longest, int(seq.tokens.size()) - 1);
+    for (size_t i = 1; i < seq.tokens.size(); ++i) targets += seq.loss_mask[i];
+    sequences.push_back(std::move(seq));
+  }
+  TokenBatch batch;
+  batch.batch = int(sequences.size());
+  batch.seq_len = longest;
+  const int32_t pad = tokenizer.special(SpecialToken::kPad);
+  const float weight = targets > 0 ? 1.0f / float(targets) : 0.0f;
+  for (const TrainingSequence& seq : sequences) {
+    // Position i reads tokens[i] and predicts tokens[i + 1].
+    const int n = int(seq.tokens.size()) - 1;
+    for (int i = 0; i < longest; ++i) {
+      const bool real = i < n;
+      batch.tokens.push_back(real ? seq.tokens[i] : pad);
+      batch.targets.push_back(real ? seq.tokens[i + 1] : pad);
+      batch.weights.push_back(real && seq.loss_mask[i + 1] ? weight : 0.0f);
+    }
+  }
+  return batch;
+}
+
+PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tokenizer,
+                                 const TaskSuite& suite, int examples, int batch,
+                                 const SamplingConfig& sampling, bool greedy) {
+  Generator generator(model, tokenizer, batch);
+  SamplingParams params;
+  params.temperature = greedy ? 0.0 : sampling.temperature;
+  params.top_k = sampling.top_k;
+  params.top_p = sampling.top_p;
+  params.max_new_tokens = sampling.max_new_tokens;
+  params.seed = sampling.seed;
+  std::vector<TaskExample> prompts_ex;
+  std::vector<std::string> prompts;
+  for (int i = 0; i < examples; ++i) {
+    prompts_ex.push_back(suite.example(Split::kHeldOut, uint64_t(i)));
+    prompts.push_back(prompts_ex.back().prompt);
+  }
+  const std::vector<Generation> outputs = generator.generate_text(prompts, params);
+  PolicyEvaluation eval;
+  eval.examples = examples;
+  std::map<std::string, PolicyEvaluation::PerTask> per_task;
+  for (int i = 0; i < examples; ++i) {
+    const Grade grade = suite.grade(prompts_ex[i], outputs[i].text);
+    eval.accuracy += grade.correct ? 1 : 0;
+    eval.mean_score += grade.score;
+    auto& task = per_task[prompts_ex[i].task];
+    task.task = prompts_ex[i].task;
+    task.examples += 1;
+    task.accuracy += grade.correct ? 1 : 0;
+    task.mean_score += grade.score;
+    if (i < 8) {
+      eval.sample_lines.push_back(fmt::format("{:<16} -> {:<12} ({:g}/10)", prompts_ex[i].prompt,
+                                              outputs[i].text, grade.score));
+    }
+  }
+  eval.accuracy /= examples;
+  eval.mean_score /= examples;
+  for (auto& [name, task] : per_task) {
+    task.accuracy /= task.examples;
+    task.mean_score /= task.examples;
+    eval.per_task.push_back(task);
+  }
+  return eval;
+}
+
+SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
+    : config_(std::move(config)), workdir_(std::move(workdir)),
+      tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks) {
+  cpu_set_threads(config_.runtime.threads);
+  const fs::path dir(workdir_);
+  const fs::path checkpoint = dir / "checkpoint.safetensors";
+  if (!resume && fs::exists(checkpoint)) {
+    fail("workdir '{}' already holds a checkpoint; pass --resume to continue it, or choose an "
+         "empty workdir",
+         workdir_);
+  }
+  if (resume && !fs::exists(checkpoint)) {
+    fail("--resume: '{}' does not exist", checkpoint.string());
+  }
+  fs::create_directories(dir);
+  // Activations sized for both training batches and the evaluation's decode batches.
+  model_ = std::make_unique<Transformer<float>>(
+      ops_, config_.model, std::max(config_.sft.batch_size, config_.sft.eval_batch),
+      config_.model.max_seq_len);
+  optimizer_ = std::make_unique<AdamW<float>>(ops_, model_->layout(), config_.sft.optimizer);
+  data_rng_.reseed(mix_seed(config_.sft.seed, 0xDA7A));
+  if (resume) {
+    const CheckpointContents info = checkpoint_read_info(checkpoint.string());
+    if (!info.training) fail("'{}' is not a training checkpoint", checkpoint.string());
+    if (info.config.to_yaml() != config_.model.to_yaml()) {
+      fail("'{}' was trained with a different model config than the one given", checkpoint.string());
+    }
+    checkpoint_load_weights(checkpoint.string(), *model_);
+    checkpoint_load_moments(checkpoint.string(), model_->layout(), optimizer_->first_moment(),
+                            optimizer_->second_moment(), ops_);
+    step_ = info.training->step;
+    data_position_ = info.training->data_position;
+    data_rng_.deserialize(info.training->rng_state);
+    spdlog::info("resumed from {} at step {}", checkpoint.string(), step_);
+  } else {
+    model_->init_random(mix_seed(config_.sft.seed, 0x1417));
+    std::ofstream(dir / "config.yaml") << config_.source;
+    std::ofstream(dir / "metrics.jsonl", std::ios::trunc);
+  }
+}
+
+SftTrainer::~SftTrainer() = default;
+
+void SftTrainer::save_checkpoint() {
+  TrainingState state{step_, data_position_, data_rng_.serialize(), config_.source};
+  checkpoint_save((fs::path(workdir_) / "checkpoint.safetensors").string(), *model_,
+                  tokenizer_->name(), optimizer_->first_moment(), optimizer_->second_moment(),
+                  &state);
+}
+
+std::vector<double> SftTrainer::train(int64_t stop_at_step) {
+  const int64_t total = config_.sft.steps;
+  const int64_t stop = stop_at_step < 0 ? total : std::min(stop_at_step, total);
+  std::ofstream metrics(fs::path(workdir_) / "metrics.jsonl", std::ios::app);
+  ProgressMeter progress("sft", total);
+  std::vector<double> losses;
+  const auto start = std::chrono::steady_clock::now();
+  while (step_ < stop) {
+    std::vector<uint64_t> indices(config_.sft.batch_size);
+    // 40-bit demonstration indices: the stream never repeats an example in practice.
+    for (auto& index : indices) index = data_rng_.next_u64() >> 24;
+    data_position_ += config_.sft.batch_size;
+    const TokenBatch batch =
+        sft_make_batch(suite_, *tokenizer_, indices, config_.model.max_seq_len);
+    model_->zero_grads();
+    const double loss = model_->forward_backward(batch);
+    const OptimizerStepInfo info = optimizer_->step(model_->params(), model_->grads(), step_, total);
+    model_->update_router_bias();
+    ++step_;
+    losses.push_back(loss);
+    recent_losses_.push_back(loss);
+    if (recent_losses_.size() > 20) recent_losses_.erase(recent_losses_.begin());
+    // Tokens processed (padding included: it is computed like any other position).
+    const int64_t tokens = int64_t(batch.batch) * batch.seq_len;
+    train_tokens_ += tokens;
+
+    // Expert load as min/max share of the mean, over MoE layers (1.0 = perfectly balanced).
+    double load_min = 1e9, load_max = 0;
+    for (const auto& layer : model_->last_stats().expert_load) {
+      double mean = 0;
+      for (int64_t x : layer) mean += double(x);
+      mean /= double(layer.size());
+      for (int64_t x : layer) {
+        load_min = std::min(load_min, double(x) / mean);
+        load_max = std::max(load_max, double(x) / mean);
+      }
+    }
+    int64_t clamped_gate = 0, clamped_linear = 0, units = 0;
+    for (const ClampCounts& c : model_->last_stats().clamp) {
+      clamped_gate += c.gate;
+      clamped_linear += c.linear;
+      units += c.total;
+    }
+    nlohmann::json row = {{"step", step_},
+                          {"loss", loss},
+                          {"grad_norm", info.grad_norm},
+                          {"lr", info.lr},
+                          {"tokens", tokens},
+                          {"expert_load_min", load_min},
+                          {"expert_load_max", load_max},
+                          {"clamped_gate_fraction", units ? double(clamped_gate) / units : 0.0},
+                          {"clamped_linear_fraction", units ? double(clamped_linear) / units : 0.0}};
+    metrics << row.dump() << '\n';
+    progress.update(step_, loss, tokens,
+                    fmt::format("gnorm {:.2f} lr {:.2e} load {:.2f}-{:.2f}", info.grad_norm,
+                                info.lr, load_min, load_max));
+    if (step_ % config_.sft.checkpoint_every == 0 || step_ == total) save_checkpoint();
+  }
+  train_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return losses;
+}
+
+SftSummary SftTrainer::finish() {
+  SftSummary summary;
+  summary.steps = step_;
+  for (double l : recent_losses_) summary.final_loss += l / double(recent_losses_.size());
+  summary.train_s = train_s_;
+  summary.train_tokens_per_s = train_s_ > 0 ? double(train_tokens_) / train_s_ : 0;
+  summary.policy_path = (fs::path(workdir_) / "policy.safetensors").string();
+  checkpoint_save(summary.policy_path, *model_, tokenizer_->name());
+  spdlog::info("evaluating on {} held-out prompts (greedy and sampled)", config_.sft.eval_examples);
+  summary.greedy = evaluate_policy(*model_, *tokenizer_, suite_, config_.sft.eval_examples,
+                                   config_.sft.eval_batch, config_.sampling, true);
+  summary.sampled = evaluate_policy(*model_, *tokenizer_, suite_, config_.sft.eval_examples,
+                                    config_.sft.eval_batch, config_.sampling, false);
+  return summary;
+}
+
+}  // namespace rlhf

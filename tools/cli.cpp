@@ -1,0 +1,28 @@
+#include "tools/cli.h"
+
+#include <iostream>
+
+#include "tools/embedded_config.h"
+
+namespace rlhf::cli {
+
+void add_common_options(CLI::App& command, CommonOptions& options) {
+  command.add_option("--config", options.config,
+                     "YAML run config (default: the embedded configs/demo.yaml)");
+  command.add_flag("--json", options.json, "print a machine-readable summary as the last line");
+}
+
+const char* embedded_demo_config() { return kEmbeddedDemoConfig; }
+
+RunConfig load_config(const CommonOptions& options) {
+  if (options.config.empty()) {
+    return RunConfig::load_string(kEmbeddedDemoConfig, "embedded demo config");
+  }
+  return RunConfig::load_file(options.config);
+}
+
+void print_json(const CommonOptions& options, const nlohmann::json& summary) {
+  if (options.json) std::cout << summary.dump() << std::endl;
+}
+
+}  // namespace rlhf::cli

@@ -1,0 +1,40 @@
+#pragma once
+// Shared pieces of the `rlhf` subcommands: options every command takes, the embedded demo
+// config, and the machine-readable summary line that --json prints last.
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "learner/run_config.h"
+
+namespace rlhf {
+struct SftSummary;
+}
+
+namespace rlhf::cli {
+
+struct CommonOptions {
+  std::string config;  // path; empty = the embedded demo config
+  bool json = false;
+};
+
+void add_common_options(CLI::App& command, CommonOptions& options);
+// The config named by --config, or the embedded configs/demo.yaml when none is given.
+RunConfig load_config(const CommonOptions& options);
+// The embedded copy of configs/demo.yaml.
+const char* embedded_demo_config();
+
+// Prints `summary` as one line on stdout when --json was given (always the last line).
+void print_json(const CommonOptions& options, const nlohmann::json& summary);
+
+// The SFT result table (stdout) and its JSON form; shared by `sft` and `demo`.
+void print_sft_summary(const rlhf::SftSummary& summary);
+nlohmann::json sft_summary_json(const rlhf::SftSummary& summary, double wall_s);
+
+void register_sft(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_bench(CLI::App& app);
+void register_demo(CLI::App& app);
+
+}  // namespace rlhf::cli
