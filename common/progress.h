@@ -1,5 +1,6 @@
 #pragma once
-// Progress for long work: logs "step 120/600 loss 1.234 tok/s 8.1k eta 0:42" through spdlog at
+// Progress for long work: logs "sft step 120/600 loss 1.2340 tok/s 8100 elapsed 0:15 eta 0:42"
+// through spdlog at
 // most every `interval_s` seconds (and at the last step), so long runs show they are alive.
 #include <chrono>
 #include <cstdint>

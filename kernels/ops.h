@@ -12,7 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "model/config.h"
+#include "kernels/swiglu_clamp.h"
 
 namespace rlhf {
 
@@ -156,8 +156,6 @@ class Ops {
   // dye[R,D] = gate * dout[token]; dgates[N,k] = ye[slot] . dout[token]
   virtual void moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
                                     const T* gates, const MoeRouting& routing, int D) = 0;
-  // load[E] = number of rows routed to each expert (from routing.offsets), as T.
-  virtual void expert_load(T* load, const MoeRouting& routing) = 0;
 
   // ---- loss and probabilities ----
   // Returns sum_i weights[i] * -log softmax(logits[i])[targets[i]]; dlogits[N,V] =
@@ -170,7 +168,6 @@ class Ops {
                                   int V, double temperature) = 0;
 
   // ---- elementwise and reductions ----
-  virtual void add_inplace(T* x, const T* y, int64_t n) = 0;  // x += y
   virtual void copy(T* dst, const T* src, int64_t n) = 0;  // same backend
   virtual void fill(T* x, T value, int64_t n) = 0;
   virtual void scale_inplace(T* x, double s, int64_t n) = 0;

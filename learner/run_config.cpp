@@ -1,5 +1,6 @@
 #include "learner/run_config.h"
 
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -42,7 +43,7 @@ SamplingConfig read_sampling(YamlSection& s) {
   c.max_new_tokens = s.get("max_new_tokens", c.max_new_tokens);
   c.seed = s.get("seed", c.seed);
   s.finish();
-  if (!(c.temperature >= 0)) {
+  if (!(c.temperature >= 0) || !std::isfinite(c.temperature)) {
     fail("{}: must be >= 0 (0 is greedy), got {}", s.key_path("temperature"), c.temperature);
   }
   if (c.top_k < 0) fail("{}: must be >= 0 (0 is off), got {}", s.key_path("top_k"), c.top_k);

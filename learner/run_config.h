@@ -3,7 +3,7 @@
 //   model:    architecture (model/config.h)
 //   tasks:    the built-in task suite (rollout/task_suite.h)
 //   sft:      supervised training (steps, batch, optimizer, evaluation, checkpoints)
-//   sampling: sampling for the sampled held-out evaluation and `rlhf generate`
+//   sampling: sampling for the sampled held-out evaluation
 //   runtime:  threads
 // Every section is read strictly: an unknown key or a bad value is an error naming its path.
 #include <cstdint>

@@ -122,8 +122,12 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
   if (resume) {
     const CheckpointContents info = checkpoint_read_info(checkpoint.string());
     if (!info.training) fail("'{}' is not a training checkpoint", checkpoint.string());
-    if (info.config.to_yaml() != config_.model.to_yaml()) {
-      fail("'{}' was trained with a different model config than the one given", checkpoint.string());
+    // Resuming under another config would silently change the schedule, the data or the
+    // model; the checkpoint keeps the config text the run started with.
+    if (info.training->run_config != config_.source) {
+      fail("'{}' was written by a run with a different config; resume with the config the run "
+           "started with (a copy is in {})",
+           checkpoint.string(), (dir / "config.yaml").string());
     }
     checkpoint_load_weights(checkpoint.string(), *model_);
     checkpoint_load_moments(checkpoint.string(), model_->layout(), optimizer_->first_moment(),
@@ -131,6 +135,7 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
     step_ = info.training->step;
     data_position_ = info.training->data_position;
     data_rng_.deserialize(info.training->rng_state);
+    truncate_metrics_after(step_);
     spdlog::info("resumed from {} at step {}", checkpoint.string(), step_);
   } else {
     model_->init_random(mix_seed(config_.sft.seed, 0x1417));
@@ -140,6 +145,25 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
 }
 
 SftTrainer::~SftTrainer() = default;
+
+// Steps after the checkpoint were logged by the interrupted run and will run again: drop their
+// lines so metrics.jsonl keeps one line per step.
+void SftTrainer::truncate_metrics_after(int64_t step) {
+  const fs::path path = fs::path(workdir_) / "metrics.jsonl";
+  std::ifstream in(path);
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const auto row = nlohmann::json::parse(line, nullptr, false);
+    if (!row.is_discarded() && row.contains("step") && row["step"].is_number_integer() &&
+        row["step"].get<int64_t>() <= step) {
+      kept += line + "\n";
+    }
+  }
+  in.close();
+  const fs::path tmp = path.string() + ".tmp";
+  std::ofstream(tmp, std::ios::trunc) << kept;
+  fs::rename(tmp, path);
+}
 
 void SftTrainer::save_checkpoint() {
   TrainingState state{step_, data_position_, data_rng_.serialize(), config_.source};
@@ -175,14 +199,16 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
     train_tokens_ += tokens;
 
     // Expert load as min/max share of the mean, over MoE layers (1.0 = perfectly balanced).
-    double load_min = 1e9, load_max = 0;
+    double load_min = 1, load_max = 1;  // stays 1 (balanced) for a model without MoE layers
+    bool first_layer = true;
     for (const auto& layer : model_->last_stats().expert_load) {
       double mean = 0;
       for (int64_t x : layer) mean += double(x);
       mean /= double(layer.size());
       for (int64_t x : layer) {
-        load_min = std::min(load_min, double(x) / mean);
-        load_max = std::max(load_max, double(x) / mean);
+        load_min = first_layer ? double(x) / mean : std::min(load_min, double(x) / mean);
+        load_max = first_layer ? double(x) / mean : std::max(load_max, double(x) / mean);
+        first_layer = false;
       }
     }
     int64_t clamped_gate = 0, clamped_linear = 0, units = 0;

@@ -75,6 +75,7 @@ class SftTrainer {
 
  private:
   void save_checkpoint();
+  void truncate_metrics_after(int64_t step);
 
   RunConfig config_;
   std::string workdir_;

@@ -4,15 +4,11 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/swiglu_clamp.h"
+
 namespace rlhf {
 
 class YamlSection;
-
-struct SwigluClampConfig {
-  bool enabled = true;
-  double gate_max = 10.0;      // gate pre-activation is clamped to at most this (upper only)
-  double linear_limit = 10.0;  // linear ("up") path is clamped to [-limit, limit]
-};
 
 struct ModelConfig {
   int vocab_size = 0;  // taken from the tokenizer; a config may state it only to double-check

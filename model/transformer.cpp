@@ -218,10 +218,12 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
     record->top_k = c.top_k;
     record->expert_ids.assign(size_t(c.n_moe_layers()) * N * c.top_k, 0);
   }
-  if (replay) {
-    RLHF_CHECK(replay->n_layers == c.n_moe_layers() && replay->n_tokens == N &&
-                   replay->top_k == c.top_k,
-               "routing trace shape does not match this forward");
+  if (replay && (replay->n_layers != c.n_moe_layers() || replay->n_tokens != N ||
+                 replay->top_k != c.top_k ||
+                 replay->expert_ids.size() != size_t(c.n_moe_layers()) * N * c.top_k)) {
+    fail("routing trace covers {} MoE layers x {} tokens x top-{} but this forward has {} x {} "
+         "x top-{}",
+         replay->n_layers, replay->n_tokens, replay->top_k, c.n_moe_layers(), N, c.top_k);
   }
   stats_.expert_load.resize(c.n_moe_layers());
   for (auto& layer : stats_.expert_load) layer.assign(c.n_routed_experts, 0);

@@ -6,8 +6,9 @@
 //                                      experts) -> +residual] -> RMSNorm -> LM head -> logits
 //
 // Three plain structs carry the state (as in llm.c): ModelWeights (views into one flat
-// parameter allocation; gradients and AdamW moments use the same views), Activations (every
-// intermediate of one forward, sized once for a maximum batch x sequence shape) and KvCache.
+// parameter allocation; gradients and AdamW moments use the same layout), LayerActs (every
+// intermediate of one layer's forward, allocated once for a maximum batch x sequence shape)
+// and KvCache.
 // `T` is float for real work and double for the finite-difference gradient reference.
 #include <cstdint>
 #include <memory>
@@ -99,8 +100,8 @@ struct TokenBatch {
 template <typename T>
 class Transformer {
  public:
-  // Allocates parameters (uninitialized; call init_random or load), gradients, moments,
-  // buffers, and activations for batches of up to max_batch x max_seq tokens.
+  // Allocates parameters (uninitialized; call init_random or load), gradients, buffers, and
+  // activations for batches of up to max_batch x max_seq tokens.
   Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq);
 
   const ModelConfig& config() const { return config_; }
@@ -141,7 +142,8 @@ class Transformer {
 
   const ForwardStats& last_stats() const { return stats_; }
 
-  // Model FLOPs of the last forward (matmuls + attention; x3 for forward+backward).
+  // Model FLOPs of the last forward pass alone (matmuls + attention). A training step costs
+  // about three times this (the backward computes two products per forward product).
   double last_forward_flops() const { return last_forward_flops_; }
 
  private:

@@ -22,7 +22,11 @@ RunConfig load_config(const CommonOptions& options) {
 }
 
 void print_json(const CommonOptions& options, const nlohmann::json& summary) {
-  if (options.json) std::cout << summary.dump() << std::endl;
+  // Model output can be any bytes; invalid UTF-8 becomes U+FFFD rather than failing the run.
+  if (options.json) {
+    std::cout << summary.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+              << std::endl;
+  }
 }
 
 }  // namespace rlhf::cli

@@ -597,11 +597,6 @@ void CpuOps<T>::moe_combine_backward(T* dye, T* dgates, const T* dout, const T* 
   }
 }
 
-template <typename T>
-void CpuOps<T>::expert_load(T* load, const MoeRouting& r) {
-  for (int e = 0; e < r.n_experts; ++e) load[e] = T(r.offsets[e + 1] - r.offsets[e]);
-}
-
 // ---------------------------------------------------------------- loss
 
 template <typename T>
@@ -649,12 +644,6 @@ void CpuOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t* 
 }
 
 // ---------------------------------------------------------------- elementwise
-
-template <typename T>
-void CpuOps<T>::add_inplace(T* x, const T* y, int64_t n) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
-}
 
 template <typename T>
 void CpuOps<T>::copy(T* dst, const T* src, int64_t n) {

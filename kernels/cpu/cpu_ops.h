@@ -66,14 +66,12 @@ class CpuOps final : public Ops<T> {
                            int D) override;
   void moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye, const T* gates,
                             const MoeRouting& routing, int D) override;
-  void expert_load(T* load, const MoeRouting& routing) override;
 
   double cross_entropy_forward_backward(T* dlogits, const T* logits, const int32_t* targets,
                                         const T* weights, int N, int V) override;
   void log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N, int V,
                           double temperature) override;
 
-  void add_inplace(T* x, const T* y, int64_t n) override;
   void copy(T* dst, const T* src, int64_t n) override;
   void fill(T* x, T value, int64_t n) override;
   void scale_inplace(T* x, double s, int64_t n) override;

@@ -1,0 +1,169 @@
+// The `rlhf` binary end to end: real processes, real files. Bad input ends in one clear line
+// and a non-zero exit; --json puts a parseable summary on the last line of stdout.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+Result run(const std::string& args) {
+  const fs::path dir = fs::temp_directory_path() / ("rlhf_cli_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path err_file = dir / "stderr.txt";
+  const std::string command = std::string(RLHF_BINARY) + " " + args + " 2> " + err_file.string();
+  Result result;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (!pipe) return result;
+  std::array<char, 4096> buffer{};
+  size_t n = 0;
+  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.out.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(err_file);
+  std::stringstream text;
+  text << in.rdbuf();
+  result.err = text.str();
+  return result;
+}
+
+std::string last_line(const std::string& text) {
+  std::string trimmed = text;
+  while (!trimmed.empty() && trimmed.back() == '\n') trimmed.pop_back();
+  const size_t pos = trimmed.rfind('\n');
+  return pos == std::string::npos ? trimmed : trimmed.substr(pos + 1);
+}
+
+fs::path scratch(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() /
+                       ("rlhf_cli_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+const char* kTinyConfig = R"(model:
+  d_model: 32
+  n_layers: 2
+  n_heads: 2
+  n_kv_heads: 1
+  head_dim: 16
+  max_seq_len: 40
+  d_ff: 64
+  n_routed_experts: 4
+  d_expert: 32
+sft:
+  steps: 6
+  batch_size: 8
+  eval_examples: 16
+  eval_batch: 8
+  checkpoint_every: 3
+runtime:
+  threads: 2
+)";
+
+fs::path write_config(const fs::path& dir, const std::string& text) {
+  const fs::path path = dir / "config.yaml";
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST(Cli, MissingConfigFileIsOneClearLine) {
+  const Result r = run("sft --config /nonexistent/config.yaml --workdir /tmp/x");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("rlhf: error: config file '/nonexistent/config.yaml' does not exist"),
+            std::string::npos)
+      << r.err;
+}
+
+TEST(Cli, UnknownConfigKeyNamesTheKey) {
+  const fs::path dir = scratch("unknown_key");
+  const fs::path config = write_config(dir, std::string(kTinyConfig) + "sft2: {steps: 1}\n");
+  const Result r = run("sft --config " + config.string() + " --workdir " + (dir / "w").string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("sft2: unknown key"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "w" / "checkpoint.safetensors"));
+}
+
+TEST(Cli, UnknownSubcommandAndMissingOptionsFail) {
+  EXPECT_NE(run("frobnicate").exit_code, 0);
+  EXPECT_NE(run("sft").exit_code, 0);  // --workdir is required
+  EXPECT_NE(run("generate --prompt hi").exit_code, 0);  // --checkpoint is required
+}
+
+TEST(Cli, SftThenGenerateWithJsonSummaries) {
+  const fs::path dir = scratch("sft");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const fs::path workdir = dir / "run";
+  const Result sft = run("sft --json --config " + config.string() + " --workdir " + workdir.string());
+  ASSERT_EQ(sft.exit_code, 0) << sft.err;
+  const auto summary = nlohmann::json::parse(last_line(sft.out));
+  EXPECT_EQ(summary["command"], "sft");
+  EXPECT_EQ(summary["steps"], 6);
+  for (const char* key : {"heldout_accuracy", "heldout_mean_score", "wall_s"}) {
+    ASSERT_TRUE(summary.contains(key)) << key;
+  }
+  EXPECT_GE(summary["heldout_accuracy"].get<double>(), 0.0);
+  EXPECT_LE(summary["heldout_accuracy"].get<double>(), 1.0);
+  EXPECT_GE(summary["heldout_mean_score"].get<double>(), 0.0);
+  EXPECT_LE(summary["heldout_mean_score"].get<double>(), 10.0);
+  EXPECT_NE(sft.err.find("sft step 6/6"), std::string::npos) << "progress goes to stderr";
+  EXPECT_TRUE(fs::exists(workdir / "policy.safetensors"));
+  EXPECT_TRUE(fs::exists(workdir / "metrics.jsonl"));
+
+  // A second run into the same workdir without --resume must refuse and keep the checkpoint.
+  const auto before = fs::last_write_time(workdir / "checkpoint.safetensors");
+  const Result again = run("sft --config " + config.string() + " --workdir " + workdir.string());
+  EXPECT_EQ(again.exit_code, 1);
+  EXPECT_NE(again.err.find("--resume"), std::string::npos) << again.err;
+  EXPECT_EQ(fs::last_write_time(workdir / "checkpoint.safetensors"), before);
+
+  const Result gen = run("generate --json --checkpoint " + (workdir / "policy.safetensors").string() +
+                         " --prompt '12+3=' --prompt 'rev abc' --max-new-tokens 4");
+  ASSERT_EQ(gen.exit_code, 0) << gen.err;
+  const auto out = nlohmann::json::parse(last_line(gen.out));
+  ASSERT_EQ(out["results"].size(), 2u);
+  EXPECT_EQ(out["results"][0]["prompt"], "12+3=");
+  EXPECT_LE(out["results"][0]["tokens"].get<int>(), 4);
+}
+
+TEST(Cli, TruncatedCheckpointIsAClearError) {
+  const fs::path dir = scratch("truncated");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const fs::path workdir = dir / "run";
+  ASSERT_EQ(run("sft --config " + config.string() + " --workdir " + workdir.string()).exit_code, 0);
+  const fs::path policy = workdir / "policy.safetensors";
+  fs::resize_file(policy, fs::file_size(policy) - 100);
+  const Result r = run("generate --checkpoint " + policy.string() + " --prompt hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("truncated"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+}
+
+TEST(Cli, BenchTrainReportsUtilization) {
+  const fs::path dir = scratch("bench");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const Result r = run("bench train --json --steps 2 --warmup 1 --config " + config.string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto out = nlohmann::json::parse(last_line(r.out));
+  EXPECT_GT(out["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(out["cpu_utilization"].get<double>(), 0.0);
+  EXPECT_LT(out["cpu_utilization"].get<double>(), 1.5);
+}
+
+}  // namespace
