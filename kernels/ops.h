@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/fp4/fp4.h"
 #include "kernels/swiglu_clamp.h"
 
 namespace rlhf {
@@ -56,6 +57,17 @@ struct AdamWHyper {
   double eps = 1e-8;
   double weight_decay = 0.0;  // decoupled: param -= lr * wd * param
   int64_t step = 1;           // 1-based, for bias correction
+};
+
+// A packed FP4 weight matrix [rows, cols] in backend memory, in the layout the backend reads
+// (the CPU backend: fp4.h's row-major codes and scales). cols is the reduction dimension.
+struct PackedFp4Matrix {
+  Fp4Format format = Fp4Format::mxfp4;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const uint8_t* codes = nullptr;   // [rows, cols / 2]
+  const uint8_t* scales = nullptr;  // [rows, cols / block]
+  float global_scale = 1.0f;        // NVFP4's per-tensor scale; 1 for MXFP4
 };
 
 template <typename T>
@@ -166,6 +178,23 @@ class Ops {
   // logprobs[N] = log softmax(logits[i] / temperature)[targets[i]]
   virtual void log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N,
                                   int V, double temperature) = 0;
+
+  // ---- FP4 experts ----
+  // QAT's forward: out[rows, cols] = dequantize(quantize(in)) in `format`, the same values the
+  // packed model computes with. saturated[i] (when not null) = 1 where |in[i]| lies beyond its
+  // block's largest code, for the clipped straight-through estimator.
+  virtual void fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int64_t rows,
+                                 int64_t cols, Fp4Format format) = 0;
+  // grad[i] = 0 where mask[i] != 0
+  virtual void zero_where(T* grad, const uint8_t* mask, int64_t n) = 0;
+  // out[M, w.rows] (+)= in[M, w.cols] . dequantize(w)^T, dequantizing inside the matmul: no
+  // full-precision copy of w is ever held.
+  virtual void fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
+                                  bool accumulate) = 0;
+  // Expert GEMMs on packed weights: w holds n_groups matrices of N = w.rows / n_groups rows;
+  // rows offsets[g]..offsets[g+1]-1 of in[R, K] use matrix g. out[R, N].
+  virtual void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
+                                          const int32_t* offsets, int n_groups) = 0;
 
   // ---- elementwise and reductions ----
   virtual void copy(T* dst, const T* src, int64_t n) = 0;  // same backend

@@ -20,11 +20,16 @@ SftConfig read_sft(YamlSection& s) {
   c.eval_examples = s.get("eval_examples", c.eval_examples);
   c.eval_batch = s.get("eval_batch", c.eval_batch);
   c.checkpoint_every = s.get("checkpoint_every", c.checkpoint_every);
+  c.length_buckets = s.get("length_buckets", c.length_buckets);
   YamlSection opt = s.section("optimizer");
   c.optimizer = OptimizerConfig::read(opt);
   s.finish();
   if (c.steps < 1) fail("{}: must be >= 1, got {}", s.key_path("steps"), c.steps);
   if (c.batch_size < 1) fail("{}: must be >= 1, got {}", s.key_path("batch_size"), c.batch_size);
+  if (c.length_buckets < 1 || c.length_buckets > c.batch_size) {
+    fail("{}: must be in 1..batch_size ({}), got {}", s.key_path("length_buckets"), c.batch_size,
+         c.length_buckets);
+  }
   if (c.eval_examples < 1) {
     fail("{}: must be >= 1, got {}", s.key_path("eval_examples"), c.eval_examples);
   }
@@ -54,6 +59,28 @@ SamplingConfig read_sampling(YamlSection& s) {
   return c;
 }
 
+Fp4TrainConfig read_fp4(YamlSection& s, int64_t steps) {
+  Fp4TrainConfig c;
+  const std::string format = s.get<std::string>("format", "mxfp4");
+  try {
+    c.format = fp4_format_from_name(format);
+  } catch (const Error& e) {
+    fail("{}: {}", s.key_path("format"), e.what());
+  }
+  c.qat_start_step = s.get("qat_start_step", c.qat_start_step);
+  const std::string ste = s.get<std::string>("ste", "plain");
+  s.finish();
+  if (ste != "plain" && ste != "clipped") {
+    fail("{}: must be plain or clipped, got '{}'", s.key_path("ste"), ste);
+  }
+  c.clipped_ste = ste == "clipped";
+  if (c.qat_start_step < -1 || c.qat_start_step >= steps) {
+    fail("{}: must be -1 (off) or a step in 0..{} (sft.steps - 1), got {}",
+         s.key_path("qat_start_step"), steps - 1, c.qat_start_step);
+  }
+  return c;
+}
+
 RunConfig read_run(const YAML::Node& root, std::string source) {
   YamlSection top(root, "");
   RunConfig run;
@@ -65,6 +92,8 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   run.sft = read_sft(sft);
   YamlSection sampling = top.section("sampling");
   run.sampling = read_sampling(sampling);
+  YamlSection fp4 = top.section("fp4");
+  run.fp4 = read_fp4(fp4, run.sft.steps);
   YamlSection runtime = top.section("runtime");
   run.runtime.threads = runtime.get("threads", run.runtime.threads);
   runtime.finish();

@@ -4,11 +4,13 @@
 //   tasks:    the built-in task suite (rollout/task_suite.h)
 //   sft:      supervised training (steps, batch, optimizer, evaluation, checkpoints)
 //   sampling: sampling for the sampled held-out evaluation
+//   fp4:      FP4 expert format and quantization-aware training
 //   runtime:  threads
 // Every section is read strictly: an unknown key or a bad value is an error naming its path.
 #include <cstdint>
 #include <string>
 
+#include "kernels/fp4/fp4.h"
 #include "learner/optimizer.h"
 #include "model/config.h"
 #include "rollout/task_suite.h"
@@ -22,6 +24,7 @@ struct SftConfig {
   int eval_examples = 256;      // held-out prompts in the final evaluation
   int eval_batch = 64;          // prompts decoded together
   int checkpoint_every = 200;   // steps; the final step is always saved
+  int length_buckets = 2;       // micro-batches of similar length per step (less padding)
   OptimizerConfig optimizer;
 };
 
@@ -33,6 +36,13 @@ struct SamplingConfig {
   uint64_t seed = 7;
 };
 
+struct Fp4TrainConfig {
+  Fp4Format format = Fp4Format::mxfp4;
+  int64_t qat_start_step = -1;  // from this (0-based) step on, experts train through QAT; -1 off
+  bool clipped_ste = false;     // ste: clipped (no gradient where a weight saturated) | plain
+  bool enabled() const { return qat_start_step >= 0; }
+};
+
 struct RuntimeConfig {
   int threads = 0;  // 0: every core
 };
@@ -42,6 +52,7 @@ struct RunConfig {
   TaskSuiteConfig tasks;
   SftConfig sft;
   SamplingConfig sampling;
+  Fp4TrainConfig fp4;
   RuntimeConfig runtime;
   std::string source;  // the YAML text it was read from
 

@@ -19,11 +19,11 @@ namespace rlhf {
 
 namespace fs = std::filesystem;
 
-TokenBatch sft_make_batch(const TaskSuite& suite, const Tokenizer& tokenizer,
-                          const std::vector<uint64_t>& example_indices, int max_seq_len) {
+std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer& tokenizer,
+                                         const std::vector<uint64_t>& example_indices,
+                                         int max_seq_len, int buckets) {
   std::vector<TrainingSequence> sequences;
   sequences.reserve(example_indices.size());
-  int longest = 0;
   int64_t targets = 0;
   for (uint64_t index : example_indices) {
     const Demonstration demo = suite.demonstration(index);
@@ -32,26 +32,36 @@ TokenBatch sft_make_batch(const TaskSuite& suite, const Tokenizer& tokenizer,
       fail("demonstration {} ('{}') is {} tokens long; model.max_seq_len is {}", index,
            demo.example.prompt, seq.tokens.size(), max_seq_len);
     }
-    longest = std::max(longest, int(seq.tokens.size()) - 1);
     for (size_t i = 1; i < seq.tokens.size(); ++i) targets += seq.loss_mask[i];
     sequences.push_back(std::move(seq));
   }
-  TokenBatch batch;
-  batch.batch = int(sequences.size());
-  batch.seq_len = longest;
+  std::stable_sort(sequences.begin(), sequences.end(), [](const auto& a, const auto& b) {
+    return a.tokens.size() < b.tokens.size();
+  });
   const int32_t pad = tokenizer.special(SpecialToken::kPad);
   const float weight = targets > 0 ? 1.0f / float(targets) : 0.0f;
-  for (const TrainingSequence& seq : sequences) {
-    // Position i reads tokens[i] and predicts tokens[i + 1].
-    const int n = int(seq.tokens.size()) - 1;
-    for (int i = 0; i < longest; ++i) {
-      const bool real = i < n;
-      batch.tokens.push_back(real ? seq.tokens[i] : pad);
-      batch.targets.push_back(real ? seq.tokens[i + 1] : pad);
-      batch.weights.push_back(real && seq.loss_mask[i + 1] ? weight : 0.0f);
+  const int n = int(sequences.size());
+  buckets = std::max(1, std::min(buckets, n));
+  std::vector<TokenBatch> batches;
+  for (int k = 0; k < buckets; ++k) {
+    const int first = n * k / buckets, last = n * (k + 1) / buckets;
+    TokenBatch batch;
+    batch.batch = last - first;
+    batch.seq_len = int(sequences[last - 1].tokens.size()) - 1;  // sorted: the last is longest
+    for (int s = first; s < last; ++s) {
+      const TrainingSequence& seq = sequences[s];
+      // Position i reads tokens[i] and predicts tokens[i + 1].
+      const int len = int(seq.tokens.size()) - 1;
+      for (int i = 0; i < batch.seq_len; ++i) {
+        const bool real = i < len;
+        batch.tokens.push_back(real ? seq.tokens[i] : pad);
+        batch.targets.push_back(real ? seq.tokens[i + 1] : pad);
+        batch.weights.push_back(real && seq.loss_mask[i + 1] ? weight : 0.0f);
+      }
     }
+    batches.push_back(std::move(batch));
   }
-  return batch;
+  return batches;
 }
 
 PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tokenizer,
@@ -184,18 +194,28 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
     // 40-bit demonstration indices: the stream never repeats an example in practice.
     for (auto& index : indices) index = data_rng_.next_u64() >> 24;
     data_position_ += config_.sft.batch_size;
-    const TokenBatch batch =
-        sft_make_batch(suite_, *tokenizer_, indices, config_.model.max_seq_len);
+    const std::vector<TokenBatch> batches = sft_make_batches(
+        suite_, *tokenizer_, indices, config_.model.max_seq_len, config_.sft.length_buckets);
+    if (config_.fp4.enabled() && step_ >= config_.fp4.qat_start_step && !model_->qat_format()) {
+      model_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
+      spdlog::info("step {}: quantization-aware training on ({} experts, {} STE)", step_,
+                   fp4_format_name(config_.fp4.format),
+                   config_.fp4.clipped_ste ? "clipped" : "plain");
+    }
     model_->zero_grads();
-    const double loss = model_->forward_backward(batch);
+    double loss = 0;
+    int64_t tokens = 0;  // processed, padding included: it is computed like any other position
+    for (const TokenBatch& batch : batches) {
+      loss += model_->forward_backward(batch);
+      tokens += int64_t(batch.batch) * batch.seq_len;
+    }
     const OptimizerStepInfo info = optimizer_->step(model_->params(), model_->grads(), step_, total);
+    model_->params_changed();
     model_->update_router_bias();
     ++step_;
     losses.push_back(loss);
     recent_losses_.push_back(loss);
     if (recent_losses_.size() > 20) recent_losses_.erase(recent_losses_.begin());
-    // Tokens processed (padding included: it is computed like any other position).
-    const int64_t tokens = int64_t(batch.batch) * batch.seq_len;
     train_tokens_ += tokens;
 
     // Expert load as min/max share of the mean, over MoE layers (1.0 = perfectly balanced).
@@ -225,7 +245,8 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
                           {"expert_load_min", load_min},
                           {"expert_load_max", load_max},
                           {"clamped_gate_fraction", units ? double(clamped_gate) / units : 0.0},
-                          {"clamped_linear_fraction", units ? double(clamped_linear) / units : 0.0}};
+                          {"clamped_linear_fraction", units ? double(clamped_linear) / units : 0.0},
+                          {"qat", model_->qat_format().has_value()}};
     metrics << row.dump() << '\n';
     progress.update(step_, loss, tokens,
                     fmt::format("gnorm {:.2f} lr {:.2e} load {:.2f}-{:.2f}", info.grad_norm,
@@ -249,7 +270,75 @@ SftSummary SftTrainer::finish() {
                                    config_.sft.eval_batch, config_.sampling, true);
   summary.sampled = evaluate_policy(*model_, *tokenizer_, suite_, config_.sft.eval_examples,
                                     config_.sft.eval_batch, config_.sampling, false);
+  if (config_.fp4.enabled()) summary.packed = evaluate_packed_export();
   return summary;
+}
+
+PackedPolicyReport SftTrainer::evaluate_packed_export() {
+  PackedPolicyReport report;
+  report.format = fp4_format_name(config_.fp4.format);
+  report.path = (fs::path(workdir_) / "policy-fp4.safetensors").string();
+  checkpoint_save_packed(report.path, *model_, tokenizer_->name(), config_.fp4.format);
+  const auto packed = checkpoint_load_model(report.path, ops_, config_.sft.eval_batch);
+  spdlog::info("evaluating the packed {} export {}", report.format, report.path);
+  report.greedy = evaluate_policy(*packed, *tokenizer_, suite_, config_.sft.eval_examples,
+                                  config_.sft.eval_batch, config_.sampling, true);
+  // The mismatch is measured on responses the QAT model samples, as an actor would produce.
+  Generator generator(*model_, *tokenizer_, config_.sft.eval_batch);
+  SamplingParams params;
+  params.temperature = config_.sampling.temperature;
+  params.max_new_tokens = config_.sampling.max_new_tokens;
+  params.seed = config_.sampling.seed;
+  std::vector<std::string> prompts;
+  for (int i = 0; i < config_.sft.eval_examples; ++i) {
+    prompts.push_back(suite_.example(Split::kHeldOut, uint64_t(i)).prompt);
+  }
+  std::vector<std::vector<int32_t>> sequences;
+  std::vector<int> first_target;
+  for (const Generation& g : generator.generate_text(prompts, params)) {
+    std::vector<int32_t> seq = g.prompt_tokens;
+    seq.insert(seq.end(), g.tokens.begin(), g.tokens.end());
+    first_target.push_back(int(g.prompt_tokens.size()));
+    sequences.push_back(std::move(seq));
+  }
+  report.mismatch = logprob_mismatch(*model_, *packed, sequences, first_target);
+  int64_t params_count = 0;
+  for (const ExpertMatrixSpec& m : model_->expert_matrices()) params_count += m.rows * m.cols;
+  const int64_t block = fp4_block_size(config_.fp4.format);
+  report.expert_bits_per_param =
+      8.0 * double(params_count / 2 + params_count / block +
+                   4 * int64_t(model_->expert_matrices().size())) /
+      double(params_count);
+  return report;
+}
+
+LogprobMismatch logprob_mismatch(Transformer<float>& reference, Transformer<float>& other,
+                                 const std::vector<std::vector<int32_t>>& sequences,
+                                 const std::vector<int>& first_target) {
+  LogprobMismatch m;
+  std::vector<float> a, b;
+  for (size_t s = 0; s < sequences.size(); ++s) {
+    const std::vector<int32_t>& seq = sequences[s];
+    const int n = int(seq.size()) - 1;  // position i predicts seq[i + 1]
+    const int first = first_target[s] - 1;
+    if (n <= first || n <= 0) continue;
+    const std::vector<int32_t> targets(seq.begin() + 1, seq.end());
+    for (auto* pair : {&a, &b}) pair->assign(size_t(n), 0.0f);
+    for (int side = 0; side < 2; ++side) {
+      Transformer<float>& model = side == 0 ? reference : other;
+      const float* logits = model.forward(seq.data(), 1, n);
+      model.ops().log_softmax_gather(side == 0 ? a.data() : b.data(), logits, targets.data(), n,
+                                     model.config().vocab_size, 1.0);
+    }
+    for (int i = first; i < n; ++i) {
+      const double d = std::abs(double(a[i]) - double(b[i]));
+      m.max_abs = std::max(m.max_abs, d);
+      m.mean_abs += d;
+      ++m.tokens;
+    }
+  }
+  if (m.tokens) m.mean_abs /= double(m.tokens);
+  return m;
 }
 
 }  // namespace rlhf

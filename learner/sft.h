@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,29 @@ struct PolicyEvaluation {
   std::vector<std::string> sample_lines;  // a few "prompt -> response (score)" lines
 };
 
+// How far two models' log-probabilities of the same tokens are apart (e.g. the QAT model and
+// its packed FP4 export, which must compute the same function).
+struct LogprobMismatch {
+  int64_t tokens = 0;
+  double max_abs = 0;
+  double mean_abs = 0;
+};
+
+// Runs both models over each sequence and compares log p(token[i] | tokens < i) for every i
+// >= first_target[s] (the response tokens).
+LogprobMismatch logprob_mismatch(Transformer<float>& reference, Transformer<float>& other,
+                                 const std::vector<std::vector<int32_t>>& sequences,
+                                 const std::vector<int>& first_target);
+
+// The packed FP4 export of a QAT run, and how it compares with the QAT model it came from.
+struct PackedPolicyReport {
+  std::string path;
+  std::string format;
+  PolicyEvaluation greedy;        // held-out, decoded on the packed experts
+  LogprobMismatch mismatch;       // QAT model vs packed model on sampled held-out responses
+  double expert_bits_per_param = 0;
+};
+
 struct SftSummary {
   int64_t steps = 0;
   double final_loss = 0;   // mean of the last 20 steps' losses
@@ -44,13 +68,18 @@ struct SftSummary {
   PolicyEvaluation greedy;
   PolicyEvaluation sampled;
   std::string policy_path;
+  std::optional<PackedPolicyReport> packed;  // runs with QAT (fp4.qat_start_step >= 0)
 };
 
-// Builds the batch of demonstrations [first, first + count) of the data stream: each
-// sequence is prompt + response, targets are the next tokens, and the loss weight is 1 / (number
-// of target tokens in the batch) on response and eos targets, 0 elsewhere (prompt, padding).
-TokenBatch sft_make_batch(const TaskSuite& suite, const Tokenizer& tokenizer,
-                          const std::vector<uint64_t>& example_indices, int max_seq_len);
+// One optimizer step's data: the demonstrations at `example_indices`, each sequence prompt +
+// response with the next token as target. Sequences are sorted by length and cut into
+// `buckets` micro-batches, so short ones are not padded to the step's longest (with the default
+// tasks that saves about a fifth of the compute). The loss weight is 1 / (target tokens in the
+// whole step) on response and eos targets, 0 on prompt and padding, so the micro-batches'
+// losses and gradients add up to the whole step's.
+std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer& tokenizer,
+                                         const std::vector<uint64_t>& example_indices,
+                                         int max_seq_len, int buckets);
 
 // Greedy (temperature 0) or sampled evaluation of a model on held-out prompts.
 PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tokenizer,
@@ -75,6 +104,7 @@ class SftTrainer {
 
  private:
   void save_checkpoint();
+  PackedPolicyReport evaluate_packed_export();
   void truncate_metrics_after(int64_t step);
 
   RunConfig config_;

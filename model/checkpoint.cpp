@@ -1,8 +1,10 @@
 #include "model/checkpoint.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "common/error.h"
+#include "kernels/fp4/fp4.h"
 #include "common/yaml_reader.h"
 #include "model/safetensors.h"
 
@@ -65,6 +67,53 @@ void checkpoint_save(const std::string& path, Transformer<float>& model,
   safetensors_write(path, tensors, meta);
 }
 
+void checkpoint_save_packed(const std::string& path, Transformer<float>& model,
+                            const std::string& tokenizer, Fp4Format format) {
+  if (model.packed_format()) fail("checkpoint_save_packed: the model is packed already");
+  Ops<float>& ops = model.ops();
+  const ModelConfig& config = model.config();
+  const ParamLayout packed_layout = ParamLayout::parameters(config, true);
+  const std::vector<float> params = host_copy(ops, model.params(), model.layout().total());
+  const std::vector<float> buffer_values =
+      host_copy(ops, model.buffers(), model.buffer_layout().total());
+  // The non-expert tensors, gathered into the packed layout's order.
+  std::vector<float> dense(static_cast<size_t>(packed_layout.total()));
+  for (const TensorSpec& t : packed_layout.tensors()) {
+    const TensorSpec& src = model.layout().find(t.name);
+    std::copy_n(params.begin() + src.offset, t.numel, dense.begin() + t.offset);
+  }
+  std::vector<SafetensorsTensorRef> tensors;
+  safetensors_add_layout(tensors, packed_layout, dense.data(), "model.");
+  safetensors_add_layout(tensors, model.buffer_layout(), buffer_values.data(), "buffer.");
+  std::vector<Fp4Tensor> packed;  // kept alive until written
+  packed.reserve(model.expert_matrices().size());
+  for (const ExpertMatrixSpec& m : model.expert_matrices()) {
+    const TensorSpec& src = model.layout().find(m.name);
+    packed.push_back(fp4_quantize(params.data() + src.offset, m.rows, m.cols, format, m.name));
+    const Fp4Tensor& t = packed.back();
+    const int64_t block = fp4_block_size(format);
+    tensors.push_back({"fp4." + m.name + ".codes", {m.rows, m.cols / 2}, t.codes.data(),
+                       SafetensorsDtype::kU8});
+    tensors.push_back({"fp4." + m.name + ".scales", {m.rows, m.cols / block}, t.scales.data(),
+                       SafetensorsDtype::kU8});
+    tensors.push_back({"fp4." + m.name + ".global_scale", {1}, &t.global_scale});
+  }
+  safetensors_write(path, tensors,
+                    {{"format", kCheckpointFormat},
+                     {"model_config", config.to_yaml()},
+                     {"tokenizer", tokenizer},
+                     {"expert_format", fp4_format_name(format)}});
+}
+
+std::unique_ptr<Transformer<float>> checkpoint_load_model(const std::string& path,
+                                                          Ops<float>& ops, int max_batch) {
+  const CheckpointContents info = checkpoint_read_info(path);
+  auto model = std::make_unique<Transformer<float>>(ops, info.config, max_batch,
+                                                    info.config.max_seq_len, info.expert_format);
+  checkpoint_load_weights(path, *model);
+  return model;
+}
+
 CheckpointContents checkpoint_read_info(const std::string& path) {
   const SafetensorsReader reader(path);
   const auto& meta = reader.metadata();
@@ -83,6 +132,14 @@ CheckpointContents checkpoint_read_info(const std::string& path) {
   auto tok = meta.find("tokenizer");
   if (tok == meta.end()) fail("checkpoint '{}': metadata 'tokenizer' is missing", path);
   contents.tokenizer = tok->second;
+  auto expert_format = meta.find("expert_format");
+  if (expert_format != meta.end()) {
+    try {
+      contents.expert_format = fp4_format_from_name(expert_format->second);
+    } catch (const Error& e) {
+      fail("checkpoint '{}': metadata 'expert_format': {}", path, e.what());
+    }
+  }
   if (meta.count("step")) {
     TrainingState state;
     state.step = parse_int(meta, "step", path);
@@ -99,12 +156,37 @@ CheckpointContents checkpoint_read_info(const std::string& path) {
 
 void checkpoint_load_weights(const std::string& path, Transformer<float>& model) {
   const SafetensorsReader reader(path);
+  const auto meta = reader.metadata().find("expert_format");
+  const std::string file_format = meta == reader.metadata().end() ? "float" : meta->second;
+  const std::string model_format =
+      model.packed_format() ? fp4_format_name(*model.packed_format()) : "float";
+  if (file_format != model_format) {
+    fail("checkpoint '{}' keeps its experts as {} but the model was built for {} experts", path,
+         file_format, model_format);
+  }
   std::vector<float> params(static_cast<size_t>(model.layout().total()));
   std::vector<float> buffers(static_cast<size_t>(model.buffer_layout().total()));
   safetensors_read_layout(reader, model.layout(), params.data(), "model.");
   safetensors_read_layout(reader, model.buffer_layout(), buffers.data(), "buffer.");
   model.ops().copy_from_host(model.params(), params.data(), sizeof(float) * params.size());
   model.ops().copy_from_host(model.buffers(), buffers.data(), sizeof(float) * buffers.size());
+  if (model.packed_format()) {
+    const Fp4Format format = *model.packed_format();
+    const int64_t block = fp4_block_size(format);
+    for (const ExpertMatrixSpec& m : model.expert_matrices()) {
+      Fp4Tensor t;
+      t.format = format;
+      t.rows = m.rows;
+      t.cols = m.cols;
+      t.codes.resize(static_cast<size_t>(m.rows * m.cols / 2));
+      t.scales.resize(static_cast<size_t>(m.rows * m.cols / block));
+      reader.read_u8("fp4." + m.name + ".codes", {m.rows, m.cols / 2}, t.codes.data());
+      reader.read_u8("fp4." + m.name + ".scales", {m.rows, m.cols / block}, t.scales.data());
+      reader.read("fp4." + m.name + ".global_scale", {1}, &t.global_scale);
+      model.set_packed_expert(m.name, t);
+    }
+  }
+  model.params_changed();
 }
 
 void checkpoint_load_moments(const std::string& path, const ParamLayout& layout, float* adam_m,

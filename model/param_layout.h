@@ -20,10 +20,24 @@ struct TensorSpec {
   bool weight_decay = false;   // matrices decay; norms and embeddings do not
 };
 
+// An expert weight matrix as FP4 sees it: `rows` output units, each a row of `cols` values
+// along the reduction dimension (stacked experts are one matrix of E x N rows).
+struct ExpertMatrixSpec {
+  std::string name;  // the tensor's name in the parameter layout
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// True for the tensors FP4 applies to: routed and shared expert weights.
+bool is_expert_weight(std::string_view name);
+
 class ParamLayout {
  public:
-  // Trainable parameters of a model with this config.
-  static ParamLayout parameters(const ModelConfig& config);
+  // Trainable parameters of a model with this config. With `experts_packed`, the expert
+  // weights are left out: a model with packed FP4 experts keeps them in FP4 only.
+  static ParamLayout parameters(const ModelConfig& config, bool experts_packed = false);
+  // Every expert weight matrix, in layout order.
+  static std::vector<ExpertMatrixSpec> expert_matrices(const ModelConfig& config);
   // Non-trainable buffers (router bias per MoE layer).
   static ParamLayout buffers(const ModelConfig& config);
 

@@ -41,10 +41,15 @@ std::string shape_text(const std::vector<int64_t>& shape) {
        shape_text(have), shape_text(need));
 }
 
-// Bytes of an F32 tensor of this shape, or false if a dimension is negative or the size
+const char* dtype_name(SafetensorsDtype dtype) {
+  return dtype == SafetensorsDtype::kF32 ? "F32" : "U8";
+}
+uint64_t dtype_size(SafetensorsDtype dtype) { return dtype == SafetensorsDtype::kF32 ? 4 : 1; }
+
+// Bytes of a tensor of this shape and dtype, or false if a dimension is negative or the size
 // overflows (a corrupt header must not turn into a huge or wrapped-around read).
-bool f32_bytes(const std::vector<int64_t>& shape, uint64_t* bytes) {
-  uint64_t n = sizeof(float);
+bool tensor_bytes(const std::vector<int64_t>& shape, SafetensorsDtype dtype, uint64_t* bytes) {
+  uint64_t n = dtype_size(dtype);
   for (int64_t d : shape) {
     if (d < 0) return false;
     if (__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n)) return false;
@@ -118,13 +123,14 @@ void safetensors_write(const std::string& path, const std::vector<SafetensorsTen
       fail("cannot write checkpoint '{}': tensor '{}' appears twice", path, t.name);
     }
     uint64_t bytes = 0;
-    if (!f32_bytes(t.shape, &bytes)) {
+    if (!tensor_bytes(t.shape, t.dtype, &bytes)) {
       fail("cannot write checkpoint '{}': tensor '{}' has invalid shape {}", path, t.name,
            shape_text(t.shape));
     }
     RLHF_CHECK(t.data != nullptr || bytes == 0, "tensor '{}' has no data", t.name);
     header[t.name] = {
-        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
+        {"dtype", dtype_name(t.dtype)}, {"shape", t.shape},
+        {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
 
@@ -149,7 +155,7 @@ void safetensors_write(const std::string& path, const std::vector<SafetensorsTen
     write_all(fd, header_text.data(), header_text.size(), tmp);
     for (const SafetensorsTensorRef& t : tensors) {
       uint64_t bytes = 0;
-      f32_bytes(t.shape, &bytes);
+      tensor_bytes(t.shape, t.dtype, &bytes);
       if (bytes > 0) write_all(fd, t.data, bytes, tmp);
     }
     if (::fsync(fd) != 0) fail("cannot sync checkpoint '{}': {}", tmp, errno_text());
@@ -243,12 +249,15 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       const nlohmann::json& dtype = value["dtype"];
       if (!dtype.is_string())
         fail("checkpoint '{}': tensor '{}' has a non-string dtype", path, name);
-      if (dtype.get<std::string>() != "F32") {
-        fail("checkpoint '{}': tensor '{}' has dtype {}; only F32 is supported", path, name,
-             dtype.get<std::string>());
-      }
-
       Entry entry;
+      if (dtype.get<std::string>() == "F32") {
+        entry.dtype = SafetensorsDtype::kF32;
+      } else if (dtype.get<std::string>() == "U8") {
+        entry.dtype = SafetensorsDtype::kU8;
+      } else {
+        fail("checkpoint '{}': tensor '{}' has dtype {}; only F32 and U8 are supported", path,
+             name, dtype.get<std::string>());
+      }
       const nlohmann::json& shape = value["shape"];
       if (!shape.is_array())
         fail("checkpoint '{}': tensor '{}' has a shape that is not a list", path, name);
@@ -259,7 +268,7 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
         entry.shape.push_back(dim.get<int64_t>());
       }
       uint64_t bytes = 0;
-      if (!f32_bytes(entry.shape, &bytes)) {
+      if (!tensor_bytes(entry.shape, entry.dtype, &bytes)) {
         fail("checkpoint '{}': tensor '{}' has shape {} whose size overflows", path, name,
              shape_text(entry.shape));
       }
@@ -276,9 +285,10 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       entry.end = offsets[1].get<uint64_t>();
       if (entry.end < entry.begin || entry.end - entry.begin != bytes) {
         fail(
-            "checkpoint '{}': tensor '{}' has data_offsets [{},{}) but shape {} of F32 needs {} "
+            "checkpoint '{}': tensor '{}' has data_offsets [{},{}) but shape {} of {} needs {} "
             "bytes",
-            path, name, entry.begin, entry.end, shape_text(entry.shape), bytes);
+            path, name, entry.begin, entry.end, shape_text(entry.shape), dtype_name(entry.dtype),
+            bytes);
       }
       if (entry.end > data_size) {
         fail(
@@ -353,8 +363,33 @@ std::vector<std::string> SafetensorsReader::names() const {
   return out;
 }
 
+SafetensorsDtype SafetensorsReader::dtype(const std::string& name) const {
+  return entry(name).dtype;
+}
+
+uint64_t SafetensorsReader::bytes(const std::string& name) const {
+  const Entry& e = entry(name);
+  return e.end - e.begin;
+}
+
+void SafetensorsReader::read_u8(const std::string& name, const std::vector<int64_t>& expected_shape,
+                                uint8_t* dst) const {
+  const Entry& e = entry(name);
+  if (e.dtype != SafetensorsDtype::kU8) {
+    fail("checkpoint '{}': tensor '{}' has dtype {}, expected U8", path_, name, dtype_name(e.dtype));
+  }
+  if (e.shape != expected_shape) fail_shape(path_, name, e.shape, expected_shape);
+  if (!pread_exact(fd_, dst, e.end - e.begin, data_start_ + e.begin, path_)) {
+    fail("checkpoint '{}' was truncated while reading tensor '{}'", path_, name);
+  }
+}
+
 void SafetensorsReader::read(const std::string& name, const std::vector<int64_t>& expected_shape,
                              float* dst) const {
+  if (entry(name).dtype != SafetensorsDtype::kF32) {
+    fail("checkpoint '{}': tensor '{}' has dtype {}, expected F32", path_, name,
+         dtype_name(entry(name).dtype));
+  }
   const Entry& e = entry(name);
   if (e.shape != expected_shape) fail_shape(path_, name, e.shape, expected_shape);
   // The size was checked when the file was opened, so running out of bytes means it shrank since.

@@ -19,10 +19,14 @@ namespace rlhf {
 
 class ParamLayout;
 
+// The element types we store: F32 for weights, U8 for packed FP4 codes and scales.
+enum class SafetensorsDtype { kF32, kU8 };
+
 struct SafetensorsTensorRef {
   std::string name;
   std::vector<int64_t> shape;  // row-major; [] is a scalar
-  const float* data;           // numel(shape) floats; may be null only when numel is 0
+  const void* data;            // numel(shape) elements; may be null only when numel is 0
+  SafetensorsDtype dtype = SafetensorsDtype::kF32;
 };
 
 // Writes atomically: the bytes go to `path + ".tmp"`, which is fsynced and renamed over `path`
@@ -51,10 +55,17 @@ class SafetensorsReader {
   // Copies a tensor into dst (numel(expected_shape) floats). The caller states the shape it
   // needs; a missing tensor or a different shape is an rlhf::Error.
   void read(const std::string& name, const std::vector<int64_t>& expected_shape, float* dst) const;
+  // The same for a U8 tensor (packed FP4 codes and scales).
+  void read_u8(const std::string& name, const std::vector<int64_t>& expected_shape,
+               uint8_t* dst) const;
+  SafetensorsDtype dtype(const std::string& name) const;
+  // Bytes of a tensor's data, for reports such as `rlhf inspect`.
+  uint64_t bytes(const std::string& name) const;
 
  private:
   struct Entry {
     std::vector<int64_t> shape;
+    SafetensorsDtype dtype = SafetensorsDtype::kF32;
     uint64_t begin = 0;  // byte offsets into the data section, [begin, end)
     uint64_t end = 0;
   };

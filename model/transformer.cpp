@@ -38,12 +38,13 @@ ModelWeights<T> ModelWeights<T>::view(const ModelConfig& c, const ParamLayout& l
       continue;
     }
     l.router = at(p + "router");
+    // Absent without shared experts, and in a model whose experts are packed FP4.
     l.shared_gate = maybe(p + "shared.w_gate");
     l.shared_up = maybe(p + "shared.w_up");
     l.shared_down = maybe(p + "shared.w_down");
-    l.expert_gate = at(p + "experts.w_gate");
-    l.expert_up = at(p + "experts.w_up");
-    l.expert_down = at(p + "experts.w_down");
+    l.expert_gate = maybe(p + "experts.w_gate");
+    l.expert_up = maybe(p + "experts.w_up");
+    l.expert_down = maybe(p + "experts.w_down");
   }
   return w;
 }
@@ -55,8 +56,10 @@ KvCache<T>::KvCache(Ops<T>& ops, const ModelConfig& c, int batch, int capacity)
       k_(ops, layer_stride_ * c.n_layers), v_(ops, layer_stride_ * c.n_layers) {}
 
 template <typename T>
-Transformer<T>::Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq)
-    : ops_(ops), config_(config), layout_(ParamLayout::parameters(config)),
+Transformer<T>::Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq,
+                            std::optional<Fp4Format> packed_experts)
+    : ops_(ops), config_(config),
+      layout_(ParamLayout::parameters(config, packed_experts.has_value())),
       buffer_layout_(ParamLayout::buffers(config)), max_tokens_(max_batch * max_seq),
       max_batch_(max_batch), max_seq_(max_seq), params_(ops, layout_.total()),
       grads_(ops, layout_.total()), buffers_(ops, std::max<int64_t>(1, buffer_layout_.total())) {
@@ -71,6 +74,125 @@ Transformer<T>::Transformer(Ops<T>& ops, const ModelConfig& config, int max_batc
   ops_.fill(grads_.data(), T(0), grads_.size());
   ops_.fill(buffers_.data(), T(0), buffers_.size());
   allocate_activations();
+
+  expert_matrices_ = ParamLayout::expert_matrices(config_);
+  if (!packed_experts) return;
+  packed_format_ = packed_experts;
+  const int block = fp4_block_size(*packed_experts);
+  int64_t code_bytes = 0, scale_bytes = 0;
+  for (const ExpertMatrixSpec& m : expert_matrices_) {
+    if (m.cols % block != 0) {
+      fail("{} experts need every expert matrix's reduction dimension to be a multiple of {}; "
+           "'{}' has {}",
+           fp4_format_name(*packed_experts), block, m.name, m.cols);
+    }
+    code_bytes += m.rows * m.cols / 2;
+    scale_bytes += m.rows * m.cols / block;
+  }
+  packed_codes_ = Buffer<uint8_t, Ops<T>>(ops_, std::max<int64_t>(1, code_bytes));
+  packed_scales_ = Buffer<uint8_t, Ops<T>>(ops_, std::max<int64_t>(1, scale_bytes));
+  int64_t code_at = 0, scale_at = 0;
+  for (const ExpertMatrixSpec& m : expert_matrices_) {
+    // "layers.<i>.<kind>": find the layer and which of its six matrices this is.
+    const size_t dot = m.name.find('.', 7);
+    const int layer = std::stoi(m.name.substr(7, dot - 7));
+    const std::string kind = m.name.substr(dot + 1);
+    LayerWeights<T>& l = weights_.layers[layer];
+    PackedFp4Matrix* slot = kind == "shared.w_gate"    ? &l.packed_shared_gate
+                            : kind == "shared.w_up"    ? &l.packed_shared_up
+                            : kind == "shared.w_down"  ? &l.packed_shared_down
+                            : kind == "experts.w_gate" ? &l.packed_expert_gate
+                            : kind == "experts.w_up"   ? &l.packed_expert_up
+                                                       : &l.packed_expert_down;
+    *slot = PackedFp4Matrix{*packed_experts, m.rows, m.cols, packed_codes_.data() + code_at,
+                            packed_scales_.data() + scale_at, 1.0f};
+    packed_slots_.push_back(slot);
+    code_at += m.rows * m.cols / 2;
+    scale_at += m.rows * m.cols / block;
+  }
+}
+
+template <typename T>
+void Transformer<T>::set_packed_expert(const std::string& name, const Fp4Tensor& packed) {
+  if (!packed_format_) fail("set_packed_expert: this model keeps its experts in float");
+  for (size_t i = 0; i < expert_matrices_.size(); ++i) {
+    if (expert_matrices_[i].name != name) continue;
+    PackedFp4Matrix& slot = *packed_slots_[i];
+    if (packed.format != slot.format || packed.rows != slot.rows || packed.cols != slot.cols) {
+      fail("packed expert '{}' is {} [{}, {}] but the model needs {} [{}, {}]", name,
+           fp4_format_name(packed.format), packed.rows, packed.cols, fp4_format_name(slot.format),
+           slot.rows, slot.cols);
+    }
+    const int block = fp4_block_size(packed.format);
+    if (int64_t(packed.codes.size()) != packed.rows * packed.cols / 2 ||
+        int64_t(packed.scales.size()) != packed.rows * packed.cols / block) {
+      fail("packed expert '{}' has {} code bytes and {} scales; [{}, {}] needs {} and {}", name,
+           packed.codes.size(), packed.scales.size(), packed.rows, packed.cols,
+           packed.rows * packed.cols / 2, packed.rows * packed.cols / block);
+    }
+    // A NaN scale would decode a whole block to NaN: refuse it here, with its position.
+    for (size_t b = 0; b < packed.scales.size(); ++b) {
+      const uint8_t code = packed.scales[b];
+      const bool nan = packed.format == Fp4Format::mxfp4 ? code == 0xff : (code & 0x7f) == 0x7f;
+      if (nan) fail("packed expert '{}' has a NaN block scale at block {}", name, b);
+    }
+    if (!(packed.global_scale > 0) || !std::isfinite(packed.global_scale)) {
+      fail("packed expert '{}' has global scale {}; it must be finite and positive", name,
+           packed.global_scale);
+    }
+    ops_.copy_from_host(const_cast<uint8_t*>(slot.codes), packed.codes.data(), packed.codes.size());
+    ops_.copy_from_host(const_cast<uint8_t*>(slot.scales), packed.scales.data(),
+                        packed.scales.size());
+    slot.global_scale = packed.global_scale;
+    return;
+  }
+  fail("the model has no expert matrix named '{}'", name);
+}
+
+template <typename T>
+void Transformer<T>::set_qat(std::optional<Fp4Format> format, bool clipped_ste) {
+  if (format && packed_format_) fail("QAT needs float master weights; this model is packed");
+  qat_format_ = format;
+  qat_clipped_ = clipped_ste;
+  qat_stale_ = true;
+  if (!format) return;
+  const int block = fp4_block_size(*format);
+  for (const ExpertMatrixSpec& m : expert_matrices_) {
+    if (m.cols % block != 0) {
+      fail("{} QAT needs every expert matrix's reduction dimension to be a multiple of {}; "
+           "'{}' has {}",
+           fp4_format_name(*format), block, m.name, m.cols);
+    }
+  }
+  if (qat_params_.size() == 0) {
+    // Same offsets as params_ so one layout addresses both; only expert regions are used.
+    qat_params_ = Buffer<T, Ops<T>>(ops_, layout_.total());
+    qat_saturated_ = Buffer<uint8_t, Ops<T>>(ops_, layout_.total());
+    ops_.copy(qat_params_.data(), params_.data(), layout_.total());
+  }
+  weights_qat_ = weights_;
+  const ModelWeights<T> shadow = ModelWeights<T>::view(config_, layout_, qat_params_.data());
+  for (size_t i = 0; i < weights_qat_.layers.size(); ++i) {
+    LayerWeights<T>& l = weights_qat_.layers[i];
+    const LayerWeights<T>& q = shadow.layers[i];
+    l.shared_gate = q.shared_gate;
+    l.shared_up = q.shared_up;
+    l.shared_down = q.shared_down;
+    l.expert_gate = q.expert_gate;
+    l.expert_up = q.expert_up;
+    l.expert_down = q.expert_down;
+  }
+}
+
+template <typename T>
+void Transformer<T>::refresh_qat() {
+  for (const ExpertMatrixSpec& m : expert_matrices_) {
+    const int64_t offset = layout_.find(m.name).offset;
+    ops_.fp4_fake_quantize(qat_params_.data() + offset,
+                           qat_clipped_ ? qat_saturated_.data() + offset : nullptr,
+                           params_.data() + offset, m.rows, m.cols, *qat_format_);
+  }
+  qat_stale_ = false;
 }
 
 template <typename T>
@@ -176,6 +298,7 @@ void Transformer<T>::init_random(uint64_t seed) {
   }
   params_.from_host(host.data(), layout_.total());
   ops_.fill(buffers_.data(), T(0), buffers_.size());
+  params_changed();
 }
 
 template <typename T>
@@ -229,16 +352,17 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   for (auto& layer : stats_.expert_load) layer.assign(c.n_routed_experts, 0);
   stats_.clamp.assign(c.n_layers, ClampCounts{});
 
+  if (qat_format_ && qat_stale_) refresh_qat();
+  const ModelWeights<T>& W = active_weights();
   const int D = c.d_model;
-  ops_.embedding_forward(layer_acts_[0].x_in, tokens_, weights_.embed, N, D);
+  ops_.embedding_forward(layer_acts_[0].x_in, tokens_, W.embed, N, D);
   double flops = 0;
   for (int l = 0; l < c.n_layers; ++l) {
     attention_block(l, batch, n_new, cache);
     ffn_block(l, N, record, replay);
   }
-  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, weights_.final_norm, N, D,
-                       c.norm_eps);
-  ops_.matmul_forward(logits_, final_in_, weights_.lm_head, N, c.vocab_size, D, false);
+  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, W.final_norm, N, D, c.norm_eps);
+  ops_.matmul_forward(logits_, final_in_, W.lm_head, N, c.vocab_size, D, false);
 
   // Model FLOPs: 2 per multiply-add of every matmul, attention counted over the keys each
   // query actually reads (causal), routed experts over the rows they actually receive.
@@ -271,7 +395,7 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
   const ModelConfig& c = config_;
   const int N = batch * n_new, D = c.d_model;
   LayerActs& a = layer_acts_[l];
-  const LayerWeights<T>& w = weights_.layers[l];
+  const LayerWeights<T>& w = active_weights().layers[l];
   ops_.rmsnorm_forward(a.attn_in, a.attn_rstd, a.x_in, w.attn_norm, N, D, c.norm_eps);
   ops_.matmul_forward(a.q, a.attn_in, w.wq, N, c.q_dim(), D, false);
   ops_.matmul_forward(a.k, a.attn_in, w.wk, N, c.kv_dim(), D, false);
@@ -296,7 +420,7 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
   const ModelConfig& c = config_;
   const int D = c.d_model;
   LayerActs& a = layer_acts_[l];
-  const LayerWeights<T>& w = weights_.layers[l];
+  const LayerWeights<T>& w = active_weights().layers[l];
   T* out = l + 1 < c.n_layers ? layer_acts_[l + 1].x_in : resid_final_;
   ops_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.norm_eps);
   ops_.copy(out, a.x_mid, int64_t(N) * D);
@@ -306,17 +430,29 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
     clamp.linear += x.linear;
     clamp.total += x.total;
   };
+  // out (+)= in . W^T for a weight held in float, or in packed FP4 when `packed` is given.
+  auto matmul = [&](T* dst, const T* in, const T* weight, const PackedFp4Matrix* packed, int M,
+                    int n_out, int n_in, bool accumulate) {
+    if (packed) {
+      ops_.fp4_matmul_forward(dst, in, *packed, M, accumulate);
+    } else {
+      ops_.matmul_forward(dst, in, weight, M, n_out, n_in, accumulate);
+    }
+  };
   // out += SwiGLU(ffn_in) through one dense weight triple of hidden width F.
-  auto dense_swiglu = [&](const T* wg, const T* wu, const T* wd, int F) {
-    ops_.matmul_forward(a.gate, a.ffn_in, wg, N, F, D, false);
-    ops_.matmul_forward(a.up, a.ffn_in, wu, N, F, D, false);
+  auto dense_swiglu = [&](const T* wg, const T* wu, const T* wd, int F,
+                          const PackedFp4Matrix* pg, const PackedFp4Matrix* pu,
+                          const PackedFp4Matrix* pd) {
+    matmul(a.gate, a.ffn_in, wg, pg, N, F, D, false);
+    matmul(a.up, a.ffn_in, wu, pu, N, F, D, false);
     add_counts(ops_.swiglu_forward(a.h, a.gate, a.up, int64_t(N) * F, c.clamp));
-    ops_.matmul_forward(out, a.h, wd, N, D, F, true);
+    matmul(out, a.h, wd, pd, N, D, F, true);
   };
   if (!c.is_moe_layer(l)) {
-    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff);
+    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff, nullptr, nullptr, nullptr);
     return;
   }
+  const bool packed = packed_format_.has_value();
   const int m = l - c.n_dense_layers, E = c.n_routed_experts, K = c.top_k, Fe = c.d_expert;
   MoeRouting& r = a.routing;
   r.n_tokens = N;
@@ -342,14 +478,25 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
   for (int e = 0; e < E; ++e) stats_.expert_load[m][e] = offsets[e + 1] - offsets[e];
 
   if (c.n_shared_experts > 0) {
-    dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe);
+    dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe,
+                 packed ? &w.packed_shared_gate : nullptr, packed ? &w.packed_shared_up : nullptr,
+                 packed ? &w.packed_shared_down : nullptr);
   }
   const int64_t rows = int64_t(N) * K;
   ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);
-  ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, Fe, D);
-  ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, Fe, D);
+  if (packed) {
+    ops_.fp4_grouped_matmul_forward(a.e_gate, a.xe, w.packed_expert_gate, r.offsets, E);
+    ops_.fp4_grouped_matmul_forward(a.e_up, a.xe, w.packed_expert_up, r.offsets, E);
+  } else {
+    ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, Fe, D);
+    ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, Fe, D);
+  }
   add_counts(ops_.swiglu_forward(a.e_h, a.e_gate, a.e_up, rows * Fe, c.clamp));
-  ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, D, Fe);
+  if (packed) {
+    ops_.fp4_grouped_matmul_forward(a.ye, a.e_h, w.packed_expert_down, r.offsets, E);
+  } else {
+    ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, D, Fe);
+  }
   ops_.moe_combine_forward(out, a.ye, a.gates, r, D);
 }
 
@@ -362,6 +509,10 @@ double Transformer<T>::forward_backward(const TokenBatch& batch, const RoutingTr
   for (int i = 0; i < N; ++i) {
     RLHF_CHECK(batch.targets[i] >= 0 && batch.targets[i] < config_.vocab_size,
                "target {} outside the vocabulary", batch.targets[i]);
+  }
+  if (packed_format_) {
+    fail("this model holds packed FP4 experts and runs inference only; train the float model "
+         "(with QAT) instead");
   }
   forward(batch.tokens.data(), batch.batch, batch.seq_len, nullptr, nullptr, nullptr, replay);
   ops_.copy_from_host(targets_, batch.targets.data(), sizeof(int32_t) * N);
@@ -376,7 +527,9 @@ double Transformer<T>::backward(int batch, int seq_len) {
   const int N = batch * seq_len, D = c.d_model, V = c.vocab_size;
   const int E = c.n_routed_experts, K = c.top_k, Fe = c.d_expert;
   const int64_t ND = int64_t(N) * D;
-  const ModelWeights<T>& W = weights_;
+  // With QAT the input gradients flow through the quantized weights the forward used, and the
+  // weight gradients land on the float masters: the straight-through estimator.
+  const ModelWeights<T>& W = active_weights();
   const ModelWeights<T>& G = grad_views_;
 
   double loss = ops_.cross_entropy_forward_backward(logits_, logits_, targets_, loss_weights_, N, V);
@@ -442,6 +595,12 @@ double Transformer<T>::backward(int batch, int seq_len) {
                           D);
   }
   ops_.embedding_backward(G.embed, d_resid_, tokens_, N, D, V);
+  if (qat_format_ && qat_clipped_) {
+    for (const ExpertMatrixSpec& m : expert_matrices_) {
+      const TensorSpec& t = layout_.find(m.name);
+      ops_.zero_where(grads_.data() + t.offset, qat_saturated_.data() + t.offset, t.numel);
+    }
+  }
   return loss;
 }
 

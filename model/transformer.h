@@ -12,6 +12,8 @@
 // `T` is float for real work and double for the finite-difference gradient reference.
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels/buffer.h"
@@ -41,6 +43,13 @@ struct LayerWeights {
   T* expert_gate = nullptr;  // [E, Fe, D]
   T* expert_up = nullptr;    // [E, Fe, D]
   T* expert_down = nullptr;  // [E, D, Fe]
+  // A model with packed FP4 experts holds these instead of the six expert pointers above.
+  PackedFp4Matrix packed_shared_gate;  // [S*Fe, D]
+  PackedFp4Matrix packed_shared_up;    // [S*Fe, D]
+  PackedFp4Matrix packed_shared_down;  // [D, S*Fe]
+  PackedFp4Matrix packed_expert_gate;  // [E*Fe, D]
+  PackedFp4Matrix packed_expert_up;    // [E*Fe, D]
+  PackedFp4Matrix packed_expert_down;  // [E*D, Fe]
 };
 
 template <typename T>
@@ -101,8 +110,11 @@ template <typename T>
 class Transformer {
  public:
   // Allocates parameters (uninitialized; call init_random or load), gradients, buffers, and
-  // activations for batches of up to max_batch x max_seq tokens.
-  Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq);
+  // activations for batches of up to max_batch x max_seq tokens. With `packed_experts`, the
+  // expert weights exist only in that FP4 format (set them with set_packed_expert) and the
+  // model runs inference only.
+  Transformer(Ops<T>& ops, const ModelConfig& config, int max_batch, int max_seq,
+              std::optional<Fp4Format> packed_experts = std::nullopt);
 
   const ModelConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
@@ -113,6 +125,21 @@ class Transformer {
   int max_seq() const { return max_seq_; }
 
   void init_random(uint64_t seed);
+
+  // ---- FP4 ----
+  std::optional<Fp4Format> packed_format() const { return packed_format_; }
+  const std::vector<ExpertMatrixSpec>& expert_matrices() const { return expert_matrices_; }
+  // Copies one packed expert matrix (host data) into a packed model.
+  void set_packed_expert(const std::string& name, const Fp4Tensor& packed);
+  // Quantization-aware training: while on, the forward (and the backward's input gradients)
+  // use fake-quantized expert weights, computing exactly what the packed model computes; the
+  // gradient reaches the float master weights straight through (zeroed where a weight
+  // saturated its block, with the clipped estimator). Off again with std::nullopt.
+  void set_qat(std::optional<Fp4Format> format, bool clipped_ste);
+  std::optional<Fp4Format> qat_format() const { return qat_format_; }
+  // Whoever writes params() (optimizer, loader) calls this, so QAT re-quantizes before the
+  // next forward rather than on every decode step.
+  void params_changed() { qat_stale_ = true; }
 
   // Flat storage (backend memory), laid out by layout() / buffer_layout().
   T* params() { return params_.data(); }
@@ -206,6 +233,24 @@ class Transformer {
     *d_attn_ = nullptr, *d_gate_ = nullptr, *d_up_ = nullptr, *d_h_ = nullptr,
     *d_xe_ = nullptr, *d_ye_ = nullptr, *d_scores_ = nullptr, *d_gates_ = nullptr,
     *router_logits_ = nullptr;
+
+  // The weights the forward reads: weights_, or weights_qat_ while QAT is on.
+  const ModelWeights<T>& active_weights() const { return qat_format_ ? weights_qat_ : weights_; }
+  void refresh_qat();
+
+  std::vector<ExpertMatrixSpec> expert_matrices_;
+  // Packed FP4 experts (inference-only models).
+  std::optional<Fp4Format> packed_format_;
+  Buffer<uint8_t, Ops<T>> packed_codes_, packed_scales_;
+  std::vector<PackedFp4Matrix*> packed_slots_;  // parallel to expert_matrices_
+  // QAT: fake-quantized expert weights at the same offsets as params_ (only expert regions are
+  // filled), and which of them saturated.
+  std::optional<Fp4Format> qat_format_;
+  bool qat_clipped_ = false;
+  bool qat_stale_ = true;
+  Buffer<T, Ops<T>> qat_params_;
+  Buffer<uint8_t, Ops<T>> qat_saturated_;
+  ModelWeights<T> weights_qat_;
 
   int cur_batch_ = 0, cur_seq_ = 0;
   // Host-side staging reused by every forward, so a decode loop does not allocate per token.

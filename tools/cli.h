@@ -35,6 +35,7 @@ nlohmann::json sft_summary_json(const rlhf::SftSummary& summary, double wall_s);
 void register_sft(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_inspect(CLI::App& app);
 void register_demo(CLI::App& app);
 
 }  // namespace rlhf::cli

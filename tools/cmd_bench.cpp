@@ -62,18 +62,25 @@ void bench_train(const CommonOptions& common, int steps, int warmup) {
   for (int step = 0; step < warmup + steps; ++step) {
     std::vector<uint64_t> indices(config.sft.batch_size);
     for (auto& i : indices) i = rng.next_u64() >> 24;
-    const TokenBatch batch = sft_make_batch(suite, *tokenizer, indices, config.model.max_seq_len);
+    const std::vector<TokenBatch> batches = sft_make_batches(
+        suite, *tokenizer, indices, config.model.max_seq_len, config.sft.length_buckets);
     const auto t = Clock::now();
     model.zero_grads();
-    model.forward_backward(batch);
+    double step_flops = 0;
+    int64_t step_tokens = 0;
+    for (const TokenBatch& batch : batches) {
+      model.forward_backward(batch);
+      // Backward costs two forwards (a gradient for the input and one for the weights).
+      step_flops += 3.0 * model.last_forward_flops();
+      step_tokens += int64_t(batch.batch) * batch.seq_len;
+    }
     optimizer.step(model.params(), model.grads(), step, warmup + steps);
     model.update_router_bias();
     const double dt = seconds_since(t);
     if (step < warmup) continue;
     time_s += dt;
-    // Backward costs two forwards (a gradient for the input and one for the weights).
-    flops += 3.0 * model.last_forward_flops();
-    tokens += int64_t(batch.batch) * batch.seq_len;
+    flops += step_flops;
+    tokens += step_tokens;
   }
   const double model_flops = flops / time_s;
   const double utilization = model_flops / gemm_flops;

@@ -50,8 +50,9 @@ void register_generate(CLI::App& app) {
     const CheckpointContents info = checkpoint_read_info(o->checkpoint);
     const auto tokenizer = make_tokenizer(info.tokenizer);
     CpuOps<float> ops;
-    Transformer<float> model(ops, info.config, o->batch, info.config.max_seq_len);
-    checkpoint_load_weights(o->checkpoint, model);
+    // A packed policy decodes directly on its FP4 experts.
+    const auto loaded = checkpoint_load_model(o->checkpoint, ops, o->batch);
+    Transformer<float>& model = *loaded;
 
     std::vector<TaskExample> examples;
     for (const auto& p : o->prompts) examples.push_back(TaskExample{"", p, ""});

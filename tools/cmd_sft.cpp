@@ -36,10 +36,19 @@ void print_sft_summary(const SftSummary& s) {
   for (const auto& line : s.greedy.sample_lines) std::cout << "  " << line << "\n";
   std::cout << fmt::format("\n{} steps, final loss {:.4f}, {:.0f} tokens/s, policy at {}\n",
                            s.steps, s.final_loss, s.train_tokens_per_s, s.policy_path);
+  if (s.packed) {
+    const PackedPolicyReport& p = *s.packed;
+    std::cout << fmt::format(
+        "packed {} policy at {}: greedy accuracy {:.3f}, mean score {:.2f}, {:.3f} bits per "
+        "expert parameter; |logprob(QAT) - logprob(packed)| max {:.2e}, mean {:.2e} over {} "
+        "sampled tokens\n",
+        p.format, p.path, p.greedy.accuracy, p.greedy.mean_score, p.expert_bits_per_param,
+        p.mismatch.max_abs, p.mismatch.mean_abs, p.mismatch.tokens);
+  }
 }
 
 nlohmann::json sft_summary_json(const SftSummary& s, double wall_s) {
-  return {{"steps", s.steps},
+  nlohmann::json out = {{"steps", s.steps},
           {"final_loss", s.final_loss},
           {"heldout_accuracy", s.greedy.accuracy},
           {"heldout_mean_score", s.greedy.mean_score},
@@ -52,6 +61,18 @@ nlohmann::json sft_summary_json(const SftSummary& s, double wall_s) {
           {"train_s", s.train_s},
           {"policy", s.policy_path},
           {"wall_s", wall_s}};
+  if (s.packed) {
+    const PackedPolicyReport& p = *s.packed;
+    out["fp4"] = {{"format", p.format},
+                  {"packed_policy", p.path},
+                  {"packed_heldout_accuracy", p.greedy.accuracy},
+                  {"packed_heldout_mean_score", p.greedy.mean_score},
+                  {"expert_bits_per_param", p.expert_bits_per_param},
+                  {"logprob_mismatch_max", p.mismatch.max_abs},
+                  {"logprob_mismatch_mean", p.mismatch.mean_abs},
+                  {"logprob_mismatch_tokens", p.mismatch.tokens}};
+  }
+  return out;
 }
 
 void register_sft(CLI::App& app) {

@@ -1,10 +1,7 @@
 // rlhf: the one command-line tool. Each subcommand lives in its own tools/cmd_*.cpp and
 // registers itself here. Errors caused by input end as one line "rlhf: error: ..." and exit 1.
 #include <cstdio>
-#include <cstdlib>
 #include <exception>
-
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -13,23 +10,7 @@
 #include "common/error.h"
 #include "tools/cli.h"
 
-namespace {
-
-// OpenMP threads that wait at a barrier spin by default. On a machine where other programs
-// also want the cores, a spinning thread keeps its descheduled partner from finishing, and a
-// training step slowed down 10-20x in our measurements (docs/perf.md). Passive waiting costs a
-// few percent on an idle machine. libgomp reads the setting once, when it is loaded, so we set
-// it and re-execute ourselves; a user's own OMP_WAIT_POLICY is respected.
-void prefer_passive_openmp_waiting(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
-  setenv("OMP_WAIT_POLICY", "passive", 1);
-  execv("/proc/self/exe", argv);  // returns only on failure: then run with the default policy
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  prefer_passive_openmp_waiting(argv);
   // Logs and progress go to stderr, so stdout carries only results (and the --json line).
   auto logger = spdlog::stderr_color_mt("rlhf");
   spdlog::set_default_logger(logger);
@@ -45,6 +26,7 @@ int main(int argc, char** argv) {
   rlhf::cli::register_sft(app);
   rlhf::cli::register_generate(app);
   rlhf::cli::register_bench(app);
+  rlhf::cli::register_inspect(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

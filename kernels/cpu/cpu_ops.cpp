@@ -11,6 +11,7 @@
 #include <omp.h>
 
 #include "common/error.h"
+#include "kernels/cpu/fast_exp.h"
 
 namespace rlhf {
 
@@ -30,7 +31,7 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, double alpha, const d
 
 template <typename T>
 T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  return T(1) / (T(1) + exp_fast(-x));
 }
 
 // Static partition of [0, n) for thread `tid` of `nthreads`: deterministic chunk boundaries.
@@ -301,8 +302,9 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const 
           max_score = std::max(max_score, scores[j]);
         }
         T sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int j = 0; j <= last; ++j) {
-          scores[j] = std::exp(scores[j] - max_score);
+          scores[j] = exp_fast(scores[j] - max_score);
           sum += scores[j];
         }
         T* ot = out + (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
@@ -360,7 +362,7 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
               dot += qt[c] * kj[c];
               dp += dot_[c] * vj[c];
             }
-            const T p = std::exp(dot * scale - l);
+            const T p = exp_fast(dot * scale - l);
             const T ds = p * (dp - d_sum) * scale;
             dscore[j] = ds;
             T* dvj = dvb + int64_t(j) * kv_row;
@@ -383,20 +385,23 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
 
 // ---------------------------------------------------------------- SwiGLU with clamping
 
+// The SwiGLU loops are written with plain value selects (no std::min/max, no ||) because that
+// is the form GCC vectorizes; with clamping off the limits are infinite, so one loop serves both.
 template <typename T>
 ClampCounts CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
                                       const SwigluClampConfig& clamp) {
-  const bool on = clamp.enabled;
-  const T gmax = T(clamp.gate_max), lim = T(clamp.linear_limit);
+  const T inf = std::numeric_limits<T>::infinity();
+  const T gmax = clamp.enabled ? T(clamp.gate_max) : inf;
+  const T lim = clamp.enabled ? T(clamp.linear_limit) : inf;
   int64_t clamped_gate = 0, clamped_linear = 0;
-#pragma omp parallel for schedule(static) reduction(+ : clamped_gate, clamped_linear)
+#pragma omp parallel for simd schedule(static) reduction(+ : clamped_gate, clamped_linear)
   for (int64_t i = 0; i < n; ++i) {
-    T g = gate[i], u = up[i];
-    if (on) {
-      if (g > gmax) { g = gmax; ++clamped_gate; }
-      if (u > lim) { u = lim; ++clamped_linear; }
-      else if (u < -lim) { u = -lim; ++clamped_linear; }
-    }
+    const T graw = gate[i], uraw = up[i];
+    const T g = graw > gmax ? gmax : graw;
+    T u = uraw > lim ? lim : uraw;
+    u = u < -lim ? -lim : u;
+    clamped_gate += graw > gmax ? 1 : 0;
+    clamped_linear += (uraw > lim ? 1 : 0) + (uraw < -lim ? 1 : 0);
     h[i] = g * sigmoid(g) * u;
   }
   return ClampCounts{clamped_gate, clamped_linear, n};
@@ -405,21 +410,21 @@ ClampCounts CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t 
 template <typename T>
 void CpuOps<T>::swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
                                 int64_t n, const SwigluClampConfig& clamp) {
-  const bool on = clamp.enabled;
-  const T gmax = T(clamp.gate_max), lim = T(clamp.linear_limit);
-#pragma omp parallel for schedule(static)
+  const T inf = std::numeric_limits<T>::infinity();
+  const T gmax = clamp.enabled ? T(clamp.gate_max) : inf;
+  const T lim = clamp.enabled ? T(clamp.linear_limit) : inf;
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    T g = gate[i], u = up[i];
-    bool gate_clamped = false, linear_clamped = false;
-    if (on) {
-      if (g > gmax) { g = gmax; gate_clamped = true; }
-      if (u > lim) { u = lim; linear_clamped = true; }
-      else if (u < -lim) { u = -lim; linear_clamped = true; }
-    }
+    const T graw = gate[i], uraw = up[i];
+    const T g = graw > gmax ? gmax : graw;
+    T u = uraw > lim ? lim : uraw;
+    u = u < -lim ? -lim : u;
     const T sg = sigmoid(g);
-    const T silu = g * sg;
-    dgate[i] = gate_clamped ? T(0) : dh[i] * u * sg * (T(1) + g * (T(1) - sg));
-    dup[i] = linear_clamped ? T(0) : dh[i] * silu;
+    // Zero gradient where the input was clamped: the clamp's derivative there is 0.
+    const T gate_pass = graw > gmax ? T(0) : T(1);
+    const T linear_pass = (uraw > lim ? T(0) : T(1)) * (uraw < -lim ? T(0) : T(1));
+    dgate[i] = gate_pass * dh[i] * u * sg * (T(1) + g * (T(1) - sg));
+    dup[i] = linear_pass * dh[i] * g * sg;
   }
 }
 
@@ -616,11 +621,13 @@ double CpuOps<T>::cross_entropy_forward_backward(T* dlogits, const T* logits,
     T max_logit = l[0];
     for (int c = 1; c < V; ++c) max_logit = std::max(max_logit, l[c]);
     T sum = 0;
-    for (int c = 0; c < V; ++c) sum += std::exp(l[c] - max_logit);
+#pragma omp simd reduction(+ : sum)
+    for (int c = 0; c < V; ++c) sum += exp_fast(l[c] - max_logit);
     const T log_sum = std::log(sum);
     row_loss[i] = double(w) * double(max_logit + log_sum - l[targets[i]]);
     const T inv = T(1) / sum;
-    for (int c = 0; c < V; ++c) d[c] = w * std::exp(l[c] - max_logit) * inv;
+#pragma omp simd
+    for (int c = 0; c < V; ++c) d[c] = w * exp_fast(l[c] - max_logit) * inv;
     d[targets[i]] -= w;
   }
   double total = 0;
@@ -640,6 +647,98 @@ void CpuOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t* 
     T sum = 0;
     for (int c = 0; c < V; ++c) sum += std::exp(l[c] * inv_temp - max_logit);
     logprobs[i] = l[targets[i]] * inv_temp - max_logit - std::log(sum);
+  }
+}
+
+// ---------------------------------------------------------------- FP4 experts
+
+template <typename T>
+void CpuOps<T>::fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int64_t rows,
+                                  int64_t cols, Fp4Format format) {
+  const int64_t n = rows * cols;
+  // The quantizer is float; T = double (the gradient reference) goes through a float copy.
+  // FP4 values and their scales are exactly representable in float, so nothing is lost. The
+  // copy also makes in == out safe.
+  fp4_scratch_.resize(size_t(n));
+  float* x = fp4_scratch_.data();
+  for (int64_t i = 0; i < n; ++i) x[i] = float(in[i]);
+  if constexpr (std::is_same_v<T, float>) {
+    ::rlhf::fp4_fake_quantize(x, out, rows, cols, format, "expert weights");
+  } else {
+    std::vector<float> q(static_cast<size_t>(n));
+    ::rlhf::fp4_fake_quantize(x, q.data(), rows, cols, format, "expert weights");
+    for (int64_t i = 0; i < n; ++i) out[i] = T(q[i]);
+  }
+  if (!saturated) return;
+  // A value saturates when it lies beyond 6 x its block's multiplier: the rule the quantizer
+  // applied, recomputed from the same scale helpers.
+  const int block = fp4_block_size(format);
+  uint32_t tensor_amax = 0;
+  for (int64_t i = 0; i < n; ++i) tensor_amax = std::max(tensor_amax, fp4_abs_bits(x[i]));
+  const float global = format == Fp4Format::nvfp4 ? fp4_nv_global_scale(tensor_amax) : 1.0f;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n / block; ++b) {
+    const float* xb = x + b * block;
+    uint32_t amax = 0;
+    for (int i = 0; i < block; ++i) amax = std::max(amax, fp4_abs_bits(xb[i]));
+    const float limit =
+        kFp4E2m1Max * fp4_block_multiplier(format, fp4_block_scale_code(format, amax, global), global);
+    for (int i = 0; i < block; ++i) saturated[b * block + i] = std::abs(xb[i]) > limit ? 1 : 0;
+  }
+}
+
+template <typename T>
+void CpuOps<T>::zero_where(T* grad, const uint8_t* mask, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) grad[i] = mask[i] ? T(0) : grad[i];
+}
+
+template <typename T>
+void CpuOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
+                                   bool accumulate) {
+  // Dequantize a tile of weight rows at a time and multiply it through the BLAS: the
+  // full-precision weight never exists, only one tile of it.
+  constexpr int64_t kTileRows = 64;
+  const int64_t N = w.rows, K = w.cols;
+  const int block = fp4_block_size(w.format);
+  fp4_scratch_.resize(size_t(kTileRows * K));
+  std::vector<T> tile_t;
+  for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, N - n0);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      fp4_dequantize_blocks(w.format, w.codes + (n0 + r) * (K / 2),
+                            w.scales + (n0 + r) * (K / block), w.global_scale, K,
+                            fp4_scratch_.data() + r * K);
+    }
+    const T* tile = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      tile = fp4_scratch_.data();
+    } else {
+      tile_t.assign(fp4_scratch_.begin(), fp4_scratch_.begin() + rows * K);
+      tile = tile_t.data();
+    }
+    if (M > 0) {
+      gemm(false, true, M, int(rows), int(K), T(1), in, int(K), tile, int(K),
+           accumulate ? T(1) : T(0), out + n0, int(N));
+    }
+  }
+}
+
+template <typename T>
+void CpuOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
+                                           const int32_t* offsets, int n_groups) {
+  const int64_t N = w.rows / n_groups, K = w.cols;
+  const int block = fp4_block_size(w.format);
+  for (int g = 0; g < n_groups; ++g) {
+    const int rows = offsets[g + 1] - offsets[g];
+    if (rows == 0) continue;  // an expert with no tokens costs nothing
+    PackedFp4Matrix expert = w;
+    expert.rows = N;
+    expert.codes = w.codes + g * N * (K / 2);
+    expert.scales = w.scales + g * N * (K / block);
+    fp4_matmul_forward(out + int64_t(offsets[g]) * N, in + int64_t(offsets[g]) * K, expert, rows,
+                       false);
   }
 }
 

@@ -72,6 +72,14 @@ class CpuOps final : public Ops<T> {
   void log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N, int V,
                           double temperature) override;
 
+  void fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int64_t rows, int64_t cols,
+                         Fp4Format format) override;
+  void zero_where(T* grad, const uint8_t* mask, int64_t n) override;
+  void fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
+                          bool accumulate) override;
+  void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
+                                  const int32_t* offsets, int n_groups) override;
+
   void copy(T* dst, const T* src, int64_t n) override;
   void fill(T* x, T value, int64_t n) override;
   void scale_inplace(T* x, double s, int64_t n) override;
@@ -91,6 +99,7 @@ class CpuOps final : public Ops<T> {
   double rope_theta_ = 0.0;
   std::vector<T> scratch_;
   std::vector<int32_t> route_cursor_;  // router_forward's per-expert fill position
+  std::vector<float> fp4_scratch_;     // dequantized weight tiles / float copies for FP4 ops
 };
 
 // Number of threads the CPU backend (and the BLAS) use; set once at start from the config.

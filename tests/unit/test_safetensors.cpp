@@ -247,7 +247,7 @@ TEST_F(Safetensors, CorruptHeadersAreErrors) {
       {R"({"w": {"dtype": "F32", "data_offsets": [0, 4]}})", 4, "tensor 'w' has no 'shape'"},
       {R"({"w": {"dtype": "F32", "shape": [1]}})", 4, "tensor 'w' has no 'data_offsets'"},
       {R"({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}})", 4,
-       "tensor 'w' has dtype BF16; only F32 is supported"},
+       "tensor 'w' has dtype BF16; only F32 and U8 are supported"},
       {R"({"w": {"dtype": 3, "shape": [2], "data_offsets": [0, 8]}})", 8, "non-string dtype"},
       {R"({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", 8,
        "invalid shape [-2]"},
