@@ -10,6 +10,7 @@
 #include <fmt/core.h>
 #include <spdlog/spdlog.h>
 
+#include "common/error.h"
 #include "common/rng.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/optimizer.h"
@@ -17,6 +18,9 @@
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "tools/cli.h"
+#ifdef RLHF_HAVE_CUDA
+#include "tools/cmd_bench_fp4.h"
+#endif
 
 namespace rlhf::cli {
 
@@ -171,6 +175,14 @@ void register_bench(CLI::App& app) {
   gen_cmd->add_option("--new-tokens", gen->new_tokens, "decode steps per sequence")
       ->check(CLI::PositiveNumber);
   gen_cmd->callback([gen] { bench_generate(gen->common, gen->new_tokens); });
+
+#ifdef RLHF_HAVE_CUDA
+  register_bench_fp4(*bench);
+#else
+  bench->add_subcommand("fp4", "FP4 grouped MoE GEMM vs BF16 cuBLAS (needs the CUDA build)")
+      ->allow_extras()
+      ->callback([] { fail("this rlhf was built without CUDA; `rlhf bench fp4` needs a GPU build"); });
+#endif
 }
 
 }  // namespace rlhf::cli
