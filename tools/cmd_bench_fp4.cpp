@@ -270,6 +270,13 @@ nlohmann::json bench_fp4_run(const BenchFp4Options& o) {
   for (const std::string& f : o.formats) formats.push_back(fp4_format_from_name(f));
   for (const Shape& s : shapes) fp4_moe_check_shape("bench fp4", formats[0], o.experts, s.n, s.k);
 
+  // No GPU (or no driver) is a user's situation, not a broken invariant: say so in one line.
+  int device_count = 0;
+  const cudaError_t probe = cudaGetDeviceCount(&device_count);
+  if (probe != cudaSuccess || device_count == 0) {
+    fail("bench fp4 needs a CUDA GPU, and none is usable here ({})",
+         probe != cudaSuccess ? cudaGetErrorString(probe) : "no device");
+  }
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
