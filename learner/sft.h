@@ -6,7 +6,8 @@
 //   DIR/checkpoint.safetensors   latest training checkpoint (weights, moments, step, data
 //                                position, RNG); rewritten atomically every checkpoint_every
 //   DIR/policy.safetensors       the final weights (no optimizer state), for generate/eval
-//   DIR/metrics.jsonl            one JSON object per step
+//   DIR/policy-fp4.safetensors   with QAT on: the same policy with its experts packed in FP4
+//   DIR/metrics.jsonl            one JSON object per step (cut back to the checkpoint on resume)
 #include <cstdint>
 #include <functional>
 #include <memory>
