@@ -31,6 +31,10 @@ void print_json(const CommonOptions& options, const nlohmann::json& summary);
 // The SFT result table (stdout) and its JSON form; shared by `sft` and `demo`.
 void print_sft_summary(const rlhf::SftSummary& summary);
 nlohmann::json sft_summary_json(const rlhf::SftSummary& summary, double wall_s);
+// Trains (or resumes) in `workdir`, evaluates, prints the table and, with --json, the summary
+// merged with `extra` (the command name and so on). Shared by `sft` and `demo`.
+void run_sft_and_report(RunConfig config, const std::string& workdir, bool resume,
+                        const CommonOptions& common, nlohmann::json extra);
 
 void register_sft(CLI::App& app);
 void register_generate(CLI::App& app);

@@ -2,7 +2,7 @@
 // learner services) comes with its own issue; until then the demo runs the part that exists:
 // train a policy on the task suite from scratch, evaluate it on held-out prompts, and sample
 // from it.
-#include <chrono>
+#include <filesystem>
 #include <iostream>
 
 #include <spdlog/spdlog.h>
@@ -26,26 +26,19 @@ void register_demo(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--resume", o->resume, "continue an interrupted demo in the same workdir");
   cmd->callback([o] {
-    const auto start = std::chrono::steady_clock::now();
     spdlog::info("rlhf demo: supervised stage only for now (the RL services come next); "
                  "workdir {}", o->workdir);
+    // The config is read (and validated) before anything in the workdir is touched.
     RunConfig config = load_config(o->common);
     if (!o->resume) {
       // A demo always starts from nothing; clearing only its own files keeps anything else.
-      for (const char* f : {"checkpoint.safetensors", "policy.safetensors", "metrics.jsonl"}) {
+      for (const char* f : {"checkpoint.safetensors", "policy.safetensors", "policy-fp4.safetensors",
+                            "metrics.jsonl"}) {
         std::filesystem::remove(std::filesystem::path(o->workdir) / f);
       }
     }
-    SftTrainer trainer(std::move(config), o->workdir, o->resume);
-    trainer.train();
-    const SftSummary summary = trainer.finish();
-    const double wall =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    print_sft_summary(summary);
-    nlohmann::json out = sft_summary_json(summary, wall);
-    out["command"] = "demo";
-    out["stages"] = {"sft", "eval"};
-    print_json(o->common, out);
+    run_sft_and_report(std::move(config), o->workdir, o->resume, o->common,
+                       {{"command", "demo"}, {"stages", {"sft", "eval"}}});
   });
 }
 

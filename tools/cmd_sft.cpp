@@ -75,6 +75,20 @@ nlohmann::json sft_summary_json(const SftSummary& s, double wall_s) {
   return out;
 }
 
+void run_sft_and_report(RunConfig config, const std::string& workdir, bool resume,
+                        const CommonOptions& common, nlohmann::json extra) {
+  const auto start = std::chrono::steady_clock::now();
+  SftTrainer trainer(std::move(config), workdir, resume);
+  trainer.train();
+  const SftSummary summary = trainer.finish();
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  print_sft_summary(summary);
+  nlohmann::json out = sft_summary_json(summary, wall);
+  out.update(extra);
+  print_json(common, out);
+}
+
 void register_sft(CLI::App& app) {
   struct Options {
     CommonOptions common;
@@ -88,17 +102,8 @@ void register_sft(CLI::App& app) {
       ->required();
   cmd->add_flag("--resume", options->resume, "continue from WORKDIR/checkpoint.safetensors");
   cmd->callback([options] {
-    const auto start = std::chrono::steady_clock::now();
-    RunConfig config = load_config(options->common);
-    SftTrainer trainer(std::move(config), options->workdir, options->resume);
-    trainer.train();
-    const SftSummary summary = trainer.finish();
-    const double wall =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    print_sft_summary(summary);
-    nlohmann::json out = sft_summary_json(summary, wall);
-    out["command"] = "sft";
-    print_json(options->common, out);
+    run_sft_and_report(load_config(options->common), options->workdir, options->resume,
+                       options->common, {{"command", "sft"}});
   });
 }
 

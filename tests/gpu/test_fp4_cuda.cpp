@@ -13,34 +13,12 @@
 #include "common/error.h"
 #include "common/rng.h"
 #include "kernels/fp4/fp4.h"
+#include "tests/gpu/gpu_test_support.h"
 #include "kernels/fp4/fp4_quant.cuh"
 
 namespace rlhf {
 namespace {
 
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
-
-bool have_cuda_device() {
-  int count = 0;
-  // No driver or no device both mean: nothing to test here.
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device"
-
-// A device buffer that frees itself.
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t n) {
-    const size_t bytes = (n > 0 ? n : 1) * sizeof(T);
-    if (cudaMalloc(reinterpret_cast<void**>(&ptr), bytes) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
 
 // Normal values times a random power of two per row (so NVFP4 meets blocks whose scale
 // underflows), with zeros, negative zeros, E2M1 tie points, outliers and subnormals mixed in.

@@ -28,31 +28,11 @@
 #include "kernels/cuda/fp4_moe_layout.h"
 #include "kernels/cuda/sm90_fp4_bf16_moe_grouped.cuh"
 #include "kernels/fp4/fp4.h"
+#include "tests/gpu/gpu_test_support.h"
 
 namespace rlhf {
 namespace {
 
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
-
-bool have_cuda_device() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!have_cuda_device()) GTEST_SKIP() << "no CUDA device"
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t n) {
-    const size_t bytes = (n > 0 ? n : 1) * sizeof(T);
-    if (cudaMalloc(reinterpret_cast<void**>(&ptr), bytes) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
 
 // Round to nearest even (no NaN or Inf in these tests).
 uint16_t bf16_bits(float x) {
