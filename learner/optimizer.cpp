@@ -53,9 +53,15 @@ AdamW<T>::AdamW(Ops<T>& ops, const ParamLayout& layout, const OptimizerConfig& c
 }
 
 template <typename T>
-OptimizerStepInfo AdamW<T>::step(T* params, T* grads, int64_t step, int64_t total_steps) {
+double AdamW<T>::grad_norm(const T* grads) const {
+  return std::sqrt(ops_.sum_squares(grads, layout_.total()));
+}
+
+template <typename T>
+OptimizerStepInfo AdamW<T>::step(T* params, T* grads, int64_t step, int64_t total_steps,
+                                 double known_grad_norm) {
   OptimizerStepInfo info;
-  info.grad_norm = std::sqrt(ops_.sum_squares(grads, layout_.total()));
+  info.grad_norm = known_grad_norm >= 0 ? known_grad_norm : grad_norm(grads);
   info.lr = learning_rate_at(config_, step, total_steps);
   if (config_.grad_clip > 0 && info.grad_norm > config_.grad_clip) {
     ops_.scale_inplace(grads, config_.grad_clip / info.grad_norm, layout_.total());

@@ -40,9 +40,12 @@ class AdamW {
  public:
   AdamW(Ops<T>& ops, const ParamLayout& layout, const OptimizerConfig& config);
 
+  // Global L2 norm of the gradients (what step() clips against).
+  double grad_norm(const T* grads) const;
   // Clips grads in place, then updates params. `step` is 0-based; moments are bias-corrected
-  // with step + 1.
-  OptimizerStepInfo step(T* params, T* grads, int64_t step, int64_t total_steps);
+  // with step + 1. `known_grad_norm` (>= 0) saves recomputing grad_norm(grads).
+  OptimizerStepInfo step(T* params, T* grads, int64_t step, int64_t total_steps,
+                         double known_grad_norm = -1);
 
   T* first_moment() { return m_.data(); }
   T* second_moment() { return v_.data(); }

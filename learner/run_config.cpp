@@ -94,6 +94,8 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   run.sampling = read_sampling(sampling);
   YamlSection fp4 = top.section("fp4");
   run.fp4 = read_fp4(fp4, run.sft.steps);
+  YamlSection stability = top.section("stability");
+  run.stability = StabilityConfig::read(stability);
   YamlSection runtime = top.section("runtime");
   run.runtime.threads = runtime.get("threads", run.runtime.threads);
   runtime.finish();

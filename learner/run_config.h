@@ -5,6 +5,7 @@
 //   sft:      supervised training (steps, batch, optimizer, evaluation, checkpoints)
 //   sampling: sampling for the sampled held-out evaluation
 //   fp4:      FP4 expert format and quantization-aware training
+//   stability: spike detection and anticipatory routing (learner/stability.h)
 //   runtime:  threads
 // Every section is read strictly: an unknown key or a bad value is an error naming its path.
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include "kernels/fp4/fp4.h"
 #include "learner/optimizer.h"
+#include "learner/stability.h"
 #include "model/config.h"
 #include "rollout/task_suite.h"
 
@@ -53,6 +55,7 @@ struct RunConfig {
   SftConfig sft;
   SamplingConfig sampling;
   Fp4TrainConfig fp4;
+  StabilityConfig stability;
   RuntimeConfig runtime;
   std::string source;  // the YAML text it was read from
 

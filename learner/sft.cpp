@@ -110,7 +110,8 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
 
 SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
     : config_(std::move(config)), workdir_(std::move(workdir)),
-      tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks) {
+      tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks),
+      spike_detector_(config_.stability.spike), routing_(config_.stability.anticipatory) {
   cpu_set_threads(config_.runtime.threads);
   const fs::path dir(workdir_);
   const fs::path checkpoint = dir / "checkpoint.safetensors";
@@ -202,17 +203,52 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
                    fp4_format_name(config_.fp4.format),
                    config_.fp4.clipped_ste ? "clipped" : "plain");
     }
+    const auto step_start = std::chrono::steady_clock::now();
+    const bool anticipatory = routing_.begin_step(*model_, step_);
     model_->zero_grads();
     double loss = 0;
     int64_t tokens = 0;  // processed, padding included: it is computed like any other position
+    const int n_moe = config_.model.n_moe_layers();
+    std::vector<ClampCounts> clamp(config_.model.n_layers);
+    std::vector<int64_t> load(size_t(n_moe) * config_.model.n_routed_experts, 0);
+    int64_t flips = 0;
     for (const TokenBatch& batch : batches) {
       loss += model_->forward_backward(batch);
       tokens += int64_t(batch.batch) * batch.seq_len;
+      const ForwardStats& stats = model_->last_stats();
+      for (size_t l = 0; l < clamp.size(); ++l) {
+        clamp[l].gate += stats.clamp[l].gate;
+        clamp[l].linear += stats.clamp[l].linear;
+        clamp[l].total += stats.clamp[l].total;
+      }
+      for (int m = 0; m < n_moe; ++m) {
+        for (int e = 0; e < config_.model.n_routed_experts; ++e) {
+          load[size_t(m) * config_.model.n_routed_experts + e] += stats.expert_load[m][e];
+        }
+      }
+      for (int64_t f : stats.router_flips) flips += f;
     }
-    const OptimizerStepInfo info = optimizer_->step(model_->params(), model_->grads(), step_, total);
-    model_->params_changed();
-    model_->update_router_bias();
+    const double grad_norm = optimizer_->grad_norm(model_->grads());
+    const SpikeCheck spike = spike_detector_.observe(loss, grad_norm);
+    if (spike.spike) {
+      routing_.on_spike(step_);
+      spdlog::warn("step {}: {} spike (loss {:.4g}, z {:.1f}; grad norm {:.4g}, z {:.1f}){}{}",
+                   step_ + 1, spike.loss_spike ? "loss" : "gradient-norm", loss, spike.loss_z,
+                   grad_norm, spike.grad_z, spike.skip_update ? "; update skipped" : "",
+                   config_.stability.anticipatory.mode == AnticipatoryMode::kOnSpike
+                       ? fmt::format("; anticipatory routing on through step {}",
+                                     step_ + 1 + config_.stability.anticipatory.window)
+                       : "");
+    }
+    OptimizerStepInfo info{grad_norm, learning_rate_at(config_.sft.optimizer, step_, total)};
+    if (!spike.skip_update) {
+      info = optimizer_->step(model_->params(), model_->grads(), step_, total, grad_norm);
+      model_->params_changed();
+      model_->update_router_bias();
+    }
     ++step_;
+    const double step_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     losses.push_back(loss);
     recent_losses_.push_back(loss);
     if (recent_losses_.size() > 20) recent_losses_.erase(recent_losses_.begin());
@@ -220,37 +256,53 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
 
     // Expert load as min/max share of the mean, over MoE layers (1.0 = perfectly balanced).
     double load_min = 1, load_max = 1;  // stays 1 (balanced) for a model without MoE layers
-    bool first_layer = true;
-    for (const auto& layer : model_->last_stats().expert_load) {
+    for (int m = 0; m < n_moe; ++m) {
+      const int E = config_.model.n_routed_experts;
       double mean = 0;
-      for (int64_t x : layer) mean += double(x);
-      mean /= double(layer.size());
-      for (int64_t x : layer) {
-        load_min = first_layer ? double(x) / mean : std::min(load_min, double(x) / mean);
-        load_max = first_layer ? double(x) / mean : std::max(load_max, double(x) / mean);
-        first_layer = false;
+      for (int e = 0; e < E; ++e) mean += double(load[size_t(m) * E + e]) / E;
+      for (int e = 0; e < E; ++e) {
+        const double share = mean > 0 ? double(load[size_t(m) * E + e]) / mean : 1.0;
+        load_min = m == 0 && e == 0 ? share : std::min(load_min, share);
+        load_max = m == 0 && e == 0 ? share : std::max(load_max, share);
       }
     }
     int64_t clamped_gate = 0, clamped_linear = 0, units = 0;
-    for (const ClampCounts& c : model_->last_stats().clamp) {
+    nlohmann::json gate_per_layer = nlohmann::json::array(),
+                   linear_per_layer = nlohmann::json::array();
+    for (const ClampCounts& c : clamp) {
       clamped_gate += c.gate;
       clamped_linear += c.linear;
       units += c.total;
+      gate_per_layer.push_back(c.total ? double(c.gate) / double(c.total) : 0.0);
+      linear_per_layer.push_back(c.total ? double(c.linear) / double(c.total) : 0.0);
     }
+    const double flip_rate =
+        anticipatory && n_moe > 0 ? double(flips) / double(tokens * n_moe) : 0.0;
+    history_.push_back(TrainStep{step_, loss, grad_norm, spike.spike, spike.skip_update,
+                                 anticipatory, flip_rate, step_s});
     nlohmann::json row = {{"step", step_},
                           {"loss", loss},
-                          {"grad_norm", info.grad_norm},
+                          {"grad_norm", grad_norm},
                           {"lr", info.lr},
                           {"tokens", tokens},
+                          {"step_s", step_s},
+                          {"spike", spike.spike},
+                          {"loss_z", spike.loss_z},
+                          {"grad_z", spike.grad_z},
+                          {"update_skipped", spike.skip_update},
+                          {"anticipatory", anticipatory},
+                          {"router_flip_rate", flip_rate},
                           {"expert_load_min", load_min},
                           {"expert_load_max", load_max},
                           {"clamped_gate_fraction", units ? double(clamped_gate) / units : 0.0},
                           {"clamped_linear_fraction", units ? double(clamped_linear) / units : 0.0},
+                          {"clamped_gate_per_layer", gate_per_layer},
+                          {"clamped_linear_per_layer", linear_per_layer},
                           {"qat", model_->qat_format().has_value()}};
     metrics << row.dump() << '\n';
     progress.update(step_, loss, tokens,
-                    fmt::format("gnorm {:.2f} lr {:.2e} load {:.2f}-{:.2f}", info.grad_norm,
-                                info.lr, load_min, load_max));
+                    fmt::format("gnorm {:.2f} lr {:.2e} load {:.2f}-{:.2f}{}", grad_norm,
+                                info.lr, load_min, load_max, anticipatory ? " AR" : ""));
     if (step_ % config_.sft.checkpoint_every == 0 || step_ == total) save_checkpoint();
   }
   train_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

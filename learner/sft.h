@@ -18,6 +18,7 @@
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/optimizer.h"
 #include "learner/run_config.h"
+#include "learner/stability.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "rollout/task_suite.h"
@@ -87,6 +88,18 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
                                  const TaskSuite& suite, int examples, int batch,
                                  const SamplingConfig& sampling, bool greedy);
 
+// What one training step did (the metrics.jsonl line has more).
+struct TrainStep {
+  int64_t step = 0;  // 1-based: the step just completed
+  double loss = 0;
+  double grad_norm = 0;  // before clipping
+  bool spike = false;
+  bool update_skipped = false;
+  bool anticipatory = false;    // anticipatory routing was on for this step
+  double router_flip_rate = 0;  // share of (token, MoE layer) pairs routed differently
+  double step_s = 0;            // wall time of the step (data preparation excluded)
+};
+
 class SftTrainer {
  public:
   // `resume`: continue from DIR/checkpoint.safetensors. Without it, a workdir that already
@@ -101,6 +114,8 @@ class SftTrainer {
   SftSummary finish();
 
   int64_t step() const { return step_; }
+  // Every step this trainer ran (not those before a resume).
+  const std::vector<TrainStep>& history() const { return history_; }
   Transformer<float>& model() { return *model_; }
 
  private:
@@ -119,6 +134,12 @@ class SftTrainer {
   int64_t step_ = 0;
   int64_t data_position_ = 0;
   std::vector<double> recent_losses_;
+  // Not part of a checkpoint: after --resume the detector warms up again and the router
+  // history starts over (so with anticipatory routing on, a resumed run routes differently
+  // for the first `lag` steps than an uninterrupted one).
+  SpikeDetector spike_detector_;
+  AnticipatoryRouting<float> routing_;
+  std::vector<TrainStep> history_;
   double train_s_ = 0;
   int64_t train_tokens_ = 0;
 };

@@ -351,6 +351,8 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   stats_.expert_load.resize(c.n_moe_layers());
   for (auto& layer : stats_.expert_load) layer.assign(c.n_routed_experts, 0);
   stats_.clamp.assign(c.n_layers, ClampCounts{});
+  stats_.tokens = N;
+  stats_.router_flips.assign(selection_router_on_ && !replay ? c.n_moe_layers() : 0, 0);
 
   if (qat_format_ && qat_stale_) refresh_qat();
   const ModelWeights<T>& W = active_weights();
@@ -465,9 +467,13 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
       if (id < 0 || id >= E) fail("routing trace names expert {} but the model has {}", id, E);
     }
     ops_.copy_from_host(r.expert_ids, replay->layer(m), sizeof(int32_t) * N * K);
+  } else if (selection_router_on_) {
+    select_with_selection_router(m, N);
   }
+  // With a replayed trace or a selection router, r.expert_ids is already chosen: the latest
+  // router only supplies the scores and gates (and so its gradient).
   ops_.router_forward(a.scores, a.gates, r, router_logits_, router_bias_[m], c.route_scale,
-                      replay != nullptr);
+                      replay != nullptr || selection_router_on_);
   if (record) {
     ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * K, r.expert_ids,
                       sizeof(int32_t) * N * K);
@@ -602,6 +608,66 @@ double Transformer<T>::backward(int batch, int seq_len) {
     }
   }
   return loss;
+}
+
+// Anticipatory routing's selection for MoE layer `m`: top-k of the selection router's
+// affinities (plus its own balance bias) into routing.expert_ids, and the flip count against
+// what the latest router (logits already in router_logits_) would have chosen. The backward
+// scratch d_scores_ / d_gates_ is free during a forward and holds the throwaway values.
+template <typename T>
+void Transformer<T>::select_with_selection_router(int m, int N) {
+  const ModelConfig& c = config_;
+  const int E = c.n_routed_experts, K = c.top_k, D = c.d_model;
+  LayerActs& a = layer_acts_[c.n_dense_layers + m];
+  MoeRouting& r = a.routing;
+  const T* snapshot = selection_router_.data() + int64_t(m) * E * (D + 1);
+  const size_t ids_bytes = sizeof(int32_t) * size_t(N) * K;
+  host_selected_.resize(size_t(N) * K);
+  host_latest_.resize(size_t(N) * K);
+  // What the latest router would pick (for the flip rate only).
+  ops_.router_forward(a.scores, d_gates_, r, router_logits_, router_bias_[m], c.route_scale,
+                      false);
+  ops_.copy_to_host(host_latest_.data(), r.expert_ids, ids_bytes);
+  // What the snapshot picks: this is the selection used.
+  ops_.matmul_forward(d_scores_, a.ffn_in, snapshot, N, E, D, false);
+  ops_.router_forward(a.scores, d_gates_, r, d_scores_, snapshot + int64_t(E) * D,
+                      c.route_scale, false);
+  ops_.copy_to_host(host_selected_.data(), r.expert_ids, ids_bytes);
+  int64_t flips = 0;
+  for (int t = 0; t < N; ++t) {
+    int32_t* sel = host_selected_.data() + size_t(t) * K;
+    int32_t* lat = host_latest_.data() + size_t(t) * K;
+    // Host copies: sorting them leaves the device's choice order alone.
+    std::sort(sel, sel + K);
+    std::sort(lat, lat + K);
+    flips += std::equal(sel, sel + K, lat) ? 0 : 1;
+  }
+  stats_.router_flips[m] += flips;
+}
+
+template <typename T>
+std::vector<T> Transformer<T>::router_state() const {
+  const ModelConfig& c = config_;
+  const int64_t E = c.n_routed_experts, D = c.d_model;
+  std::vector<T> state(size_t(c.n_moe_layers() * E * (D + 1)));
+  for (int m = 0; m < c.n_moe_layers(); ++m) {
+    T* dst = state.data() + m * E * (D + 1);
+    ops_.copy_to_host(dst, weights_.layers[c.n_dense_layers + m].router, sizeof(T) * E * D);
+    ops_.copy_to_host(dst + E * D, router_bias_[m], sizeof(T) * E);
+  }
+  return state;
+}
+
+template <typename T>
+void Transformer<T>::set_selection_router(const std::vector<T>& state) {
+  const ModelConfig& c = config_;
+  const int64_t size = int64_t(c.n_moe_layers()) * c.n_routed_experts * (c.d_model + 1);
+  if (int64_t(state.size()) != size) {
+    fail("selection router holds {} values but this model's routers have {}", state.size(), size);
+  }
+  if (selection_router_.size() != size) selection_router_ = Buffer<T, Ops<T>>(ops_, size);
+  selection_router_.from_host(state.data(), size);
+  selection_router_on_ = true;
 }
 
 template <typename T>

@@ -79,6 +79,10 @@ struct RoutingTrace {
 struct ForwardStats {
   std::vector<std::vector<int64_t>> expert_load;  // [n_moe_layers][E] tokens routed
   std::vector<ClampCounts> clamp;                 // [n_layers] SwiGLU clamping counts
+  // With a selection router (anticipatory routing): per MoE layer, the tokens whose top-k set
+  // from the selection router differs from the one the latest router would pick. Empty without.
+  std::vector<int64_t> router_flips;              // [n_moe_layers]
+  int64_t tokens = 0;                             // tokens in the forward
 };
 
 template <typename T>
@@ -169,6 +173,18 @@ class Transformer {
 
   const ForwardStats& last_stats() const { return stats_; }
 
+  // ---- anticipatory routing ----
+  // Every MoE layer's router (weights [E, D], then balance bias [E]) copied to the host, in
+  // layer order: a snapshot to hand back to set_selection_router later.
+  std::vector<T> router_state() const;
+  // From now on every MoE layer picks its top-k experts with `state`'s routers (an older
+  // snapshot, from router_state), while the gates (normalized affinities of the chosen experts)
+  // and the experts themselves use the latest parameters, so the gradient still trains the
+  // latest router. A routing trace given to forward() still takes precedence.
+  void set_selection_router(const std::vector<T>& state);
+  void clear_selection_router() { selection_router_on_ = false; }
+  bool has_selection_router() const { return selection_router_on_; }
+
   // Model FLOPs of the last forward pass alone (matmuls + attention). A training step costs
   // about three times this (the backward computes two products per forward product).
   double last_forward_flops() const { return last_forward_flops_; }
@@ -204,6 +220,7 @@ class Transformer {
   void allocate_activations();
   void attention_block(int layer, int batch, int n_new, KvCache<T>* cache);
   void ffn_block(int layer, int n_tokens, RoutingTrace* record, const RoutingTrace* replay);
+  void select_with_selection_router(int moe_layer, int n_tokens);
   double backward(int batch, int seq_len);
 
   Ops<T>& ops_;
@@ -214,6 +231,11 @@ class Transformer {
   Buffer<T, Ops<T>> params_, grads_, buffers_;
   ModelWeights<T> weights_, grad_views_;
   std::vector<T*> router_bias_;  // [n_moe_layers] -> [E]
+  // Anticipatory routing: the selection router, laid out as router_state() ([E, D] then [E]
+  // per MoE layer), and host staging for comparing its choices with the latest router's.
+  Buffer<T, Ops<T>> selection_router_;
+  bool selection_router_on_ = false;
+  std::vector<int32_t> host_selected_, host_latest_;
 
   // Activations (one allocation for T, one for int32 indices).
   Buffer<T, Ops<T>> act_;
