@@ -2,6 +2,7 @@
 // Strict reading of one YAML mapping: every key must be known, every value must have the
 // right type, and errors name the full key path ("model.d_model: expected an integer, got 'x'").
 // A section reader is finished with `finish()`, which rejects keys nobody asked for.
+#include <cstdint>
 #include <set>
 #include <string>
 #include <vector>
@@ -67,7 +68,7 @@ T YamlSection::convert(const YAML::Node& value, const std::string& key) const {
   else if constexpr (std::is_same_v<T, std::string>) expected = "a string";
   else expected = "a list";
   if (!value.IsScalar() && !std::is_same_v<T, std::vector<std::string>> &&
-      !std::is_same_v<T, std::vector<int>>) {
+      !std::is_same_v<T, std::vector<int>> && !std::is_same_v<T, std::vector<int64_t>>) {
     fail("{}: expected {}, got a {}", key_path(key), expected,
          value.IsMap() ? "mapping" : value.IsSequence() ? "list" : "null");
   }

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
 
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -203,6 +205,14 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
                    fp4_format_name(config_.fp4.format),
                    config_.fp4.clipped_ste ? "clipped" : "plain");
     }
+    const StressConfig& stress = config_.stability.stress;
+    if (std::find(stress.outlier_steps.begin(), stress.outlier_steps.end(), step_) !=
+        stress.outlier_steps.end()) {
+      const std::vector<int> experts = inject_expert_outlier(
+          *model_, stress.outlier_scale, mix_seed(config_.sft.seed, uint64_t(step_)));
+      spdlog::warn("step {}: stress test: gate/up weights of expert {} (per MoE layer) x{}",
+                   step_ + 1, fmt::join(experts, ","), stress.outlier_scale);
+    }
     const auto step_start = std::chrono::steady_clock::now();
     const bool anticipatory = routing_.begin_step(*model_, step_);
     model_->zero_grads();
@@ -240,8 +250,10 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
                                      step_ + 1 + config_.stability.anticipatory.window)
                        : "");
     }
+    // A non-finite loss applied as an update would leave nothing worth training on.
+    const bool diverged = !std::isfinite(loss) && !spike.skip_update;
     OptimizerStepInfo info{grad_norm, learning_rate_at(config_.sft.optimizer, step_, total)};
-    if (!spike.skip_update) {
+    if (!spike.skip_update && !diverged) {
       info = optimizer_->step(model_->params(), model_->grads(), step_, total, grad_norm);
       model_->params_changed();
       model_->update_router_bias();
@@ -300,6 +312,13 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
                           {"clamped_linear_per_layer", linear_per_layer},
                           {"qat", model_->qat_format().has_value()}};
     metrics << row.dump() << '\n';
+    if (diverged) {
+      diverged_at_ = step_;
+      spdlog::error("step {}: the loss is not finite; training stopped (the last checkpoint is "
+                    "the one before this step)",
+                    step_);
+      break;
+    }
     progress.update(step_, loss, tokens,
                     fmt::format("gnorm {:.2f} lr {:.2e} load {:.2f}-{:.2f}{}", grad_norm,
                                 info.lr, load_min, load_max, anticipatory ? " AR" : ""));

@@ -108,12 +108,15 @@ class SftTrainer {
   ~SftTrainer();
 
   // Trains up to `stop_at_step` (default: config.sft.steps), checkpointing on the way. Returns
-  // the per-step losses of this call.
+  // the per-step losses of this call. Stops early if the loss becomes non-finite (see
+  // diverged_at()); the update of that step is not applied.
   std::vector<double> train(int64_t stop_at_step = -1);
   // Writes policy.safetensors and evaluates on held-out prompts.
   SftSummary finish();
 
   int64_t step() const { return step_; }
+  // The (1-based) step whose loss was not finite, or -1.
+  int64_t diverged_at() const { return diverged_at_; }
   // Every step this trainer ran (not those before a resume).
   const std::vector<TrainStep>& history() const { return history_; }
   Transformer<float>& model() { return *model_; }
@@ -132,6 +135,7 @@ class SftTrainer {
   std::unique_ptr<AdamW<float>> optimizer_;
   Rng data_rng_;
   int64_t step_ = 0;
+  int64_t diverged_at_ = -1;
   int64_t data_position_ = 0;
   std::vector<double> recent_losses_;
   // Not part of a checkpoint: after --resume the detector warms up again and the router

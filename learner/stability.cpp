@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "common/error.h"
+#include "common/rng.h"
 #include "common/yaml_reader.h"
 
 namespace rlhf {
@@ -62,6 +63,18 @@ StabilityConfig StabilityConfig::read(YamlSection& s) {
   if (!(d.skip_update_z >= 0)) {
     fail("{}: must be >= 0 (0 is off), got {}", sp.key_path("skip_update_z"), d.skip_update_z);
   }
+
+  YamlSection st = s.section("stress");
+  c.stress.outlier_steps = st.get("outlier_steps", c.stress.outlier_steps);
+  c.stress.outlier_scale = st.get("outlier_scale", c.stress.outlier_scale);
+  st.finish();
+  for (int64_t step : c.stress.outlier_steps) {
+    if (step < 0) fail("{}: steps must be >= 0, got {}", st.key_path("outlier_steps"), step);
+  }
+  if (!(c.stress.outlier_scale > 0) || !std::isfinite(c.stress.outlier_scale)) {
+    fail("{}: must be a positive number, got {}", st.key_path("outlier_scale"),
+         c.stress.outlier_scale);
+  }
   s.finish();
   return c;
 }
@@ -118,6 +131,34 @@ SpikeCheck SpikeDetector::observe(double loss, double grad_norm) {
   ++seen_;
   return check;
 }
+
+// ------------------------------------------------------------------ stress injection
+
+template <typename T>
+std::vector<int> inject_expert_outlier(Transformer<T>& model, double scale, uint64_t seed) {
+  const ModelConfig& c = model.config();
+  if (model.packed_format()) fail("cannot perturb a model whose experts are packed in FP4");
+  const int64_t rows = int64_t(c.d_expert) * c.d_model;  // one expert's [Fe, D] matrix
+  std::vector<T> host(size_t(rows), T(0));
+  std::vector<int> chosen;
+  Rng rng(seed);
+  for (int l = c.n_dense_layers; l < c.n_layers; ++l) {
+    const int expert = int(rng.uniform_int(0, c.n_routed_experts - 1));
+    chosen.push_back(expert);
+    const LayerWeights<T>& w = model.weights().layers[l];
+    for (T* matrix : {w.expert_gate, w.expert_up}) {
+      T* block = matrix + int64_t(expert) * rows;
+      model.ops().copy_to_host(host.data(), block, sizeof(T) * size_t(rows));
+      for (T& x : host) x = T(double(x) * scale);
+      model.ops().copy_from_host(block, host.data(), sizeof(T) * size_t(rows));
+    }
+  }
+  model.params_changed();
+  return chosen;
+}
+
+template std::vector<int> inject_expert_outlier(Transformer<float>&, double, uint64_t);
+template std::vector<int> inject_expert_outlier(Transformer<double>&, double, uint64_t);
 
 // ------------------------------------------------------------------ anticipatory routing
 

@@ -39,9 +39,19 @@ struct SpikeDetectorConfig {
   double skip_update_z = 0;   // > 0: skip updates whose log grad-norm z-score exceeds this
 };
 
+// An injected perturbation for stability experiments (`rlhf exp stability`); off unless steps
+// are listed. Before each listed step the gate and up projections of one routed expert per MoE
+// layer are multiplied by `scale`: a weight outlier standing in for a bad update, which makes
+// that expert's activations extreme until training repairs it.
+struct StressConfig {
+  std::vector<int64_t> outlier_steps;  // 0-based steps
+  double outlier_scale = 20.0;
+};
+
 struct StabilityConfig {
   AnticipatoryRoutingConfig anticipatory;
   SpikeDetectorConfig spike;
+  StressConfig stress;
   static StabilityConfig read(YamlSection& section);
 };
 
@@ -78,6 +88,11 @@ class SpikeDetector {
 };
 
 // Drives a model's selection router step by step.
+// The StressConfig perturbation: scales the gate and up rows of expert (seed-chosen) in every
+// MoE layer of `model`. Returns the expert chosen per MoE layer.
+template <typename T>
+std::vector<int> inject_expert_outlier(Transformer<T>& model, double scale, uint64_t seed);
+
 template <typename T>
 class AnticipatoryRouting {
  public:

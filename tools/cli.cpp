@@ -13,6 +13,7 @@ void add_common_options(CLI::App& command, CommonOptions& options) {
 }
 
 const char* embedded_demo_config() { return kEmbeddedDemoConfig; }
+const char* embedded_stability_config() { return kEmbeddedStabilityConfig; }
 
 RunConfig load_config(const CommonOptions& options) {
   if (options.config.empty()) {

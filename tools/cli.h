@@ -22,8 +22,9 @@ struct CommonOptions {
 void add_common_options(CLI::App& command, CommonOptions& options);
 // The config named by --config, or the embedded configs/demo.yaml when none is given.
 RunConfig load_config(const CommonOptions& options);
-// The embedded copy of configs/demo.yaml.
+// The embedded copies of configs/demo.yaml and configs/stability.yaml.
 const char* embedded_demo_config();
+const char* embedded_stability_config();
 
 // Prints `summary` as one line on stdout when --json was given (always the last line).
 void print_json(const CommonOptions& options, const nlohmann::json& summary);
@@ -41,5 +42,6 @@ void register_generate(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_inspect(CLI::App& app);
 void register_demo(CLI::App& app);
+void register_exp(CLI::App& app);
 
 }  // namespace rlhf::cli

@@ -1,6 +1,8 @@
 // rlhf bench train|generate: throughput on the CPU backend, each measured next to a baseline
 // taken in the same run (the machine's own single-precision GEMM rate), because these
 // machines are noisy and absolute numbers from different runs do not compare.
+// rlhf bench routing: anticipatory routing's step-time overhead against plain routing,
+// interleaved step by step in one run for the same reason.
 #include <algorithm>
 #include <chrono>
 #include <iostream>
@@ -15,6 +17,7 @@
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/optimizer.h"
 #include "learner/sft.h"
+#include "learner/stability_experiment.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "tools/cli.h"
@@ -146,6 +149,31 @@ void bench_generate(const CommonOptions& common, int new_tokens) {
   print_json(common, {{"command", "bench generate"}, {"threads", cpu_threads()}, {"results", rows}});
 }
 
+void bench_routing(const CommonOptions& common, int rounds) {
+  const RunConfig config = load_config(common);
+  spdlog::info("anticipatory routing overhead: {} interleaved rounds, lag {}", rounds,
+               config.stability.anticipatory.lag);
+  const AnticipatoryOverhead o = measure_anticipatory_overhead(config, rounds);
+  std::cout << fmt::format(
+      "bench routing: {} rounds, batch {}, {} threads, lag {} (overhead: median per-round "
+      "ratio to the baseline)\n"
+      "  baseline (no anticipatory routing)   {:.2f} ms/step\n"
+      "  on_spike mode, outside a window      {:.2f} ms/step  ({:+.1f}%)\n"
+      "  anticipatory routing on              {:.2f} ms/step  ({:+.1f}%)\n",
+      rounds, config.sft.batch_size, cpu_threads(), config.stability.anticipatory.lag,
+      1e3 * o.baseline_step_s, 1e3 * o.off_step_s, 100 * o.overhead_off, 1e3 * o.on_step_s,
+      100 * o.overhead_on);
+  print_json(common, {{"command", "bench routing"},
+                      {"rounds", rounds},
+                      {"threads", cpu_threads()},
+                      {"lag", config.stability.anticipatory.lag},
+                      {"baseline_step_s", o.baseline_step_s},
+                      {"off_step_s", o.off_step_s},
+                      {"on_step_s", o.on_step_s},
+                      {"overhead_off", o.overhead_off},
+                      {"overhead_on", o.overhead_on}});
+}
+
 }  // namespace
 
 void register_bench(CLI::App& app) {
@@ -175,6 +203,19 @@ void register_bench(CLI::App& app) {
   gen_cmd->add_option("--new-tokens", gen->new_tokens, "decode steps per sequence")
       ->check(CLI::PositiveNumber);
   gen_cmd->callback([gen] { bench_generate(gen->common, gen->new_tokens); });
+
+  struct RoutingOptions {
+    CommonOptions common;
+    int rounds = 100;
+  };
+  auto routing = std::make_shared<RoutingOptions>();
+  CLI::App* routing_cmd = bench->add_subcommand(
+      "routing", "step-time overhead of anticipatory routing, off (on_spike idle) and on");
+  add_common_options(*routing_cmd, routing->common);
+  routing_cmd->add_option("--rounds", routing->rounds, "rounds of one step per setting, interleaved")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  routing_cmd->callback([routing] { bench_routing(routing->common, routing->rounds); });
 
 #ifdef RLHF_HAVE_CUDA
   register_bench_fp4(*bench);
