@@ -67,15 +67,17 @@ void register_inspect(CLI::App& app) {
     }
     std::cout << fmt::format("  {:<16} {:>14}\n  expert bits per parameter: {:.3f}\n", "total",
                              total, bits);
-    print_json(o->common, {{"command", "inspect"},
-                           {"checkpoint", o->checkpoint},
-                           {"expert_format", format},
-                           {"expert_params", expert_params},
-                           {"expert_bytes", expert_bytes},
-                           {"expert_bits_per_param", bits},
-                           {"total_bytes", total},
-                           {"groups", groups},
-                           {"training_state", info.training.has_value()}});
+    nlohmann::json summary = {{"command", "inspect"},
+                              {"checkpoint", o->checkpoint},
+                              {"expert_format", format},
+                              {"expert_params", expert_params},
+                              {"expert_bytes", expert_bytes},
+                              {"expert_bits_per_param", bits},
+                              {"total_bytes", total},
+                              {"groups", groups},
+                              {"training_state", info.training.has_value()}};
+    if (info.training) summary["step"] = info.training->step;  // steps the checkpoint has done
+    print_json(o->common, summary);
   });
 }
 

@@ -3,11 +3,13 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -164,6 +166,79 @@ TEST(Cli, BenchTrainReportsUtilization) {
   EXPECT_GT(out["tokens_per_s"].get<double>(), 0.0);
   EXPECT_GT(out["cpu_utilization"].get<double>(), 0.0);
   EXPECT_LT(out["cpu_utilization"].get<double>(), 1.5);
+}
+
+
+// The stability experiment end to end on a tiny config: four arms in their own work
+// directories (each with the config it actually ran), the table and the plot, and the --json
+// line with one entry per arm.
+TEST(Cli, ExpStabilityRunsFourArmsAndWritesTableAndPlot) {
+  const fs::path dir = scratch("exp_stability");
+  const fs::path config = write_config(dir, std::string(kTinyConfig) + R"(stability:
+  anticipatory_routing: {mode: always, lag: 1}
+  spike: {warmup: 2}
+  stress: {outlier_steps: [3], outlier_scale: 30}
+)");
+  const Result r = run("exp stability --json --overhead-rounds 2 --config " + config.string() +
+                       " --workdir " + (dir / "runs").string() + " --out " + (dir / "out").string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto out = nlohmann::json::parse(last_line(r.out));
+  ASSERT_EQ(out["arms"].size(), 4u);
+  const std::vector<std::string> names = {"baseline", "clamping", "anticipatory", "both"};
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto& arm = out["arms"][i];
+    EXPECT_EQ(arm["name"], names[i]);
+    for (const char* key : {"spikes", "max_excursion", "diverged", "final_loss"}) {
+      ASSERT_TRUE(arm.contains(key)) << names[i] << " lacks " << key;
+    }
+    EXPECT_EQ(arm["steps"], 6);
+    EXPECT_FALSE(arm["diverged"].get<bool>());
+    EXPECT_TRUE(std::isfinite(arm["final_loss"].get<double>()));
+    // Anticipatory routing ran on every step of the anticipatory arms, on none of the others.
+    EXPECT_EQ(arm["anticipatory_steps"], i >= 2 ? 6 : 0) << names[i];
+    std::ifstream arm_config(dir / "runs" / names[i] / "config.yaml");
+    std::stringstream text;
+    text << arm_config.rdbuf();
+    EXPECT_NE(text.str().find(i == 1 || i == 3 ? "enabled: true" : "enabled: false"),
+              std::string::npos)
+        << names[i] << " config:\n" << text.str();
+  }
+  EXPECT_TRUE(out.contains("anticipatory_overhead"));
+  std::ifstream svg(dir / "out" / "stability-loss.svg");
+  std::string first;
+  std::getline(svg, first);
+  EXPECT_EQ(first.rfind("<svg", 0), 0u) << first;
+  EXPECT_TRUE(fs::exists(dir / "out" / "stability-table.md"));
+  EXPECT_NE(r.err.find("stress test"), std::string::npos) << "the injection is logged";
+
+  // Rerunning into the same work directory refuses rather than overwriting the runs.
+  const Result again = run("exp stability --overhead-rounds 2 --config " + config.string() +
+                           " --workdir " + (dir / "runs").string() + " --out " +
+                           (dir / "out").string());
+  EXPECT_EQ(again.exit_code, 1);
+  EXPECT_NE(again.err.find("already holds a run"), std::string::npos) << again.err;
+}
+
+// A loss that becomes non-finite stops training with a clear error instead of training on
+// NaN weights; the checkpoint written before it stays as it was.
+TEST(Cli, SftStopsWithAClearErrorWhenTheLossDiverges) {
+  const fs::path dir = scratch("diverge");
+  std::string text = kTinyConfig;
+  // Expert weights x1e30 before step 5 with clamping off: the expert outputs overflow.
+  text.replace(text.find("model:\n"), 7, "model:\n  clamp: {enabled: false}\n");
+  text += "stability:\n  stress: {outlier_steps: [4], outlier_scale: 1.0e+30}\n";
+  const fs::path config = write_config(dir, text);
+  const fs::path workdir = dir / "run";
+  const Result r = run("sft --config " + config.string() + " --workdir " + workdir.string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("rlhf: error: training diverged: the loss of step 5 is not finite"),
+            std::string::npos)
+      << r.err;
+  EXPECT_FALSE(fs::exists(workdir / "policy.safetensors"));
+  // The step-3 checkpoint (checkpoint_every 3) is still there and loads.
+  const Result resume = run("inspect --json " + (workdir / "checkpoint.safetensors").string());
+  ASSERT_EQ(resume.exit_code, 0) << resume.err;
+  EXPECT_EQ(nlohmann::json::parse(last_line(resume.out))["step"], 3);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/optimizer.h"
 #include "learner/stability.h"
+#include "learner/stability_experiment.h"
 #include "model/transformer.h"
 
 namespace rlhf {
@@ -300,6 +301,47 @@ TEST(StabilityConfig, ReadsAndRejectsBadValuesByName) {
             std::string::npos);
   EXPECT_NE(message("spike: {decay: 1.5}\n").find("stability.spike.decay"), std::string::npos);
   EXPECT_NE(message("spike: {z: 3}\n").find("z"), std::string::npos);
+}
+
+
+// ---------------------------------------------------------------- stress and experiment helpers
+
+TEST(StressInjection, ScalesOneExpertsGateAndUpPerMoeLayerAndNothingElse) {
+  const ModelConfig c = small_moe_config();
+  CpuOps<float> ops;
+  Transformer<float> model(ops, c, 1, 8);
+  model.init_random(2);
+  const std::vector<float> before(model.params(), model.params() + model.layout().total());
+  const std::vector<int> experts = inject_expert_outlier(model, 30.0, 77);
+  ASSERT_EQ(experts.size(), size_t(c.n_moe_layers()));
+  const int64_t block = int64_t(c.d_expert) * c.d_model;
+  int64_t changed = 0;
+  for (int64_t i = 0; i < model.layout().total(); ++i) {
+    if (model.params()[i] == before[i]) continue;
+    ++changed;
+    EXPECT_FLOAT_EQ(model.params()[i], 30.0f * before[i]);
+  }
+  // Exactly the chosen expert's [Fe, D] gate and up blocks in each MoE layer (random-normal
+  // weights are never exactly zero, so every one of them changes).
+  EXPECT_EQ(changed, int64_t(c.n_moe_layers()) * 2 * block);
+  for (int m = 0; m < c.n_moe_layers(); ++m) {
+    const LayerWeights<float>& w = model.weights().layers[c.n_dense_layers + m];
+    const int64_t first = (w.expert_gate - model.params()) + experts[m] * block;
+    EXPECT_FLOAT_EQ(model.params()[first], 30.0f * before[first]);
+  }
+}
+
+TEST(StabilityExperiment, LossExcursionIsTheRiseAboveTheRecentMedian) {
+  std::vector<double> flat(40, 2.0);
+  EXPECT_DOUBLE_EQ(max_loss_excursion(flat), 0.0);
+  flat[30] = 3.5;  // one spike of 1.5 over a flat history
+  EXPECT_DOUBLE_EQ(max_loss_excursion(flat), 1.5);
+  flat[35] = std::nan("");  // divergence ends the scan; it is reported on its own
+  EXPECT_DOUBLE_EQ(max_loss_excursion(flat), 1.5);
+  // A steadily falling curve never rises above its recent median.
+  std::vector<double> falling;
+  for (int t = 0; t < 100; ++t) falling.push_back(5.0 - 0.03 * t);
+  EXPECT_DOUBLE_EQ(max_loss_excursion(falling), 0.0);
 }
 
 }  // namespace
