@@ -81,6 +81,31 @@ Fp4TrainConfig read_fp4(YamlSection& s, int64_t steps) {
   return c;
 }
 
+GrmConfig read_grm(YamlSection& s) {
+  GrmConfig c;
+  c.policy = s.get("policy", c.policy);
+  c.data = s.get("data", c.data);
+  c.prompts = s.get("prompts", c.prompts);
+  c.policy_samples = s.get("policy_samples", c.policy_samples);
+  c.pairwise_fraction = s.get("pairwise_fraction", c.pairwise_fraction);
+  c.judge_fraction = s.get("judge_fraction", c.judge_fraction);
+  c.reasoning = s.get("reasoning", c.reasoning);
+  c.with_reference = s.get("with_reference", c.with_reference);
+  c.seed = s.get("seed", c.seed);
+  s.finish();
+  if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
+  if (c.policy_samples < 0 || c.policy_samples > 16) {
+    fail("{}: must be in 0..16, got {}", s.key_path("policy_samples"), c.policy_samples);
+  }
+  if (!(c.pairwise_fraction >= 0 && c.pairwise_fraction <= 1)) {
+    fail("{}: must be in [0, 1], got {}", s.key_path("pairwise_fraction"), c.pairwise_fraction);
+  }
+  if (!(c.judge_fraction > 0 && c.judge_fraction <= 1)) {
+    fail("{}: must be in (0, 1], got {}", s.key_path("judge_fraction"), c.judge_fraction);
+  }
+  return c;
+}
+
 RunConfig read_run(const YAML::Node& root, std::string source) {
   YamlSection top(root, "");
   RunConfig run;
@@ -96,6 +121,8 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   run.fp4 = read_fp4(fp4, run.sft.steps);
   YamlSection stability = top.section("stability");
   run.stability = StabilityConfig::read(stability);
+  YamlSection grm = top.section("grm");
+  run.grm = read_grm(grm);
   YamlSection runtime = top.section("runtime");
   run.runtime.threads = runtime.get("threads", run.runtime.threads);
   runtime.finish();

@@ -6,6 +6,7 @@
 //   sampling: sampling for the sampled held-out evaluation
 //   fp4:      FP4 expert format and quantization-aware training
 //   stability: spike detection and anticipatory routing (learner/stability.h)
+//   grm:      generative reward model training data (`rlhf train-grm`, learner/grm.h)
 //   runtime:  threads
 // Every section is read strictly: an unknown key or a bad value is an error naming its path.
 #include <cstdint>
@@ -45,6 +46,19 @@ struct Fp4TrainConfig {
   bool enabled() const { return qat_start_step >= 0; }
 };
 
+// `rlhf train-grm`: the judge's training data and where the judge starts from.
+struct GrmConfig {
+  std::string policy;              // SFT policy to start from and sample responses with; "" = none
+  std::string data;                // user scored data (JSONL); "" = build from the task suite
+  int prompts = 3000;              // training-split prompts the built data covers
+  int policy_samples = 2;          // policy samples judged per prompt
+  double pairwise_fraction = 0.5;  // share of prompts that also give a pairwise record
+  double judge_fraction = 0.6;     // share of training sequences that are judge examples
+  bool reasoning = true;           // false: train to give the verdict without reasoning
+  bool with_reference = false;     // show the reference answer in judge prompts
+  uint64_t seed = 11;
+};
+
 struct RuntimeConfig {
   int threads = 0;  // 0: every core
 };
@@ -56,6 +70,7 @@ struct RunConfig {
   SamplingConfig sampling;
   Fp4TrainConfig fp4;
   StabilityConfig stability;
+  GrmConfig grm;
   RuntimeConfig runtime;
   std::string source;  // the YAML text it was read from
 

@@ -24,15 +24,31 @@ namespace fs = std::filesystem;
 std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer& tokenizer,
                                          const std::vector<uint64_t>& example_indices,
                                          int max_seq_len, int buckets) {
+  const DemonstrationSource source(suite, tokenizer);
+  return sft_make_batches(source, tokenizer, example_indices, max_seq_len, buckets);
+}
+
+TrainingSequence DemonstrationSource::sequence(uint64_t index) const {
+  const Demonstration demo = suite_.demonstration(index);
+  return format_example(tokenizer_, demo.example.prompt, demo.response);
+}
+
+std::string DemonstrationSource::describe(uint64_t index) const {
+  return "demonstration " + std::to_string(index) + " ('" +
+         suite_.demonstration(index).example.prompt + "')";
+}
+
+std::vector<TokenBatch> sft_make_batches(const SftDataSource& source, const Tokenizer& tokenizer,
+                                         const std::vector<uint64_t>& example_indices,
+                                         int max_seq_len, int buckets) {
   std::vector<TrainingSequence> sequences;
   sequences.reserve(example_indices.size());
   int64_t targets = 0;
   for (uint64_t index : example_indices) {
-    const Demonstration demo = suite.demonstration(index);
-    TrainingSequence seq = format_example(tokenizer, demo.example.prompt, demo.response);
+    TrainingSequence seq = source.sequence(index);
     if (int(seq.tokens.size()) > max_seq_len + 1) {
-      fail("demonstration {} ('{}') is {} tokens long; model.max_seq_len is {}", index,
-           demo.example.prompt, seq.tokens.size(), max_seq_len);
+      fail("{} is {} tokens long; model.max_seq_len is {}", source.describe(index),
+           seq.tokens.size(), max_seq_len);
     }
     for (size_t i = 1; i < seq.tokens.size(); ++i) targets += seq.loss_mask[i];
     sequences.push_back(std::move(seq));
@@ -110,7 +126,7 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
   return eval;
 }
 
-SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
+SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOptions options)
     : config_(std::move(config)), workdir_(std::move(workdir)),
       tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks),
       spike_detector_(config_.stability.spike), routing_(config_.stability.anticipatory) {
@@ -131,6 +147,8 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
       ops_, config_.model, std::max(config_.sft.batch_size, config_.sft.eval_batch),
       config_.model.max_seq_len);
   optimizer_ = std::make_unique<AdamW<float>>(ops_, model_->layout(), config_.sft.optimizer);
+  data_ = options.data ? options.data
+                       : std::make_shared<DemonstrationSource>(suite_, *tokenizer_);
   data_rng_.reseed(mix_seed(config_.sft.seed, 0xDA7A));
   if (resume) {
     const CheckpointContents info = checkpoint_read_info(checkpoint.string());
@@ -150,6 +168,17 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume)
     data_rng_.deserialize(info.training->rng_state);
     truncate_metrics_after(step_);
     spdlog::info("resumed from {} at step {}", checkpoint.string(), step_);
+  } else if (!options.init_from.empty()) {
+    // Fine-tuning: every tensor of the starting checkpoint must fit this model exactly
+    // (model.max_seq_len may differ: it only sizes activations).
+    const CheckpointContents start = checkpoint_read_info(options.init_from);
+    if (start.expert_format) {
+      fail("'{}' holds packed FP4 experts; start from a float checkpoint", options.init_from);
+    }
+    checkpoint_load_weights(options.init_from, *model_);
+    spdlog::info("starting from the weights of {}", options.init_from);
+    std::ofstream(dir / "config.yaml") << config_.source;
+    std::ofstream(dir / "metrics.jsonl", std::ios::trunc);
   } else {
     model_->init_random(mix_seed(config_.sft.seed, 0x1417));
     std::ofstream(dir / "config.yaml") << config_.source;
@@ -198,7 +227,7 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
     for (auto& index : indices) index = data_rng_.next_u64() >> 24;
     data_position_ += config_.sft.batch_size;
     const std::vector<TokenBatch> batches = sft_make_batches(
-        suite_, *tokenizer_, indices, config_.model.max_seq_len, config_.sft.length_buckets);
+        *data_, *tokenizer_, indices, config_.model.max_seq_len, config_.sft.length_buckets);
     if (config_.fp4.enabled() && step_ >= config_.fp4.qat_start_step && !model_->qat_format()) {
       model_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
       spdlog::info("step {}: quantization-aware training on ({} experts, {} STE)", step_,

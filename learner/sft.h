@@ -73,6 +73,35 @@ struct SftSummary {
   std::optional<PackedPolicyReport> packed;  // runs with QAT (fp4.qat_start_step >= 0)
 };
 
+// Where training sequences come from: an index (40-bit, drawn by the trainer's RNG) maps to
+// one formatted sequence with its loss mask. Deterministic in the index, so a resumed run
+// sees the same data.
+class SftDataSource {
+ public:
+  virtual ~SftDataSource() = default;
+  virtual TrainingSequence sequence(uint64_t index) const = 0;
+  // Names the example in errors ("demonstration 17 ('12+5=')").
+  virtual std::string describe(uint64_t index) const = 0;
+};
+
+// The task suite's demonstrations (the default data of `rlhf sft`).
+class DemonstrationSource : public SftDataSource {
+ public:
+  DemonstrationSource(const TaskSuite& suite, const Tokenizer& tokenizer)
+      : suite_(suite), tokenizer_(tokenizer) {}
+  TrainingSequence sequence(uint64_t index) const override;
+  std::string describe(uint64_t index) const override;
+
+ private:
+  const TaskSuite& suite_;
+  const Tokenizer& tokenizer_;
+};
+
+// Batches from any source (see the overload below for the layout).
+std::vector<TokenBatch> sft_make_batches(const SftDataSource& source, const Tokenizer& tokenizer,
+                                         const std::vector<uint64_t>& example_indices,
+                                         int max_seq_len, int buckets);
+
 // One optimizer step's data: the demonstrations at `example_indices`, each sequence prompt +
 // response with the next token as target. Sequences are sorted by length and cut into
 // `buckets` micro-batches, so short ones are not padded to the step's longest (with the default
@@ -100,11 +129,18 @@ struct TrainStep {
   double step_s = 0;            // wall time of the step (data preparation excluded)
 };
 
+struct SftOptions {
+  // The training data; null: the task suite's demonstrations.
+  std::shared_ptr<const SftDataSource> data;
+  // A fresh run starts from this checkpoint's weights instead of a random initialization.
+  std::string init_from;
+};
+
 class SftTrainer {
  public:
   // `resume`: continue from DIR/checkpoint.safetensors. Without it, a workdir that already
   // holds a checkpoint is an error (so no earlier run is overwritten by accident).
-  SftTrainer(RunConfig config, std::string workdir, bool resume);
+  SftTrainer(RunConfig config, std::string workdir, bool resume, SftOptions options = {});
   ~SftTrainer();
 
   // Trains up to `stop_at_step` (default: config.sft.steps), checkpointing on the way. Returns
@@ -133,6 +169,7 @@ class SftTrainer {
   TaskSuite suite_;
   std::unique_ptr<Transformer<float>> model_;
   std::unique_ptr<AdamW<float>> optimizer_;
+  std::shared_ptr<const SftDataSource> data_;
   Rng data_rng_;
   int64_t step_ = 0;
   int64_t diverged_at_ = -1;

@@ -107,21 +107,24 @@ void model_config_set_vocab(ModelConfig& config, const Tokenizer& tokenizer) {
 
 // ---- Sequence format -------------------------------------------------------------------------
 
-std::vector<int32_t> format_prompt(const Tokenizer& tokenizer, std::string_view prompt) {
+std::vector<int32_t> format_prompt(const Tokenizer& tokenizer, std::string_view prompt,
+                                   SpecialToken turn) {
+  RLHF_CHECK(turn == SpecialToken::kPrompt || turn == SpecialToken::kJudge,
+             "a prompt opens with the prompt-marker or the judge-marker");
   const std::vector<int32_t> body = tokenizer.encode(prompt);
   std::vector<int32_t> tokens;
   tokens.reserve(body.size() + 3);
   tokens.push_back(tokenizer.special(SpecialToken::kBos));
-  tokens.push_back(tokenizer.special(SpecialToken::kPrompt));
+  tokens.push_back(tokenizer.special(turn));
   tokens.insert(tokens.end(), body.begin(), body.end());
   tokens.push_back(tokenizer.special(SpecialToken::kResponse));
   return tokens;
 }
 
 TrainingSequence format_example(const Tokenizer& tokenizer, std::string_view prompt,
-                                std::string_view response) {
+                                std::string_view response, SpecialToken turn) {
   TrainingSequence seq;
-  seq.tokens = format_prompt(tokenizer, prompt);
+  seq.tokens = format_prompt(tokenizer, prompt, turn);
   const size_t context_len = seq.tokens.size();
   const std::vector<int32_t> body = tokenizer.encode(response);
   seq.tokens.insert(seq.tokens.end(), body.begin(), body.end());

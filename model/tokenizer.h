@@ -70,10 +70,14 @@ void model_config_set_vocab(ModelConfig& config, const Tokenizer& tokenizer);
 //
 //   prompt:   [bos, prompt-marker, prompt tokens..., response-marker]
 //   example:  [bos, prompt-marker, prompt tokens..., response-marker, response tokens..., eos]
+//   judging:  the same with the judge-marker in place of the prompt-marker
 //
 // The response-marker ends every prompt, so generation starts right after it and stops at eos.
 
-std::vector<int32_t> format_prompt(const Tokenizer& tokenizer, std::string_view prompt);
+// `turn` marks whose turn the prompt opens: kPrompt for a task (the policy answers), kJudge for
+// a judge template (reward/judge_format.h; the model writes its reasoning and verdict).
+std::vector<int32_t> format_prompt(const Tokenizer& tokenizer, std::string_view prompt,
+                                   SpecialToken turn = SpecialToken::kPrompt);
 
 struct TrainingSequence {
   std::vector<int32_t> tokens;
@@ -86,6 +90,7 @@ struct TrainingSequence {
 };
 
 TrainingSequence format_example(const Tokenizer& tokenizer, std::string_view prompt,
-                                std::string_view response);
+                                std::string_view response,
+                                SpecialToken turn = SpecialToken::kPrompt);
 
 }  // namespace rlhf

@@ -43,5 +43,7 @@ void register_bench(CLI::App& app);
 void register_inspect(CLI::App& app);
 void register_demo(CLI::App& app);
 void register_exp(CLI::App& app);
+void register_serve(CLI::App& app);
+void register_grm(CLI::App& app);
 
 }  // namespace rlhf::cli

@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   rlhf::cli::register_bench(app);
   rlhf::cli::register_inspect(app);
   rlhf::cli::register_exp(app);
+  rlhf::cli::register_serve(app);
+  rlhf::cli::register_grm(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -241,4 +241,54 @@ TEST(Cli, SftStopsWithAClearErrorWhenTheLossDiverges) {
   EXPECT_EQ(nlohmann::json::parse(last_line(resume.out))["step"], 3);
 }
 
+
+// The generative reward model end to end on a tiny config: train-grm builds judge data from the
+// task suite (no policy: references and corrupted references), trains, and eval grm reports the
+// judge's metrics. A tiny model trained for a few steps judges badly; this checks the plumbing
+// and the value ranges, not quality (docs/grm.md has the quality numbers).
+TEST(Cli, TrainGrmThenEvalGrm) {
+  const fs::path dir = scratch("grm");
+  std::string text = kTinyConfig;
+  text.replace(text.find("  max_seq_len: 40"), 16, "  max_seq_len: 96");
+  text += "grm: {prompts: 40, judge_fraction: 0.5}\n";
+  const fs::path config = write_config(dir, text);
+  const fs::path workdir = dir / "judge";
+  const Result train = run("train-grm --json --config " + config.string() + " --workdir " +
+                           workdir.string());
+  ASSERT_EQ(train.exit_code, 0) << train.err;
+  const auto t = nlohmann::json::parse(last_line(train.out));
+  EXPECT_EQ(t["command"], "train-grm");
+  EXPECT_EQ(t["pointwise_records"], 80);  // reference + one corrupted reference per prompt
+  EXPECT_TRUE(fs::exists(workdir / "scored.jsonl"));
+  EXPECT_TRUE(fs::exists(workdir / "policy.safetensors"));
+
+  const Result eval = run("eval grm --json --prompts 6 --k 3 --config " + config.string() +
+                          " --judge " + (workdir / "policy.safetensors").string());
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const auto e = nlohmann::json::parse(last_line(eval.out));
+  for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency", "spearman",
+                          "pairwise_accuracy_vote_k"}) {
+    ASSERT_TRUE(e.contains(key)) << key;
+  }
+  for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency"}) {
+    EXPECT_GE(e[key].get<double>(), 0.0) << key;
+    EXPECT_LE(e[key].get<double>(), 1.0) << key;
+  }
+  EXPECT_GE(e["spearman"].get<double>(), -1.0);
+  EXPECT_LE(e["spearman"].get<double>(), 1.0);
+  EXPECT_GT(e["pairs"].get<int>(), 0);
+  // 4 pointwise items per prompt at most; every judge sample is counted.
+  EXPECT_GE(e["judge_samples"].get<int>(), e["pointwise_items"].get<int>() + 2 * e["pairs"].get<int>());
+
+  // User data with a bad line: one clear error naming the file and line, nothing trained.
+  const fs::path bad = dir / "bad.jsonl";
+  std::ofstream(bad) << R"({"prompt":"1+1=","response":"2","reasoning":"expected 2; exact","score":10})"
+                     << "\n" << R"({"prompt":"1+1=","response":"3","reasoning":"x","score":0})" << "\n";
+  const Result user = run("train-grm --config " + config.string() + " --workdir " +
+                          (dir / "user").string() + " --data " + bad.string());
+  EXPECT_EQ(user.exit_code, 1);
+  EXPECT_NE(user.err.find("bad.jsonl:2: key 'score' must be in 1..10"), std::string::npos) << user.err;
+  EXPECT_FALSE(fs::exists(dir / "user" / "checkpoint.safetensors"));
+}
+
 }  // namespace

@@ -1,0 +1,141 @@
+#include "learner/grm.h"
+
+#include <filesystem>
+
+#include <spdlog/spdlog.h>
+
+#include "common/error.h"
+#include "common/rng.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "model/checkpoint.h"
+#include "model/generate.h"
+
+namespace rlhf {
+
+namespace fs = std::filesystem;
+
+JudgeMixSource::JudgeMixSource(const ScoredData& data, const TaskSuite& suite,
+                               const Tokenizer& tokenizer, double judge_fraction,
+                               int max_seq_len)
+    : demonstrations_(suite, tokenizer), judge_fraction_(judge_fraction) {
+  auto add = [&](TrainingSequence seq, const std::string& prompt) {
+    if (int(seq.tokens.size()) > max_seq_len + 1) {
+      ++too_long_;
+      return;
+    }
+    judge_.push_back(std::move(seq));
+    judge_prompts_.push_back(prompt);
+  };
+  for (const ScoredExample& e : data.pointwise) {
+    add(format_example(tokenizer, pointwise_judge_prompt(e.prompt, e.response, e.reference),
+                       pointwise_judge_output(e.reasoning, e.score), SpecialToken::kJudge),
+        e.prompt);
+  }
+  for (const PairwiseExample& e : data.pairwise) {
+    add(format_example(tokenizer,
+                       pairwise_judge_prompt(e.prompt, e.response_a, e.response_b, e.reference),
+                       pairwise_judge_output(e.reasoning, e.verdict), SpecialToken::kJudge),
+        e.prompt);
+  }
+  if (judge_.empty()) {
+    fail("none of the {} judge records fits model.max_seq_len {}", too_long_, max_seq_len);
+  }
+}
+
+bool JudgeMixSource::is_judge(uint64_t index) const {
+  return double(mix_seed(index, 0x6A0D) % 1000000) < judge_fraction_ * 1e6;
+}
+
+TrainingSequence JudgeMixSource::sequence(uint64_t index) const {
+  if (!is_judge(index)) return demonstrations_.sequence(index);
+  return judge_[index % judge_.size()];
+}
+
+std::string JudgeMixSource::describe(uint64_t index) const {
+  if (!is_judge(index)) return demonstrations_.describe(index);
+  const size_t i = index % judge_.size();
+  return "judge example " + std::to_string(i) + " (task '" + judge_prompts_[i] + "')";
+}
+
+ScoredData make_grm_data(const RunConfig& config) {
+  const GrmConfig& g = config.grm;
+  if (!g.data.empty()) {
+    ScoredData data = read_scored_jsonl(g.data);
+    spdlog::info("judge data from {}: {} pointwise, {} pairwise records", g.data,
+                 data.pointwise.size(), data.pairwise.size());
+    return data;
+  }
+  const TaskSuite suite(config.tasks);
+  JudgeDataOptions options;
+  options.prompts = g.prompts;
+  // An index range of its own (demonstrations draw 40-bit indices), so the judged examples are
+  // not the demonstrations the policy was trained on.
+  options.first_index = uint64_t(1) << 41;
+  options.policy_samples = g.policy.empty() ? 0 : g.policy_samples;
+  options.pairwise_fraction = g.pairwise_fraction;
+  options.reasoning = g.reasoning;
+  options.with_reference = g.with_reference;
+  options.seed = g.seed;
+  CpuOps<float> ops;
+  std::unique_ptr<Transformer<float>> policy;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Generator> generator;
+  if (!g.policy.empty() && options.policy_samples > 0) {
+    const CheckpointContents info = checkpoint_read_info(g.policy);
+    tokenizer = make_tokenizer(info.tokenizer);
+    policy = checkpoint_load_model(g.policy, ops, config.sft.eval_batch);
+    generator = std::make_unique<Generator>(*policy, *tokenizer, config.sft.eval_batch);
+    spdlog::info("sampling {} responses per prompt from {} for {} prompts",
+                 options.policy_samples, g.policy, options.prompts);
+  }
+  ScoredData data = build_judge_data(suite, Split::kTrain, generator.get(), options);
+  spdlog::info("built judge data: {} pointwise, {} pairwise records", data.pointwise.size(),
+               data.pairwise.size());
+  return data;
+}
+
+GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir, bool resume) {
+  GrmRunSummary summary;
+  const fs::path dir(workdir);
+  summary.data_path = (dir / "scored.jsonl").string();
+  ScoredData data;
+  if (resume) {
+    data = read_scored_jsonl(summary.data_path);
+  } else {
+    if (fs::exists(dir / "checkpoint.safetensors")) {
+      fail("workdir '{}' already holds a checkpoint; pass --resume to continue it, or choose an "
+           "empty workdir",
+           workdir);
+    }
+    data = make_grm_data(config);
+    fs::create_directories(dir);
+    write_scored_jsonl(summary.data_path, data);
+  }
+  summary.pointwise_records = int64_t(data.pointwise.size());
+  summary.pairwise_records = int64_t(data.pairwise.size());
+  cpu_set_threads(config.runtime.threads);
+  const TaskSuite suite(config.tasks);
+  const auto tokenizer = make_tokenizer(config.model.tokenizer);
+  auto source = std::make_shared<JudgeMixSource>(data, suite, *tokenizer,
+                                                 config.grm.judge_fraction,
+                                                 config.model.max_seq_len);
+  summary.too_long_records = int64_t(source->too_long());
+  if (source->too_long() > 0) {
+    spdlog::warn("{} of {} judge records are longer than model.max_seq_len {} and are left out",
+                 source->too_long(), data.pointwise.size() + data.pairwise.size(),
+                 config.model.max_seq_len);
+  }
+  SftOptions options;
+  options.data = source;
+  options.init_from = config.grm.policy;
+  SftTrainer trainer(config, workdir, resume, options);
+  trainer.train();
+  if (trainer.diverged_at() >= 0) {
+    fail("training diverged: the loss of step {} is not finite (see {}/metrics.jsonl)",
+         trainer.diverged_at(), workdir);
+  }
+  summary.sft = trainer.finish();
+  return summary;
+}
+
+}  // namespace rlhf

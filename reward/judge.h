@@ -1,0 +1,93 @@
+#pragma once
+// Judging with a generative reward model: batched generation of judge outputs (KV cache, one
+// Generator), k-sample voting, bounded retries of INVALID outputs with new seeds. Every result
+// keeps the reasoning of each valid sample and counts its invalid samples and retries.
+//
+// Voting. Pointwise: the score is the mean of the k valid samples' scores. Pairwise: each
+// sample votes A, B or tie; with `swap_order` half of the samples (those with odd index) see the
+// two responses in swapped order and their verdict is mapped back, so a judge's position bias
+// cancels; preference_a = (votes for A + ties / 2) / valid votes, and the verdict is A above
+// 0.5, B below, tie at exactly 0.5. A sample whose output stays INVALID after max_retries
+// retries does not vote; a request with no valid vote at all is INVALID (valid = false), never
+// a default score or a tie.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "model/generate.h"
+#include "reward/judge_format.h"
+
+namespace rlhf {
+
+struct JudgeRequest {  // pointwise
+  std::string prompt;
+  std::string response;
+  std::optional<std::string> reference;
+};
+
+struct PairwiseRequest {
+  std::string prompt;
+  std::string response_a;
+  std::string response_b;
+  std::optional<std::string> reference;
+};
+
+struct VotingParams {
+  int k = 1;                  // samples per request, 1..kMaxVotes
+  double temperature = 0.0;   // 0: greedy (then the k samples agree unless order swaps differ)
+  int max_retries = 2;        // extra attempts per INVALID sample, each with a new seed
+  int max_new_tokens = 96;    // per judge output, eos included (a pairwise reasoning that quotes
+                              // both responses runs to ~80 tokens)
+  uint64_t seed = 0;
+  bool swap_order = true;     // pairwise: odd samples see B first
+  static constexpr int kMaxVotes = 32;
+  void validate() const;      // rlhf::Error naming the bad field
+};
+
+struct PointwiseJudgment {
+  bool valid = false;
+  double score = 0;                    // mean of sample_scores; 0 when invalid
+  std::vector<int> sample_scores;      // one per valid sample
+  std::vector<std::string> reasoning;  // one per valid sample
+  int invalid_samples = 0;             // samples that stayed INVALID after their retries
+  int retries = 0;                     // extra generations spent on INVALID outputs
+};
+
+struct PairwiseJudgment {
+  bool valid = false;
+  Verdict verdict = Verdict::kTie;
+  double preference_a = 0.5;
+  std::vector<Verdict> votes;          // one per valid sample, mapped back to the request's order
+  std::vector<std::string> reasoning;  // one per valid sample (as written, in the order it saw)
+  int invalid_samples = 0;
+  int retries = 0;
+};
+
+class Judge {
+ public:
+  // `model` must be built for at least `max_batch` sequences of config.max_seq_len tokens.
+  Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch);
+
+  std::vector<PointwiseJudgment> score(const std::vector<JudgeRequest>& requests,
+                                       const VotingParams& params);
+  std::vector<PairwiseJudgment> compare(const std::vector<PairwiseRequest>& requests,
+                                        const VotingParams& params);
+
+  const Tokenizer& tokenizer() const { return tokenizer_; }
+  const ModelConfig& model_config() const { return model_.config(); }
+
+ private:
+  // Generates judge outputs for `prompts` (judge prompt texts), retrying outputs that `valid`
+  // rejects; returns the final output per prompt and adds retries to *retries[i].
+  template <typename IsValid>
+  std::vector<std::string> generate_with_retries(const std::vector<std::string>& prompts,
+                                                 const VotingParams& params, uint64_t seed_base,
+                                                 IsValid valid, std::vector<int>& retries);
+
+  Transformer<float>& model_;
+  const Tokenizer& tokenizer_;
+  Generator generator_;
+};
+
+}  // namespace rlhf

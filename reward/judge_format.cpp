@@ -1,0 +1,116 @@
+#include "reward/judge_format.h"
+
+#include "common/error.h"
+
+namespace rlhf {
+
+namespace {
+
+// Splits a judge output into (reasoning, last line). The last line follows the last newline;
+// an output without one is all last line and no reasoning.
+std::pair<std::string, std::string_view> split_last_line(std::string_view output) {
+  const size_t newline = output.rfind('\n');
+  if (newline == std::string_view::npos) return {std::string(), output};
+  return {std::string(output.substr(0, newline)), output.substr(newline + 1)};
+}
+
+}  // namespace
+
+const char* verdict_name(Verdict verdict) {
+  switch (verdict) {
+    case Verdict::kA: return "A";
+    case Verdict::kB: return "B";
+    case Verdict::kTie: return "tie";
+  }
+  return "?";
+}
+
+std::string escape_judged_text(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
+                                   const std::optional<std::string>& reference) {
+  std::string text = "task: " + escape_judged_text(prompt) +
+                     "\nresponse: " + escape_judged_text(response);
+  if (reference) text += "\nreference: " + escape_judged_text(*reference);
+  return text;
+}
+
+std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
+                                  std::string_view response_b,
+                                  const std::optional<std::string>& reference) {
+  std::string text = "task: " + escape_judged_text(prompt) + "\nA: " +
+                     escape_judged_text(response_a) + "\nB: " + escape_judged_text(response_b);
+  if (reference) text += "\nreference: " + escape_judged_text(*reference);
+  return text;
+}
+
+std::string pointwise_judge_output(std::string_view reasoning, int score) {
+  RLHF_CHECK(score >= 1 && score <= 10, "judge score {} outside 1..10", score);
+  RLHF_CHECK(reasoning.empty() || reasoning.back() != '\n', "reasoning ends with a newline");
+  std::string out(reasoning);
+  if (!out.empty()) out += '\n';
+  return out + "Score: " + std::to_string(score);
+}
+
+std::string pairwise_judge_output(std::string_view reasoning, Verdict verdict) {
+  RLHF_CHECK(reasoning.empty() || reasoning.back() != '\n', "reasoning ends with a newline");
+  std::string out(reasoning);
+  if (!out.empty()) out += '\n';
+  return out + "Verdict: " + verdict_name(verdict);
+}
+
+ParsedScore parse_pointwise(std::string_view output) {
+  ParsedScore parsed;
+  auto [reasoning, last] = split_last_line(output);
+  constexpr std::string_view kPrefix = "Score: ";
+  if (last.substr(0, kPrefix.size()) != kPrefix) {
+    parsed.error = last.empty() ? "empty last line" : "last line does not start with 'Score: '";
+    return parsed;
+  }
+  const std::string_view number = last.substr(kPrefix.size());
+  const bool one_digit = number.size() == 1 && number[0] >= '1' && number[0] <= '9';
+  if (!one_digit && number != "10") {
+    parsed.error = "score is not an integer in 1..10";
+    return parsed;
+  }
+  parsed.valid = true;
+  parsed.score = one_digit ? number[0] - '0' : 10;
+  parsed.reasoning = std::move(reasoning);
+  return parsed;
+}
+
+ParsedVerdict parse_pairwise(std::string_view output) {
+  ParsedVerdict parsed;
+  auto [reasoning, last] = split_last_line(output);
+  if (last == "Verdict: A") {
+    parsed.verdict = Verdict::kA;
+  } else if (last == "Verdict: B") {
+    parsed.verdict = Verdict::kB;
+  } else if (last == "Verdict: tie") {
+    parsed.verdict = Verdict::kTie;
+  } else {
+    parsed.error = last.substr(0, 9) == "Verdict: " ? "verdict is not A, B or tie"
+                                                    : "last line does not start with 'Verdict: '";
+    return parsed;
+  }
+  parsed.valid = true;
+  parsed.reasoning = std::move(reasoning);
+  return parsed;
+}
+
+}  // namespace rlhf

@@ -1,0 +1,240 @@
+#include "reward/scored_data.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/rng.h"
+
+namespace rlhf {
+
+namespace {
+
+using Json = nlohmann::json;
+
+// Reads one record's fields strictly; errors carry "FILE:LINE: ".
+class RecordReader {
+ public:
+  RecordReader(const Json& record, std::string where) : record_(record), where_(std::move(where)) {}
+
+  std::string text(const char* key, bool required, bool allow_empty) {
+    seen_.push_back(key);
+    if (!record_.contains(key)) {
+      if (required) fail("{}: key '{}' is missing", where_, key);
+      return {};
+    }
+    const Json& v = record_[key];
+    if (!v.is_string()) fail("{}: key '{}' must be a string", where_, key);
+    std::string s = v.get<std::string>();
+    if (!allow_empty && s.empty()) fail("{}: key '{}' is empty", where_, key);
+    return s;
+  }
+  std::optional<std::string> optional_text(const char* key) {
+    if (!record_.contains(key)) {
+      seen_.push_back(key);
+      return std::nullopt;
+    }
+    return text(key, true, false);
+  }
+  int integer(const char* key) {
+    seen_.push_back(key);
+    if (!record_.contains(key)) fail("{}: key '{}' is missing", where_, key);
+    const Json& v = record_[key];
+    if (!v.is_number_integer()) fail("{}: key '{}' must be an integer", where_, key);
+    const int64_t x = v.get<int64_t>();
+    if (x < 1 || x > 10) fail("{}: key '{}' must be in 1..10, got {}", where_, key, x);
+    return int(x);
+  }
+  void finish() const {
+    for (const auto& [key, value] : record_.items()) {
+      if (std::find(seen_.begin(), seen_.end(), key) == seen_.end()) {
+        fail("{}: unknown key '{}'", where_, key);
+      }
+    }
+  }
+  const std::string& where() const { return where_; }
+
+ private:
+  const Json& record_;
+  std::string where_;
+  std::vector<std::string> seen_;
+};
+
+void check_reasoning(const std::string& reasoning, const std::string& where) {
+  if (!reasoning.empty() && reasoning.back() == '\n') {
+    fail("{}: key 'reasoning' must not end with a newline", where);
+  }
+}
+
+// The comparison part of a grader's reason ("2 of 3 digits right, ..."), without the
+// "expected X; " prefix that every non-exact reason starts with.
+std::string comparison_of(const TaskExample& example, const Grade& grade) {
+  if (grade.correct) return "exact";
+  const std::string prefix = "expected " + example.reference + "; ";
+  return grade.reason.rfind(prefix, 0) == 0 ? grade.reason.substr(prefix.size()) : grade.reason;
+}
+
+}  // namespace
+
+ScoredData read_scored_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail("scored data '{}' cannot be opened", path);
+  ScoredData data;
+  std::string line;
+  int64_t number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    const std::string where = path + ":" + std::to_string(number);
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
+    const Json record = Json::parse(line, nullptr, false);
+    if (record.is_discarded()) fail("{}: not valid JSON", where);
+    if (!record.is_object()) fail("{}: a record must be a JSON object", where);
+    RecordReader r(record, where);
+    if (record.contains("response_a")) {
+      PairwiseExample e;
+      e.prompt = r.text("prompt", true, false);
+      e.response_a = r.text("response_a", true, false);
+      e.response_b = r.text("response_b", true, false);
+      e.reference = r.optional_text("reference");
+      e.reasoning = r.text("reasoning", true, true);
+      const std::string verdict = r.text("verdict", true, false);
+      if (verdict == "A") {
+        e.verdict = Verdict::kA;
+      } else if (verdict == "B") {
+        e.verdict = Verdict::kB;
+      } else if (verdict == "tie") {
+        e.verdict = Verdict::kTie;
+      } else {
+        fail("{}: key 'verdict' must be \"A\", \"B\" or \"tie\", got \"{}\"", where, verdict);
+      }
+      r.finish();
+      check_reasoning(e.reasoning, where);
+      data.pairwise.push_back(std::move(e));
+    } else {
+      ScoredExample e;
+      e.prompt = r.text("prompt", true, false);
+      e.response = r.text("response", true, false);
+      e.reference = r.optional_text("reference");
+      e.reasoning = r.text("reasoning", true, true);
+      e.score = r.integer("score");
+      r.finish();
+      check_reasoning(e.reasoning, where);
+      data.pointwise.push_back(std::move(e));
+    }
+  }
+  if (data.pointwise.empty() && data.pairwise.empty()) fail("scored data '{}' has no records", path);
+  return data;
+}
+
+void write_scored_jsonl(const std::string& path, const ScoredData& data) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) fail("cannot write '{}'", tmp);
+    for (const ScoredExample& e : data.pointwise) {
+      Json j = {{"prompt", e.prompt}, {"response", e.response}, {"reasoning", e.reasoning},
+                {"score", e.score}};
+      if (e.reference) j["reference"] = *e.reference;
+      out << j.dump(-1, ' ', false, Json::error_handler_t::replace) << '\n';
+    }
+    for (const PairwiseExample& e : data.pairwise) {
+      Json j = {{"prompt", e.prompt},         {"response_a", e.response_a},
+                {"response_b", e.response_b}, {"reasoning", e.reasoning},
+                {"verdict", verdict_name(e.verdict)}};
+      if (e.reference) j["reference"] = *e.reference;
+      out << j.dump(-1, ' ', false, Json::error_handler_t::replace) << '\n';
+    }
+    if (!out) fail("writing '{}' failed", tmp);
+  }
+  std::filesystem::rename(tmp, path);
+}
+
+int judge_score_from_grade(double grade_score) {
+  return int(std::clamp<long>(std::lround(grade_score), 1, 10));
+}
+
+std::string grade_reasoning(const TaskExample& example, std::string_view response,
+                            const Grade& grade) {
+  // The response is quoted right after the expected answer: a small model compares two
+  // strings it has just written far more easily than one it must fetch from the prompt.
+  return "expected " + example.reference + "; got " + escape_judged_text(response) + "; " +
+         comparison_of(example, grade);
+}
+
+ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
+                            const JudgeDataOptions& options) {
+  RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
+  std::vector<TaskExample> examples;
+  std::vector<std::string> prompt_texts;
+  for (int i = 0; i < options.prompts; ++i) {
+    examples.push_back(suite.example(split, options.first_index + uint64_t(i)));
+    prompt_texts.push_back(examples.back().prompt);
+  }
+  // The policy's own samples, the responses a judge will see in RL: good and flawed alike.
+  std::vector<std::vector<std::string>> samples(examples.size());
+  if (policy && options.policy_samples > 0) {
+    for (int s = 0; s < options.policy_samples; ++s) {
+      SamplingParams params;
+      params.temperature = 1.0;
+      params.max_new_tokens = 24;
+      params.seed = mix_seed(options.seed, 0x5A3 + uint64_t(s));
+      const std::vector<Generation> out = policy->generate_text(prompt_texts, params);
+      for (size_t i = 0; i < out.size(); ++i) {
+        // An empty or unfinished sample is still a response to judge (it grades low), but
+        // the scored-data format wants non-empty text.
+        if (!out[i].text.empty()) samples[i].push_back(out[i].text);
+      }
+    }
+  }
+  Rng rng(mix_seed(options.seed, 0xDA7A));
+  ScoredData data;
+  for (size_t i = 0; i < examples.size(); ++i) {
+    const TaskExample& ex = examples[i];
+    std::vector<std::string> candidates = {ex.reference, corrupt_response(ex, rng, nullptr)};
+    candidates.insert(candidates.end(), samples[i].begin(), samples[i].end());
+    const std::optional<std::string> reference =
+        options.with_reference ? std::optional<std::string>(ex.reference) : std::nullopt;
+    std::vector<Grade> grades;
+    for (const std::string& c : candidates) {
+      grades.push_back(suite.grade(ex, c));
+      data.pointwise.push_back({ex.prompt, c, reference,
+                                options.reasoning ? grade_reasoning(ex, c, grades.back()) : "",
+                                judge_score_from_grade(grades.back().score)});
+    }
+    if (rng.uniform() < options.pairwise_fraction) {
+      // Two different responses (policy samples often equal the reference, so a few draws);
+      // which one is A is a coin flip.
+      size_t first = 0, second = 0;
+      bool found = false;
+      for (int attempt = 0; attempt < 4 && !found; ++attempt) {
+        first = size_t(rng.uniform_int(0, int64_t(candidates.size()) - 1));
+        second = size_t(rng.uniform_int(0, int64_t(candidates.size()) - 2));
+        if (second >= first) ++second;
+        found = candidates[first] != candidates[second];
+      }
+      if (!found) continue;
+      const bool flip = rng.uniform() < 0.5;
+      const size_t a = flip ? second : first, b = flip ? first : second;
+      const double sa = grades[a].score, sb = grades[b].score;
+      const Verdict verdict = sa > sb ? Verdict::kA : sa < sb ? Verdict::kB : Verdict::kTie;
+      // Each side's comparison up to its first comma keeps the sequence short enough for
+      // a small context ("3 of 5 letters in place", without ", length 4 instead of 5").
+      auto brief = [&](size_t c) {
+        const std::string full = comparison_of(ex, grades[c]);
+        return full.substr(0, full.find(','));
+      };
+      const std::string reasoning = "expected " + ex.reference + "; A " +
+                                    escape_judged_text(candidates[a]) + ": " + brief(a) + "; B " +
+                                    escape_judged_text(candidates[b]) + ": " + brief(b);
+      data.pairwise.push_back({ex.prompt, candidates[a], candidates[b], reference,
+                               options.reasoning ? reasoning : "", verdict});
+    }
+  }
+  return data;
+}
+
+}  // namespace rlhf

@@ -1,0 +1,77 @@
+#pragma once
+// Scored data: what a generative reward model is trained on, as JSONL, one record per line.
+//
+//   pointwise: {"prompt": str, "response": str, "reasoning": str, "score": int 1..10,
+//               "reference": str (optional)}
+//   pairwise:  {"prompt": str, "response_a": str, "response_b": str, "reasoning": str,
+//               "verdict": "A" | "B" | "tie", "reference": str (optional)}
+//
+// A record is pairwise exactly when it has "response_a". Unknown keys, wrong types, empty
+// prompts or responses, and a reasoning that ends with a newline are errors naming the file,
+// the line and the key. `reasoning` may be empty (a judge trained to answer without reasoning).
+//
+// build_judge_data makes such records from the task suite: responses of graded quality (the
+// policy's own samples, good and flawed, the reference, and corrupted references), each with a
+// reasoning that works the task out (names the expected answer), compares the response with it
+// and says what is wrong, then the score the task's grader gives.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model/generate.h"
+#include "reward/judge_format.h"
+#include "rollout/task_suite.h"
+
+namespace rlhf {
+
+struct ScoredExample {
+  std::string prompt;
+  std::string response;
+  std::optional<std::string> reference;
+  std::string reasoning;
+  int score = 1;  // 1..10
+};
+
+struct PairwiseExample {
+  std::string prompt;
+  std::string response_a;
+  std::string response_b;
+  std::optional<std::string> reference;
+  std::string reasoning;
+  Verdict verdict = Verdict::kTie;
+};
+
+struct ScoredData {
+  std::vector<ScoredExample> pointwise;
+  std::vector<PairwiseExample> pairwise;
+};
+
+ScoredData read_scored_jsonl(const std::string& path);
+// Atomic (temp file + rename).
+void write_scored_jsonl(const std::string& path, const ScoredData& data);
+
+// A grader's 0..10 score on the judge's 1..10 scale: rounded, 0 becomes 1.
+int judge_score_from_grade(double grade_score);
+
+// The reasoning for one response: "expected <reference>; got <response>; <comparison>", the
+// comparison from the grader ("1 of 2 digits right, sign right", "off by 1", "exact").
+std::string grade_reasoning(const TaskExample& example, std::string_view response,
+                            const Grade& grade);
+
+struct JudgeDataOptions {
+  int prompts = 2000;              // task-suite prompts (training split, from first_index on)
+  uint64_t first_index = 0;
+  int policy_samples = 2;          // samples per prompt from the policy (0: none)
+  double pairwise_fraction = 0.5;  // share of prompts that also yield a pairwise record
+  bool reasoning = true;           // false: empty reasoning (the no-reasoning ablation)
+  bool with_reference = false;     // put the reference answer into the judge prompt
+  uint64_t seed = 1;
+};
+
+// `policy` may be null (then only references and corrupted references are judged).
+ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
+                            const JudgeDataOptions& options);
+
+}  // namespace rlhf

@@ -1,0 +1,143 @@
+// Scored-data files and the judge-data builder (reward/scored_data.h), and the Spearman
+// correlation of `rlhf eval grm`.
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "common/error.h"
+#include "reward/grm_eval.h"
+#include "reward/scored_data.h"
+
+namespace rlhf {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path write_lines(const std::string& name, const std::string& text) {
+  const fs::path path = fs::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".jsonl");
+  std::ofstream(path) << text;
+  return path;
+}
+
+std::string error_of(const std::string& text) {
+  const fs::path path = write_lines("bad", text);
+  try {
+    read_scored_jsonl(path.string());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(ScoredData, RoundTripsBothRecordKinds) {
+  ScoredData data;
+  data.pointwise.push_back({"12+7=", "18", std::nullopt, "expected 19; 1 of 2 digits right", 5});
+  data.pointwise.push_back({"rev abc", "cba\nScore: 1", std::string("cba"), "", 1});
+  data.pairwise.push_back({"sort 3 1 2", "1 2 3", "3 2 1", std::nullopt,
+                           "expected 1 2 3; A: exact; B: 1 of 3 in place", Verdict::kA});
+  const fs::path path = fs::temp_directory_path() / ("rt_" + std::to_string(::getpid()) + ".jsonl");
+  write_scored_jsonl(path.string(), data);
+  const ScoredData back = read_scored_jsonl(path.string());
+  ASSERT_EQ(back.pointwise.size(), 2u);
+  ASSERT_EQ(back.pairwise.size(), 1u);
+  EXPECT_EQ(back.pointwise[1].response, "cba\nScore: 1");
+  EXPECT_EQ(back.pointwise[1].reference, std::optional<std::string>("cba"));
+  EXPECT_EQ(back.pointwise[0].score, 5);
+  EXPECT_EQ(back.pairwise[0].verdict, Verdict::kA);
+  EXPECT_EQ(back.pairwise[0].reasoning, data.pairwise[0].reasoning);
+}
+
+TEST(ScoredData, BadLinesNameTheFileLineAndKey) {
+  const std::string good = R"({"prompt":"1+1=","response":"2","reasoning":"expected 2; exact","score":10})";
+  EXPECT_NE(error_of(good + "\n{not json\n").find(":2: not valid JSON"), std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"1+1=","response":"2","reasoning":"r","score":11})")
+                .find(":1: key 'score' must be in 1..10"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"1+1=","response":"2","reasoning":"r","score":"7"})")
+                .find("key 'score' must be an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"","response":"2","reasoning":"r","score":7})")
+                .find("key 'prompt' is empty"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"x","response":"2","score":7})").find("key 'reasoning' is missing"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"x","response":"2","reasoning":"r","score":7,"scroe":1})")
+                .find("unknown key 'scroe'"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"x","response_a":"1","response_b":"2","reasoning":"r","verdict":"C"})")
+                .find("key 'verdict' must be"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"prompt":"x","response":"2","reasoning":"r\n","score":7})")
+                .find("must not end with a newline"),
+            std::string::npos);
+  EXPECT_NE(error_of("[1,2]\n").find("must be a JSON object"), std::string::npos);
+  EXPECT_NE(error_of("\n\n").find("has no records"), std::string::npos);
+}
+
+TEST(JudgeData, BuilderGradesEveryResponseAndExplainsIt) {
+  const TaskSuite suite(TaskSuiteConfig{});
+  JudgeDataOptions options;
+  options.prompts = 200;
+  options.pairwise_fraction = 1.0;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  // Without a policy: the reference and one corrupted reference per prompt.
+  ASSERT_EQ(data.pointwise.size(), 400u);
+  EXPECT_GT(data.pairwise.size(), 150u);
+  int tens = 0, lower = 0;
+  for (const ScoredExample& e : data.pointwise) {
+    ASSERT_GE(e.score, 1);
+    ASSERT_LE(e.score, 10);
+    // The reasoning recomputes the reference and compares the response with it.
+    const TaskExample ex{"", e.prompt, ""};
+    EXPECT_EQ(e.reasoning.rfind("expected ", 0), 0u) << e.reasoning;
+    EXPECT_NE(e.reasoning.find("; got " + e.response + "; "), std::string::npos) << e.reasoning;
+    if (e.score == 10) {
+      ++tens;
+      EXPECT_NE(e.reasoning.find("; exact"), std::string::npos) << e.reasoning;
+    } else {
+      ++lower;
+      EXPECT_EQ(e.reasoning.find("; exact"), std::string::npos) << e.reasoning;
+    }
+    (void)ex;
+  }
+  EXPECT_EQ(tens, 200);  // every reference, and no corrupted one, is exact
+  EXPECT_EQ(lower, 200);
+  for (const PairwiseExample& e : data.pairwise) {
+    EXPECT_NE(e.response_a, e.response_b);
+    // Here one side is always the reference: the verdict must name it.
+    const bool a_exact = e.reasoning.find("A " + e.response_a + ": exact") != std::string::npos;
+    const bool b_exact = e.reasoning.find("B " + e.response_b + ": exact") != std::string::npos;
+    ASSERT_NE(a_exact, b_exact) << e.reasoning;
+    EXPECT_EQ(e.verdict, a_exact ? Verdict::kA : Verdict::kB) << e.reasoning;
+  }
+  // The no-reasoning ablation keeps the scores and drops the reasoning.
+  options.reasoning = false;
+  const ScoredData bare = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_EQ(bare.pointwise.size(), data.pointwise.size());
+  for (size_t i = 0; i < bare.pointwise.size(); ++i) {
+    EXPECT_EQ(bare.pointwise[i].reasoning, "");
+    EXPECT_EQ(bare.pointwise[i].score, data.pointwise[i].score);
+  }
+}
+
+TEST(JudgeData, ScoreScale) {
+  EXPECT_EQ(judge_score_from_grade(0.0), 1);
+  EXPECT_EQ(judge_score_from_grade(0.4), 1);
+  EXPECT_EQ(judge_score_from_grade(6.6), 7);
+  EXPECT_EQ(judge_score_from_grade(10.0), 10);
+}
+
+TEST(GrmEval, SpearmanCorrelation) {
+  EXPECT_NEAR(spearman_correlation({1, 2, 3, 4}, {10, 20, 30, 40}), 1.0, 1e-12);
+  EXPECT_NEAR(spearman_correlation({1, 2, 3, 4}, {4, 3, 2, 1}), -1.0, 1e-12);
+  // Monotone but not linear: still 1.
+  EXPECT_NEAR(spearman_correlation({1, 2, 3, 4, 5}, {1, 4, 9, 16, 1000}), 1.0, 1e-12);
+  // Ties get average ranks: x ranks (0.5, 0.5, 2), y ranks (0, 1, 2) -> 0.866.
+  EXPECT_NEAR(spearman_correlation({1, 1, 2}, {1, 2, 3}), std::sqrt(3.0) / 2, 1e-12);
+  EXPECT_EQ(spearman_correlation({1, 1, 1}, {1, 2, 3}), 0.0);
+}
+
+}  // namespace
+}  // namespace rlhf
