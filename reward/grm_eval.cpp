@@ -103,7 +103,9 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   // ---- pointwise: Spearman against the grader
   std::vector<JudgeRequest> point_requests;
   std::vector<double> truth;
+  std::vector<size_t> first_item(examples.size());  // pointwise item of candidate 0 of prompt i
   for (size_t i = 0; i < examples.size(); ++i) {
+    first_item[i] = point_requests.size();
     for (const Candidate& c : candidates[i]) {
       point_requests.push_back({examples[i].prompt, c.text, reference_of(i)});
       truth.push_back(c.truth);
@@ -135,6 +137,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   // ---- pairwise: pairs with different ground truth, in a random order
   std::vector<PairwiseRequest> pairs, swapped_pairs;
   std::vector<int> better;  // 0: A is better, 1: B is better
+  std::vector<std::pair<size_t, size_t>> pair_items;  // the pair's A and B as pointwise items
   for (size_t i = 0; i < examples.size(); ++i) {
     const auto& cs = candidates[i];
     std::vector<std::pair<size_t, size_t>> options_here;
@@ -151,6 +154,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
       pairs.push_back({examples[i].prompt, cs[a].text, cs[b].text, reference_of(i)});
       swapped_pairs.push_back({examples[i].prompt, cs[b].text, cs[a].text, reference_of(i)});
       better.push_back(cs[a].truth > cs[b].truth ? 0 : 1);
+      pair_items.push_back({first_item[i] + a, first_item[i] + b});
     }
   }
   result.pairs = int64_t(pairs.size());
@@ -164,9 +168,15 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   voting.swap_order = true;
   voting.max_new_tokens = options.max_new_tokens;
   const std::vector<PairwiseJudgment> voted = judge.compare(pairs, voting);
-  int64_t correct = 0, correct_k = 0, consistent = 0, both_valid = 0;
+  int64_t correct = 0, correct_k = 0, consistent = 0, both_valid = 0, correct_scores = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {
     const Verdict want = better[i] == 0 ? Verdict::kA : Verdict::kB;
+    // The same pair decided by the two greedy pointwise scores (no extra generation).
+    const PointwiseJudgment& sa = scores[pair_items[i].first];
+    const PointwiseJudgment& sb = scores[pair_items[i].second];
+    if (sa.valid && sb.valid && sa.score != sb.score) {
+      correct_scores += (sa.score > sb.score ? Verdict::kA : Verdict::kB) == want;
+    }
     count(forward[i].invalid_samples, forward[i].retries, 1);
     count(backward[i].invalid_samples, backward[i].retries, 1);
     count(voted[i].invalid_samples, voted[i].retries, options.k);
@@ -183,6 +193,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   if (!pairs.empty()) {
     result.pairwise_accuracy = double(correct) / double(pairs.size());
     result.pairwise_accuracy_vote_k = double(correct_k) / double(pairs.size());
+    result.pairwise_accuracy_from_scores = double(correct_scores) / double(pairs.size());
   }
   result.swap_consistency = both_valid ? double(consistent) / double(both_valid) : 0.0;
   result.invalid_rate =

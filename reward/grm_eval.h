@@ -9,6 +9,8 @@
 //                       with the pairwise template (Voting@1): share where the verdict names the
 //                       better response (a tie or an INVALID judgment counts as wrong)
 //   pairwise_accuracy_vote_k   the same with k sampled votes, order swapped on every other vote
+//   pairwise_accuracy_from_scores   the same pairs decided by the two responses' greedy
+//                       pointwise scores (equal scores or an INVALID score count as wrong)
 //   swap_consistency    share of pairs (both judgments valid) whose greedy verdict is the same
 //                       with the two responses in either order
 //   spearman            rank correlation of greedy pointwise scores with ground truth
@@ -39,6 +41,7 @@ struct GrmEvalResult {
   int64_t pairs = 0;
   double pairwise_accuracy = 0;
   double pairwise_accuracy_vote_k = 0;
+  double pairwise_accuracy_from_scores = 0;
   double swap_consistency = 0;
   double spearman = 0;
   double invalid_rate = 0;

@@ -60,6 +60,7 @@ struct EvalGrmOptions {
 nlohmann::json eval_json(const GrmEvalResult& r) {
   return {{"pairwise_accuracy", r.pairwise_accuracy},
           {"pairwise_accuracy_vote_k", r.pairwise_accuracy_vote_k},
+          {"pairwise_accuracy_from_scores", r.pairwise_accuracy_from_scores},
           {"k", r.k},
           {"swap_consistency", r.swap_consistency},
           {"spearman", r.spearman},
@@ -84,12 +85,12 @@ GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suit
 void print_eval(const std::string& name, const std::string& path, const GrmEvalResult& r) {
   std::cout << fmt::format(
       "{} ({}): {} held-out prompts, {} pairs, {} pointwise items\n"
-      "  pairwise accuracy   Voting@1 {:.3f}   Voting@{} {:.3f}\n"
+      "  pairwise accuracy   Voting@1 {:.3f}   Voting@{} {:.3f}   from pointwise scores {:.3f}\n"
       "  swap consistency    {:.3f}\n"
       "  spearman            {:.3f}\n"
       "  invalid rate        {:.4f} ({} of {} samples, {} retries)\n",
       name, path, r.prompts, r.pairs, r.pointwise_items, r.pairwise_accuracy, r.k,
-      r.pairwise_accuracy_vote_k, r.swap_consistency, r.spearman, r.invalid_rate,
+      r.pairwise_accuracy_vote_k, r.pairwise_accuracy_from_scores, r.swap_consistency, r.spearman, r.invalid_rate,
       r.invalid_samples, r.judge_samples, r.retries);
   for (const std::string& line : r.examples) std::cout << "    " << line << "\n";
 }

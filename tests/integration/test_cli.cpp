@@ -267,10 +267,11 @@ TEST(Cli, TrainGrmThenEvalGrm) {
   ASSERT_EQ(eval.exit_code, 0) << eval.err;
   const auto e = nlohmann::json::parse(last_line(eval.out));
   for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency", "spearman",
-                          "pairwise_accuracy_vote_k"}) {
+                          "pairwise_accuracy_vote_k", "pairwise_accuracy_from_scores"}) {
     ASSERT_TRUE(e.contains(key)) << key;
   }
-  for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency"}) {
+  for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency",
+                          "pairwise_accuracy_from_scores"}) {
     EXPECT_GE(e[key].get<double>(), 0.0) << key;
     EXPECT_LE(e[key].get<double>(), 1.0) << key;
   }
