@@ -130,10 +130,7 @@ GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir,
   options.init_from = config.grm.policy;
   SftTrainer trainer(config, workdir, resume, options);
   trainer.train();
-  if (trainer.diverged_at() >= 0) {
-    fail("training diverged: the loss of step {} is not finite (see {}/metrics.jsonl)",
-         trainer.diverged_at(), workdir);
-  }
+  trainer.fail_if_diverged();
   summary.sft = trainer.finish();
   return summary;
 }

@@ -357,6 +357,13 @@ std::vector<double> SftTrainer::train(int64_t stop_at_step) {
   return losses;
 }
 
+void SftTrainer::fail_if_diverged() const {
+  if (diverged_at_ < 0) return;
+  fail("training diverged: the loss of step {} is not finite (see {}/metrics.jsonl); lower "
+       "sft.optimizer.lr, or set stability.spike.skip_update_z to skip such updates",
+       diverged_at_, workdir_);
+}
+
 SftSummary SftTrainer::finish() {
   SftSummary summary;
   summary.steps = step_;

@@ -153,6 +153,8 @@ class SftTrainer {
   int64_t step() const { return step_; }
   // The (1-based) step whose loss was not finite, or -1.
   int64_t diverged_at() const { return diverged_at_; }
+  // After train(): an rlhf::Error naming the diverged step, if there was one.
+  void fail_if_diverged() const;
   // Every step this trainer ran (not those before a resume).
   const std::vector<TrainStep>& history() const { return history_; }
   Transformer<float>& model() { return *model_; }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "common/error.h"
 #include "common/rng.h"
@@ -33,8 +34,8 @@ std::vector<std::string> Judge::generate_with_retries(const std::vector<std::str
     tokens.push_back(format_prompt(tokenizer_, p, SpecialToken::kJudge));
   }
   std::vector<std::string> outputs(prompts.size());
-  std::vector<size_t> todo(prompts.size());
-  for (size_t i = 0; i < todo.size(); ++i) todo[i] = i;
+  std::vector<size_t> todo(prompts.size());  // prompts whose output is not valid yet
+  std::iota(todo.begin(), todo.end(), size_t(0));
   SamplingParams sampling;
   sampling.temperature = params.temperature;
   sampling.max_new_tokens = params.max_new_tokens;

@@ -5,7 +5,6 @@
 #include <fmt/core.h>
 #include <spdlog/spdlog.h>
 
-#include "common/error.h"
 #include "learner/sft.h"
 #include "tools/cli.h"
 
@@ -81,11 +80,7 @@ void run_sft_and_report(RunConfig config, const std::string& workdir, bool resum
   const auto start = std::chrono::steady_clock::now();
   SftTrainer trainer(std::move(config), workdir, resume);
   trainer.train();
-  if (trainer.diverged_at() >= 0) {
-    fail("training diverged: the loss of step {} is not finite (see {}/metrics.jsonl); lower "
-         "sft.optimizer.lr, or set stability.spike.skip_update_z to skip such updates",
-         trainer.diverged_at(), workdir);
-  }
+  trainer.fail_if_diverged();
   const SftSummary summary = trainer.finish();
   const double wall =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
