@@ -21,8 +21,10 @@ void OptimizerConfig::validate(const std::string& path) const {
   if (!(grad_clip >= 0)) fail("{}: must be >= 0 (0 disables), got {}", key("grad_clip"), grad_clip);
 }
 
-OptimizerConfig OptimizerConfig::read(YamlSection& s) {
-  OptimizerConfig c;
+OptimizerConfig OptimizerConfig::read(YamlSection& s) { return read(s, OptimizerConfig{}); }
+
+OptimizerConfig OptimizerConfig::read(YamlSection& s, const OptimizerConfig& defaults) {
+  OptimizerConfig c = defaults;
   c.lr = s.get("lr", c.lr);
   c.min_lr_ratio = s.get("min_lr_ratio", c.min_lr_ratio);
   c.warmup_steps = s.get("warmup_steps", c.warmup_steps);

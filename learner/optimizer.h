@@ -24,6 +24,8 @@ struct OptimizerConfig {
   double grad_clip = 1.0;      // global L2 norm; 0 disables clipping
 
   void validate(const std::string& path) const;
+  // Keys absent from the section keep the values of `defaults`.
+  static OptimizerConfig read(YamlSection& section, const OptimizerConfig& defaults);
   static OptimizerConfig read(YamlSection& section);
 };
 

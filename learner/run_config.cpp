@@ -106,6 +106,53 @@ GrmConfig read_grm(YamlSection& s) {
   return c;
 }
 
+RlConfig read_rl(YamlSection& s) {
+  RlConfig c;
+  c.policy = s.get("policy", c.policy);
+  c.steps = s.get("steps", c.steps);
+  c.prompts_per_step = s.get("prompts_per_step", c.prompts_per_step);
+  c.samples_per_prompt = s.get("samples_per_prompt", c.samples_per_prompt);
+  c.reward = s.get("reward", c.reward);
+  c.judge_k = s.get("judge_k", c.judge_k);
+  c.judge_temperature = s.get("judge_temperature", c.judge_temperature);
+  c.judge_with_reference = s.get("judge_with_reference", c.judge_with_reference);
+  c.objective.clip_eps = s.get("clip_eps", c.objective.clip_eps);
+  c.objective.tis_cap = s.get("tis_cap", c.objective.tis_cap);
+  c.objective.kl_coef = s.get("kl_coef", c.objective.kl_coef);
+  c.objective.adv_eps = s.get("adv_eps", c.objective.adv_eps);
+  c.max_lag = s.get("max_lag", c.max_lag);
+  c.checkpoint_every = s.get("checkpoint_every", c.checkpoint_every);
+  c.eval_examples = s.get("eval_examples", c.eval_examples);
+  c.seed = s.get("seed", c.seed);
+  // RL fine-tunes a trained policy: a small constant rate, no warmup to speak of.
+  c.optimizer.lr = 2e-4;
+  c.optimizer.warmup_steps = 5;
+  c.optimizer.min_lr_ratio = 1.0;
+  c.optimizer.weight_decay = 0.0;
+  YamlSection optimizer = s.section("optimizer");
+  c.optimizer = OptimizerConfig::read(optimizer, c.optimizer);
+  s.finish();
+  auto positive = [&](const char* key, int64_t value, int64_t max) {
+    if (value < 1 || value > max) fail("{}: must be in 1..{}, got {}", s.key_path(key), max, value);
+  };
+  positive("steps", c.steps, 1000000);
+  positive("prompts_per_step", c.prompts_per_step, 4096);
+  positive("samples_per_prompt", c.samples_per_prompt, 64);
+  positive("judge_k", c.judge_k, 32);
+  positive("checkpoint_every", c.checkpoint_every, 1000000);
+  positive("eval_examples", c.eval_examples, 1000000);
+  if (c.samples_per_prompt < 2)
+    fail("{}: GRPO compares samples of one prompt, so it needs >= 2, got {}",
+         s.key_path("samples_per_prompt"), c.samples_per_prompt);
+  if (c.reward != "judge" && c.reward != "ground_truth")
+    fail("{}: must be judge or ground_truth, got '{}'", s.key_path("reward"), c.reward);
+  if (!(c.judge_temperature >= 0) || !std::isfinite(c.judge_temperature))
+    fail("{}: must be finite and >= 0, got {}", s.key_path("judge_temperature"), c.judge_temperature);
+  if (c.max_lag < 0) fail("{}: must be >= 0, got {}", s.key_path("max_lag"), c.max_lag);
+  c.objective.validate(s.path());
+  return c;
+}
+
 RunConfig read_run(const YAML::Node& root, std::string source) {
   YamlSection top(root, "");
   RunConfig run;
@@ -123,6 +170,8 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   run.stability = StabilityConfig::read(stability);
   YamlSection grm = top.section("grm");
   run.grm = read_grm(grm);
+  YamlSection rl = top.section("rl");
+  run.rl = read_rl(rl);
   YamlSection runtime = top.section("runtime");
   run.runtime.threads = runtime.get("threads", run.runtime.threads);
   runtime.finish();

@@ -14,6 +14,7 @@
 
 #include "kernels/fp4/fp4.h"
 #include "learner/optimizer.h"
+#include "learner/rl_objective.h"
 #include "learner/stability.h"
 #include "model/config.h"
 #include "rollout/task_suite.h"
@@ -59,6 +60,24 @@ struct GrmConfig {
   uint64_t seed = 11;
 };
 
+// `rl:` the RL loop (learner/rl_trainer.h): GRPO against the generative judge.
+struct RlConfig {
+  std::string policy;              // the SFT policy RL starts from; also the frozen KL reference
+  int64_t steps = 60;              // learner steps (policy versions)
+  int prompts_per_step = 16;       // prompts sent out per step
+  int samples_per_prompt = 4;      // n: one GRPO group per prompt
+  std::string reward = "judge";    // judge: the reward service's score | ground_truth: the grader's
+  int judge_k = 1;                 // judge samples (votes) per rollout
+  double judge_temperature = 0.0;  // 0: greedy judging
+  bool judge_with_reference = true;  // show the task's reference answer to the judge
+  RlObjectiveConfig objective;     // clip_eps, tis_cap, kl_coef, adv_eps (flat in the section)
+  int64_t max_lag = 1;             // rollouts older than version - max_lag are skipped
+  int checkpoint_every = 10;       // steps; the final step is always saved
+  int eval_examples = 512;         // held-out prompts of the before/after evaluation
+  uint64_t seed = 5;               // prompt order and sampling seeds
+  OptimizerConfig optimizer;
+};
+
 struct RuntimeConfig {
   int threads = 0;  // 0: every core
 };
@@ -71,6 +90,7 @@ struct RunConfig {
   Fp4TrainConfig fp4;
   StabilityConfig stability;
   GrmConfig grm;
+  RlConfig rl;
   RuntimeConfig runtime;
   std::string source;  // the YAML text it was read from
 

@@ -84,7 +84,8 @@ std::vector<TokenBatch> sft_make_batches(const SftDataSource& source, const Toke
 
 PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tokenizer,
                                  const TaskSuite& suite, int examples, int batch,
-                                 const SamplingConfig& sampling, bool greedy) {
+                                 const SamplingConfig& sampling, bool greedy,
+                                 std::vector<double>* scores) {
   Generator generator(model, tokenizer, batch);
   SamplingParams params;
   params.temperature = greedy ? 0.0 : sampling.temperature;
@@ -94,6 +95,7 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
   params.seed = sampling.seed;
   std::vector<TaskExample> prompts_ex;
   std::vector<std::string> prompts;
+  if (scores) scores->clear();
   for (int i = 0; i < examples; ++i) {
     prompts_ex.push_back(suite.example(Split::kHeldOut, uint64_t(i)));
     prompts.push_back(prompts_ex.back().prompt);
@@ -104,6 +106,7 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
   std::map<std::string, PolicyEvaluation::PerTask> per_task;
   for (int i = 0; i < examples; ++i) {
     const Grade grade = suite.grade(prompts_ex[i], outputs[i].text);
+    if (scores) scores->push_back(grade.score);
     eval.accuracy += grade.correct ? 1 : 0;
     eval.mean_score += grade.score;
     auto& task = per_task[prompts_ex[i].task];

@@ -113,9 +113,12 @@ std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer
                                          int max_seq_len, int buckets);
 
 // Greedy (temperature 0) or sampled evaluation of a model on held-out prompts.
+// `scores`, when given, receives each prompt's grade (0..10) in prompt order, for paired
+// comparisons of two policies on the same prompts.
 PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tokenizer,
                                  const TaskSuite& suite, int examples, int batch,
-                                 const SamplingConfig& sampling, bool greedy);
+                                 const SamplingConfig& sampling, bool greedy,
+                                 std::vector<double>* scores = nullptr);
 
 // What one training step did (the metrics.jsonl line has more).
 struct TrainStep {
