@@ -109,6 +109,7 @@ GrmConfig read_grm(YamlSection& s) {
 RlConfig read_rl(YamlSection& s) {
   RlConfig c;
   c.policy = s.get("policy", c.policy);
+  c.judge = s.get("judge", c.judge);
   c.steps = s.get("steps", c.steps);
   c.prompts_per_step = s.get("prompts_per_step", c.prompts_per_step);
   c.samples_per_prompt = s.get("samples_per_prompt", c.samples_per_prompt);

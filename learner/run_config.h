@@ -63,6 +63,7 @@ struct GrmConfig {
 // `rl:` the RL loop (learner/rl_trainer.h): GRPO against the generative judge.
 struct RlConfig {
   std::string policy;              // the SFT policy RL starts from; also the frozen KL reference
+  std::string judge;               // the judge checkpoint `rlhf up` starts the reward service with
   int64_t steps = 60;              // learner steps (policy versions)
   int prompts_per_step = 16;       // prompts sent out per step
   int samples_per_prompt = 4;      // n: one GRPO group per prompt

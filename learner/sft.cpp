@@ -169,7 +169,7 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
     step_ = info.training->step;
     data_position_ = info.training->data_position;
     data_rng_.deserialize(info.training->rng_state);
-    truncate_metrics_after(step_);
+    truncate_metrics_after((dir / "metrics.jsonl").string(), step_);
     spdlog::info("resumed from {} at step {}", checkpoint.string(), step_);
   } else if (!options.init_from.empty()) {
     // Fine-tuning: every tensor of the starting checkpoint must fit this model exactly
@@ -191,10 +191,7 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
 
 SftTrainer::~SftTrainer() = default;
 
-// Steps after the checkpoint were logged by the interrupted run and will run again: drop their
-// lines so metrics.jsonl keeps one line per step.
-void SftTrainer::truncate_metrics_after(int64_t step) {
-  const fs::path path = fs::path(workdir_) / "metrics.jsonl";
+void truncate_metrics_after(const std::string& path, int64_t step) {
   std::ifstream in(path);
   std::string kept, line;
   while (std::getline(in, line)) {
@@ -205,7 +202,7 @@ void SftTrainer::truncate_metrics_after(int64_t step) {
     }
   }
   in.close();
-  const fs::path tmp = path.string() + ".tmp";
+  const std::string tmp = path + ".tmp";
   std::ofstream(tmp, std::ios::trunc) << kept;
   fs::rename(tmp, path);
 }

@@ -112,6 +112,10 @@ std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer
                                          const std::vector<uint64_t>& example_indices,
                                          int max_seq_len, int buckets);
 
+// Drops the lines of a metrics.jsonl whose "step" is above `step`: after a resume those steps
+// run again, and the file keeps one line per step.
+void truncate_metrics_after(const std::string& path, int64_t step);
+
 // Greedy (temperature 0) or sampled evaluation of a model on held-out prompts.
 // `scores`, when given, receives each prompt's grade (0..10) in prompt order, for paired
 // comparisons of two policies on the same prompts.
@@ -165,7 +169,6 @@ class SftTrainer {
  private:
   void save_checkpoint();
   PackedPolicyReport evaluate_packed_export();
-  void truncate_metrics_after(int64_t step);
 
   RunConfig config_;
   std::string workdir_;

@@ -14,6 +14,8 @@ void add_common_options(CLI::App& command, CommonOptions& options) {
 
 const char* embedded_demo_config() { return kEmbeddedDemoConfig; }
 const char* embedded_stability_config() { return kEmbeddedStabilityConfig; }
+const char* embedded_grm_config() { return kEmbeddedGrmConfig; }
+const char* embedded_rl_config() { return kEmbeddedRlConfig; }
 
 RunConfig load_config(const CommonOptions& options) {
   if (options.config.empty()) {

@@ -25,6 +25,9 @@ RunConfig load_config(const CommonOptions& options);
 // The embedded copies of configs/demo.yaml and configs/stability.yaml.
 const char* embedded_demo_config();
 const char* embedded_stability_config();
+// The embedded configs/grm.yaml and configs/rl.yaml (the demo's judge and RL stages).
+const char* embedded_grm_config();
+const char* embedded_rl_config();
 
 // Prints `summary` as one line on stdout when --json was given (always the last line).
 void print_json(const CommonOptions& options, const nlohmann::json& summary);
@@ -45,5 +48,9 @@ void register_demo(CLI::App& app);
 void register_exp(CLI::App& app);
 void register_serve(CLI::App& app);
 void register_grm(CLI::App& app);
+void register_up(CLI::App& app);
+void register_plot(CLI::App& app);
+// `serve learner`, added to the `serve` command by register_serve.
+void register_serve_learner(CLI::App& serve);
 
 }  // namespace rlhf::cli

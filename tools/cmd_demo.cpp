@@ -1,45 +1,153 @@
-// rlhf demo: the main job on the embedded default config. The RL loop (actor, reward and
-// learner services) comes with its own issue; until then the demo runs the part that exists:
-// train a policy on the task suite from scratch, evaluate it on held-out prompts, and sample
-// from it.
+// rlhf demo: the main job, from nothing, on the embedded configs:
+//   1. SFT     a policy trained from scratch on the task suite (configs/demo.yaml)
+//   2. GRM     that policy fine-tuned on scored data into one model that generates and judges
+//              (configs/grm.yaml)
+//   3. RL      the reward service (the judge: that model, frozen) and actor(s) started as
+//              processes on loopback, and the learner run here against them: GRPO with every
+//              scored rollout stored in RocksDB (configs/rl.yaml)
+//   4. report  held-out ground-truth scores of the RL policy against its start policy
+//
+// Work directory: DIR/ (stage 1, as `rlhf sft`), DIR/grm/ (stage 2, as `rlhf train-grm`),
+// DIR/rl/ (stage 3: checkpoint, metrics.jsonl, store/).
+#include <chrono>
 #include <filesystem>
 #include <iostream>
 
+#include <fmt/core.h>
 #include <spdlog/spdlog.h>
 
+#include "common/error.h"
+#include "learner/grm.h"
 #include "learner/sft.h"
 #include "tools/cli.h"
+#include "tools/rl_commands.h"
+#include "tools/rl_report.h"
 
 namespace rlhf::cli {
 
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+struct DemoOptions {
+  CommonOptions common;  // --config: the SFT stage's config
+  std::string grm_config;
+  std::string rl_config;
+  std::string workdir = "runs/demo";
+  int actors = 1;
+  bool resume = false;
+};
+
+RunConfig load_stage_config(const std::string& path, const char* embedded, const char* what) {
+  return path.empty() ? RunConfig::load_string(embedded, what) : RunConfig::load_file(path);
+}
+
+void run_demo(const DemoOptions& o) {
+  const StopSignals stop_signals;  // first: before any thread exists
+  gpr_set_log_function(log_grpc_through_spdlog);
+  const auto start = Clock::now();
+  // Every config is read (and validated) before anything in the workdir is touched.
+  RunConfig sft_config = load_config(o.common);
+  RunConfig grm_config =
+      load_stage_config(o.grm_config, embedded_grm_config(), "embedded configs/grm.yaml");
+  RunConfig rl_config =
+      load_stage_config(o.rl_config, embedded_rl_config(), "embedded configs/rl.yaml");
+  const fs::path dir(o.workdir);
+  const fs::path grm_dir = dir / "grm";
+  const fs::path rl_dir = dir / "rl";
+  if (!o.resume) {
+    // A demo always starts from nothing; clearing only its own files keeps anything else.
+    for (const char* f : {"checkpoint.safetensors", "policy.safetensors",
+                          "policy-fp4.safetensors", "metrics.jsonl"})
+      fs::remove(dir / f);
+    fs::remove_all(grm_dir);
+    fs::remove_all(rl_dir);
+  }
+
+  spdlog::info("demo stage 1/3: SFT from scratch ({} steps) in {}", sft_config.sft.steps,
+               o.workdir);
+  auto t0 = Clock::now();
+  const bool sft_resume = o.resume && fs::exists(dir / "checkpoint.safetensors");
+  SftTrainer sft(sft_config, o.workdir, sft_resume);
+  sft.train();
+  sft.fail_if_diverged();
+  const SftSummary sft_summary = sft.finish();
+  const double sft_s = seconds_since(t0);
+  print_sft_summary(sft_summary);
+
+  spdlog::info("demo stage 2/3: one model that generates and judges ({} steps) in {}",
+               grm_config.sft.steps, grm_dir.string());
+  t0 = Clock::now();
+  grm_config.grm.policy = sft_summary.policy_path;
+  const bool grm_resume = o.resume && fs::exists(grm_dir / "checkpoint.safetensors");
+  const GrmRunSummary grm = run_train_grm(grm_config, grm_dir.string(), grm_resume);
+  const double grm_s = seconds_since(t0);
+  std::cout << fmt::format("judge + policy: {} ({} pointwise, {} pairwise judge records)\n",
+                           grm.sft.policy_path, grm.pointwise_records, grm.pairwise_records);
+
+  spdlog::info("demo stage 3/3: RL ({} steps) with {} actor(s) and the reward service on "
+               "loopback, in {}",
+               rl_config.rl.steps, o.actors, rl_dir.string());
+  t0 = Clock::now();
+  rl_config.rl.policy = grm.sft.policy_path;
+  rl_config.rl.judge = grm.sft.policy_path;
+  const bool rl_resume = o.resume && fs::exists(rl_dir / "checkpoint.safetensors");
+  RlServiceProcesses services =
+      start_rl_services(rl_config, rl_config.rl.policy, rl_config.rl.judge, o.actors);
+  std::optional<RlSummary> rl;
+  try {
+    rl = run_learner(rl_config, rl_dir.string(), rl_resume, services.actor_addresses,
+                     services.reward_address, "127.0.0.1:0", "", stop_signals);
+  } catch (...) {
+    services.stop();
+    throw;
+  }
+  services.stop();
+  if (!rl) fail("the demo was stopped during RL; continue it with `rlhf demo --resume`");
+  const double rl_s = seconds_since(t0);
+  print_rl_summary(*rl);
+
+  const double wall = seconds_since(start);
+  std::cout << fmt::format(
+      "demo: SFT {:.0f} s, judge {:.0f} s, RL {:.0f} s, total {:.0f} s; held-out mean score "
+      "{:.3f} -> {:.3f} ({:+.3f} +- {:.3f})\n",
+      sft_s, grm_s, rl_s, wall, rl->before.mean_score, rl->after.mean_score,
+      rl->after.mean_score - rl->before.mean_score, rl->mean_score_diff_stderr);
+  nlohmann::json out = rl_summary_json(*rl);
+  out["command"] = "demo";
+  out["stages"] = {"sft", "grm", "rl", "eval"};
+  out["sft_only_mean_score"] = sft_summary.greedy.mean_score;
+  out["sft_only_accuracy"] = sft_summary.greedy.accuracy;
+  out["judge"] = grm.sft.policy_path;
+  out["stage_s"] = {{"sft", sft_s}, {"grm", grm_s}, {"rl", rl_s}};
+  out["wall_s"] = wall;
+  print_json(o.common, out);
+}
+
+}  // namespace
+
 void register_demo(CLI::App& app) {
-  struct Options {
-    CommonOptions common;
-    std::string workdir = "runs/demo";
-    bool resume = false;
-  };
-  auto o = std::make_shared<Options>();
+  auto o = std::make_shared<DemoOptions>();
   CLI::App* cmd = app.add_subcommand(
-      "demo", "the main job: train a policy from scratch on the task suite, evaluate, sample");
+      "demo", "the main job: SFT from scratch, one model that generates and judges, RL "
+              "through the services, held-out evaluation");
   add_common_options(*cmd, o->common);
-  cmd->add_option("--workdir", o->workdir, "directory for checkpoints and metrics")
+  cmd->add_option("--grm-config", o->grm_config,
+                  "config of the judge stage (default: embedded configs/grm.yaml)");
+  cmd->add_option("--rl-config", o->rl_config,
+                  "config of the RL stage (default: embedded configs/rl.yaml)");
+  cmd->add_option("--workdir", o->workdir, "directory for all stages' files")
+      ->capture_default_str();
+  cmd->add_option("--actors", o->actors, "actor processes in the RL stage")
+      ->check(CLI::Range(1, 16))
       ->capture_default_str();
   cmd->add_flag("--resume", o->resume, "continue an interrupted demo in the same workdir");
-  cmd->callback([o] {
-    spdlog::info("rlhf demo: supervised stage only for now (the RL services come next); "
-                 "workdir {}", o->workdir);
-    // The config is read (and validated) before anything in the workdir is touched.
-    RunConfig config = load_config(o->common);
-    if (!o->resume) {
-      // A demo always starts from nothing; clearing only its own files keeps anything else.
-      for (const char* f : {"checkpoint.safetensors", "policy.safetensors", "policy-fp4.safetensors",
-                            "metrics.jsonl"}) {
-        std::filesystem::remove(std::filesystem::path(o->workdir) / f);
-      }
-    }
-    run_sft_and_report(std::move(config), o->workdir, o->resume, o->common,
-                       {{"command", "demo"}, {"stages", {"sft", "eval"}}});
-  });
+  cmd->callback([o] { run_demo(*o); });
 }
 
 }  // namespace rlhf::cli

@@ -1,0 +1,581 @@
+#include "learner/rl_trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/error.h"
+#include "common/progress.h"
+#include "common/rng.h"
+#include "learner/rl_objective.h"
+#include "model/checkpoint.h"
+
+namespace rlhf {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// The reward of one scored rollout, or nullopt when it has none (an INVALID judgment): such a
+// rollout is stored, counted, and left out of training, never turned into a default score.
+std::optional<double> reward_of(const v1::ScoredRollout& s, const std::string& source) {
+  if (source == "ground_truth") {
+    if (!s.has_ground_truth_score()) return std::nullopt;
+    return s.ground_truth_score();
+  }
+  if (!s.judgment().valid()) return std::nullopt;
+  return s.judgment().score();
+}
+
+}  // namespace
+
+RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
+                     RolloutSampler& sampler, RolloutScorer& scorer, std::string store_path)
+    : config_(std::move(config)), workdir_(std::move(workdir)), sampler_(sampler),
+      scorer_(scorer), tokenizer_(make_tokenizer(config_.model.tokenizer)),
+      suite_(config_.tasks) {
+  cpu_set_threads(config_.runtime.threads);
+  const RlConfig& rl = config_.rl;
+  if (rl.policy.empty()) fail("rl.policy: required: the SFT policy checkpoint RL starts from");
+  // The objective's ratios compare log softmax(logits) of the learner with the actor's
+  // logprobs, which are taken at the sampling temperature; they are the same distribution
+  // only at temperature 1.
+  if (config_.sampling.temperature != 1.0 || config_.sampling.top_k != 0 ||
+      config_.sampling.top_p != 1.0) {
+    fail("sampling: RL samples from the policy itself: temperature must be 1, top_k 0 and top_p "
+         "1 (got {}, {}, {})",
+         config_.sampling.temperature, config_.sampling.top_k, config_.sampling.top_p);
+  }
+  const fs::path dir(workdir_);
+  run_id_ = fs::absolute(dir).lexically_normal().filename().string();
+  if (run_id_.empty()) run_id_ = "rl";
+  const fs::path checkpoint = dir / "checkpoint.safetensors";
+  if (!resume && fs::exists(checkpoint)) {
+    fail("workdir '{}' already holds a checkpoint; pass --resume to continue it, or choose an "
+         "empty workdir",
+         workdir_);
+  }
+  if (resume && !fs::exists(checkpoint)) fail("--resume: '{}' does not exist", checkpoint.string());
+  fs::create_directories(dir);
+
+  const int rollouts_per_step = rl.prompts_per_step * rl.samples_per_prompt;
+  max_batch_ = std::min(rollouts_per_step, 128);
+  const int model_batch = std::max(max_batch_, config_.sft.eval_batch);
+  policy_ = std::make_unique<Transformer<float>>(ops_, config_.model, model_batch,
+                                                 config_.model.max_seq_len);
+  reference_ = std::make_unique<Transformer<float>>(ops_, config_.model, model_batch,
+                                                    config_.model.max_seq_len);
+  const CheckpointContents start = checkpoint_read_info(rl.policy);
+  if (start.expert_format) {
+    fail("rl.policy '{}' holds packed FP4 experts; RL trains float master weights, so start "
+         "from a float checkpoint",
+         rl.policy);
+  }
+  checkpoint_load_weights(rl.policy, *reference_);
+  checkpoint_load_weights(rl.policy, *policy_);
+  if (config_.fp4.enabled()) {
+    // The actors run the packed FP4 experts; the learner computes the same function through
+    // QAT, so their logprobs agree and the importance ratios measure staleness, not
+    // quantization.
+    policy_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
+    reference_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
+  }
+  optimizer_ = std::make_unique<AdamW<float>>(ops_, policy_->layout(), rl.optimizer);
+
+  store_path_ = store_path.empty() ? (dir / "store").string() : store_path;
+  store_ = RolloutStore::open(store_path_, RolloutStore::Mode::kReadWrite);
+  const std::optional<v1::LearnerCursor> cursor = store_->cursor(run_id_);
+
+  if (resume) {
+    const CheckpointContents info = checkpoint_read_info(checkpoint.string());
+    if (!info.training) fail("'{}' is not a training checkpoint", checkpoint.string());
+    if (info.training->run_config != config_.source) {
+      fail("'{}' was written by a run with a different config; resume with the config the run "
+           "started with (a copy is in {})",
+           checkpoint.string(), (dir / "config.yaml").string());
+    }
+    checkpoint_load_weights(checkpoint.string(), *policy_);
+    checkpoint_load_moments(checkpoint.string(), policy_->layout(), optimizer_->first_moment(),
+                            optimizer_->second_moment(), ops_);
+    policy_->params_changed();
+    step_ = info.training->step;
+    // The cursor is written right after the checkpoint; a crash between the two leaves it one
+    // checkpoint behind, never ahead.
+    if (cursor && int64_t(cursor->step()) > step_) {
+      fail("store '{}' has run '{}' at step {}, ahead of its checkpoint (step {}): the "
+           "checkpoint is not the one this store belongs to",
+           store_path_, run_id_, cursor->step(), step_);
+    }
+    truncate_metrics_after((dir / "metrics.jsonl").string(), step_);
+    spdlog::info("resumed run '{}' from {} at step {}", run_id_, checkpoint.string(), step_);
+  } else {
+    if (cursor) {
+      fail("store '{}' already holds run '{}' (at step {}); resume it with --resume or use "
+           "another workdir",
+           store_path_, run_id_, cursor->step());
+    }
+    std::ofstream(dir / "config.yaml") << config_.source;
+    std::ofstream(dir / "metrics.jsonl", std::ios::trunc);
+  }
+  uint64_t stored = 0;
+  store_->for_each_scored(run_id_, [&](const v1::ScoredRollout&) { ++stored; });
+  rollouts_stored_ = stored;
+}
+
+RlTrainer::~RlTrainer() = default;
+
+std::vector<v1::Prompt> RlTrainer::step_prompts(int64_t step) const {
+  const RlConfig& rl = config_.rl;
+  std::vector<v1::Prompt> prompts;
+  for (int i = 0; i < rl.prompts_per_step; ++i) {
+    const uint64_t index = uint64_t(step) * uint64_t(rl.prompts_per_step) + uint64_t(i);
+    // 40-bit suite indices, a stream of its own (not the SFT data's).
+    const TaskExample example = suite_.example(Split::kTrain, mix_seed(rl.seed, index) >> 24);
+    v1::Prompt p;
+    p.set_run_id(run_id_);
+    p.set_prompt_index(index);
+    p.set_text(example.prompt);
+    p.set_task(example.task);
+    p.set_reference(example.reference);
+    prompts.push_back(std::move(p));
+  }
+  return prompts;
+}
+
+std::vector<v1::ScoredRollout> RlTrainer::collect(const std::vector<v1::Prompt>& prompts,
+                                                  RlStepMetrics& m) {
+  const RlConfig& rl = config_.rl;
+  const uint64_t first = prompts.front().prompt_index();
+  const uint64_t end = prompts.back().prompt_index() + 1;
+  const size_t expected = prompts.size() * size_t(rl.samples_per_prompt);
+  auto t0 = Clock::now();
+  std::vector<v1::ScoredRollout> stored = store_->read_scored(run_id_, uint64_t(step_), first, end);
+  if (stored.size() == expected) {
+    // A restarted learner redoing a step it had already collected: train on exactly what the
+    // store holds, so nothing is sampled twice.
+    m.from_store = true;
+    m.store_s = seconds_since(t0);
+    spdlog::info("step {}: {} scored rollouts of version {} read back from the store", step_ + 1,
+                 stored.size(), step_);
+    return stored;
+  }
+  if (!stored.empty()) {
+    fail("store '{}': run '{}' version {} holds {} of the {} rollouts of prompts {}..{}; a step "
+         "is written in one batch, so the store was changed by something else",
+         store_path_, run_id_, step_, stored.size(), expected, first, end - 1);
+  }
+
+  v1::GenerateRequest request;
+  for (const v1::Prompt& p : prompts) {
+    auto* item = request.add_prompts();
+    item->set_prompt_index(p.prompt_index());
+    item->set_text(p.text());
+  }
+  request.set_n(rl.samples_per_prompt);
+  request.set_temperature(config_.sampling.temperature);
+  request.set_top_k(config_.sampling.top_k);
+  request.set_top_p(config_.sampling.top_p);
+  request.set_max_new_tokens(config_.sampling.max_new_tokens);
+  request.set_seed(mix_seed(rl.seed, 0x6E4E000000ull + uint64_t(step_)));
+  request.set_want_routing(true);
+  request.set_expect_version(uint64_t(step_));
+  t0 = Clock::now();
+  std::vector<v1::GenerateResponse> responses = sampler_.generate(request);
+  m.generate_s = seconds_since(t0);
+
+  std::map<uint64_t, const v1::Prompt*> by_index;
+  for (const v1::Prompt& p : prompts) by_index[p.prompt_index()] = &p;
+  std::vector<v1::ScoredRollout> scored;
+  int64_t generated_tokens = 0;
+  for (v1::GenerateResponse& response : responses) {
+    if (!by_index.count(response.prompt_index()))
+      fail("actor returned prompt index {}, which was not asked for", response.prompt_index());
+    for (v1::Rollout& rollout : *response.mutable_rollouts()) {
+      rollout.set_run_id(run_id_);
+      generated_tokens += rollout.response_tokens_size();
+      v1::ScoredRollout s;
+      *s.mutable_rollout() = std::move(rollout);
+      scored.push_back(std::move(s));
+    }
+  }
+  if (scored.size() != expected)
+    fail("actors returned {} rollouts, expected {}", scored.size(), expected);
+  std::sort(scored.begin(), scored.end(), [](const auto& a, const auto& b) {
+    return std::pair(a.rollout().prompt_index(), a.rollout().sample_index()) <
+           std::pair(b.rollout().prompt_index(), b.rollout().sample_index());
+  });
+  m.actor_tokens_per_s = m.generate_s > 0 ? double(generated_tokens) / m.generate_s : 0;
+
+  // The grader's score is always recorded (a metric, and the reward of ground_truth runs);
+  // the judge sees only non-empty responses: an empty one has nothing to judge.
+  v1::ScoreRequest score_request;
+  std::vector<size_t> judged;
+  for (size_t i = 0; i < scored.size(); ++i) {
+    const v1::Prompt& prompt = *by_index[scored[i].rollout().prompt_index()];
+    const TaskExample example{prompt.task(), prompt.text(), prompt.reference()};
+    scored[i].set_ground_truth_score(suite_.grade(example, scored[i].rollout().text()).score);
+    if (rl.reward != "judge" || scored[i].rollout().text().empty()) continue;
+    auto* item = score_request.add_items();
+    item->set_prompt(prompt.text());
+    item->set_response(scored[i].rollout().text());
+    if (rl.judge_with_reference) item->set_reference(prompt.reference());
+    judged.push_back(i);
+  }
+  t0 = Clock::now();
+  if (!judged.empty()) {
+    score_request.set_k(rl.judge_k);
+    score_request.set_temperature(rl.judge_temperature);
+    score_request.set_seed(mix_seed(rl.seed, 0x4A55000000ull + uint64_t(step_)));
+    const v1::ScoreResponse score_response = scorer_.score(score_request);
+    if (size_t(score_response.results_size()) != judged.size())
+      fail("reward service returned {} results for {} items", score_response.results_size(),
+           judged.size());
+    for (size_t j = 0; j < judged.size(); ++j) {
+      const v1::PointwiseResult& r = score_response.results(int(j));
+      v1::Judgment* judgment = scored[judged[j]].mutable_judgment();
+      judgment->set_valid(r.valid());
+      judgment->set_score(r.score());
+      *judgment->mutable_sample_scores() = r.sample_scores();
+      *judgment->mutable_reasoning() = r.reasoning();
+      judgment->set_invalid_samples(r.invalid_samples());
+      judgment->set_retries(r.retries());
+    }
+  }
+  m.score_s = seconds_since(t0);
+  for (v1::ScoredRollout& s : scored) {
+    const std::optional<double> reward = reward_of(s, rl.reward);
+    s.set_reward(reward.value_or(0.0));
+  }
+  t0 = Clock::now();
+  store_->write_step(prompts, scored);
+  m.store_s = seconds_since(t0);
+  std::lock_guard lock(mutex_);
+  rollouts_stored_ += scored.size();  // none of this step's were stored (checked above)
+  return scored;
+}
+
+void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMetrics& m) {
+  const RlConfig& rl = config_.rl;
+  const int n = rl.samples_per_prompt;
+  const int V = config_.model.vocab_size;
+
+  // Rewards and advantages, group by group, over the members that have a reward and are
+  // fresh enough; the others get no weight at all.
+  std::vector<double> advantage(scored.size(), 0.0);
+  std::vector<bool> trainable(scored.size(), false);
+  double reward_sum = 0, reward_sq = 0, gt_sum = 0, length_sum = 0;
+  int rewarded = 0, invalid = 0, gt_count = 0;
+  for (size_t g = 0; g < scored.size(); g += size_t(n)) {
+    std::vector<double> rewards;
+    std::vector<size_t> members;
+    for (size_t i = g; i < g + size_t(n); ++i) {
+      const v1::Rollout& r = scored[i].rollout();
+      length_sum += r.response_tokens_size();
+      if (scored[i].has_ground_truth_score()) {
+        gt_sum += scored[i].ground_truth_score();
+        ++gt_count;
+      }
+      if (int64_t(r.policy_version()) + rl.max_lag < step_) {
+        ++m.stale_skipped;
+        continue;
+      }
+      const std::optional<double> reward = reward_of(scored[i], rl.reward);
+      if (!reward) {
+        ++invalid;
+        continue;
+      }
+      rewards.push_back(*reward);
+      members.push_back(i);
+      reward_sum += *reward;
+      reward_sq += *reward * *reward;
+      ++rewarded;
+    }
+    if (members.size() < 2) continue;  // nothing to compare within this prompt
+    const std::vector<double> adv =
+        grpo_advantages(rewards, int(rewards.size()), rl.objective.adv_eps);
+    for (size_t j = 0; j < members.size(); ++j) {
+      advantage[members[j]] = adv[j];
+      trainable[members[j]] = true;
+    }
+  }
+  m.reward_mean = rewarded ? reward_sum / rewarded : 0;
+  m.reward_std = rewarded ? std::sqrt(std::max(0.0, reward_sq / rewarded - m.reward_mean * m.reward_mean)) : 0;
+  m.ground_truth_mean = gt_count ? gt_sum / gt_count : 0;
+  m.judge_invalid_rate = scored.empty() ? 0 : double(invalid) / double(scored.size());
+  m.response_tokens = scored.empty() ? 0 : length_sum / double(scored.size());
+
+  std::vector<size_t> rows;
+  int64_t total_tokens = 0;
+  for (size_t i = 0; i < scored.size(); ++i) {
+    if (!trainable[i]) continue;
+    rows.push_back(i);
+    total_tokens += scored[i].rollout().response_tokens_size();
+  }
+  const auto t0 = Clock::now();
+  policy_->zero_grads();
+  double loss = 0, kl_sum = 0, entropy_sum = 0, mismatch_sum = 0;
+  int64_t clipped = 0, tokens = 0;
+  for (size_t chunk = 0; chunk < rows.size() && total_tokens > 0; chunk += size_t(max_batch_)) {
+    const size_t count = std::min(rows.size() - chunk, size_t(max_batch_));
+    // Inputs are prompt + response without the last token; the target at position t is token
+    // t + 1, so response token j is predicted at position prompt_size - 1 + j.
+    int T = 0;
+    for (size_t r = 0; r < count; ++r) {
+      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
+      T = std::max(T, ro.prompt_tokens_size() + ro.response_tokens_size() - 1);
+    }
+    TokenBatch batch;
+    batch.batch = int(count);
+    batch.seq_len = T;
+    const int32_t pad = tokenizer_->special(SpecialToken::kPad);
+    batch.tokens.assign(count * size_t(T), pad);
+    batch.targets.assign(count * size_t(T), pad);
+    batch.weights.assign(count * size_t(T), 0.0f);
+    for (size_t r = 0; r < count; ++r) {
+      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
+      std::vector<int32_t> seq(ro.prompt_tokens().begin(), ro.prompt_tokens().end());
+      seq.insert(seq.end(), ro.response_tokens().begin(), ro.response_tokens().end());
+      for (size_t t = 0; t + 1 < seq.size(); ++t) {
+        batch.tokens[r * size_t(T) + t] = seq[t];
+        batch.targets[r * size_t(T) + t] = seq[t + 1];
+      }
+    }
+    // log p under the reference, then under the policy (whose logits stay valid until its
+    // next forward, which is the forward_backward below).
+    std::vector<double> ref_logp(count * size_t(T), 0.0);
+    const float* ref_logits = reference_->forward(batch.tokens.data(), int(count), T);
+    for (size_t r = 0; r < count; ++r) {
+      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
+      const size_t first = size_t(ro.prompt_tokens_size() - 1);
+      for (int j = 0; j < ro.response_tokens_size(); ++j) {
+        const size_t pos = r * size_t(T) + first + size_t(j);
+        ref_logp[pos] = token_logprob(std::span<const float>(ref_logits + pos * size_t(V), size_t(V)),
+                                      batch.targets[pos]).logprob;
+      }
+    }
+    const float* logits = policy_->forward(batch.tokens.data(), int(count), T);
+    for (size_t r = 0; r < count; ++r) {
+      const size_t row = rows[chunk + r];
+      const v1::Rollout& ro = scored[row].rollout();
+      const size_t first = size_t(ro.prompt_tokens_size() - 1);
+      for (int j = 0; j < ro.response_tokens_size(); ++j) {
+        const size_t pos = r * size_t(T) + first + size_t(j);
+        const TokenLogprob lp = token_logprob(
+            std::span<const float>(logits + pos * size_t(V), size_t(V)), batch.targets[pos]);
+        const RlTokenTerm term = rl_token_term(advantage[row], lp.logprob, ro.logprobs(j),
+                                               ref_logp[pos], rl.objective);
+        batch.weights[pos] = float(term.weight / double(total_tokens));
+        loss += term.loss / double(total_tokens);
+        kl_sum += term.kl;
+        entropy_sum += lp.entropy;
+        const double mismatch = std::abs(lp.logprob - ro.logprobs(j));
+        mismatch_sum += mismatch;
+        m.logprob_mismatch_max = std::max(m.logprob_mismatch_max, mismatch);
+        clipped += term.clipped;
+        ++tokens;
+      }
+    }
+    policy_->forward_backward(batch);
+  }
+  if (tokens > 0) {
+    m.kl = kl_sum / double(tokens);
+    m.entropy = entropy_sum / double(tokens);
+    m.logprob_mismatch = mismatch_sum / double(tokens);
+    m.clip_fraction = double(clipped) / double(tokens);
+    m.loss = loss;
+    m.grad_norm = optimizer_->grad_norm(policy_->grads());
+    if (!std::isfinite(loss) || !std::isfinite(m.grad_norm)) {
+      fail("RL diverged: step {} has a non-finite loss ({}) or gradient norm ({}); the update "
+           "was not applied (last checkpoint: {})",
+           step_ + 1, loss, m.grad_norm, (fs::path(workdir_) / "checkpoint.safetensors").string());
+    }
+    optimizer_->step(policy_->params(), policy_->grads(), step_, rl.steps, m.grad_norm);
+    policy_->params_changed();
+    policy_->update_router_bias();
+  } else {
+    // Every group agreed (or had no reward): there is no preference to learn from, and the
+    // policy stays as it is. The version still advances, so versions count steps.
+    spdlog::warn("step {}: no trainable rollouts (all groups tied or invalid); no update",
+                 step_ + 1);
+  }
+  m.train_s = seconds_since(t0);
+}
+
+void RlTrainer::publish_current(RlStepMetrics* m) {
+  const auto t0 = Clock::now();
+  auto payload = std::make_shared<WeightPayload>();
+  payload->version = uint64_t(step_);
+  payload->bytes = serialize_policy(
+      *policy_, tokenizer_->name(),
+      config_.fp4.enabled() ? std::optional<Fp4Format>(config_.fp4.format) : std::nullopt);
+  {
+    std::lock_guard lock(mutex_);
+    weights_ = payload;
+  }
+  sampler_.publish(*payload);
+  if (m) m->publish_s = seconds_since(t0);
+}
+
+void RlTrainer::save_checkpoint() {
+  const fs::path path = fs::path(workdir_) / "checkpoint.safetensors";
+  const uint64_t next_prompt = uint64_t(step_) * uint64_t(config_.rl.prompts_per_step);
+  TrainingState state{step_, int64_t(next_prompt), "", config_.source};
+  checkpoint_save(path.string(), *policy_, tokenizer_->name(), optimizer_->first_moment(),
+                  optimizer_->second_moment(), &state);
+  // After the checkpoint, never before: a cursor must not point past what a restart can load.
+  v1::LearnerCursor cursor;
+  cursor.set_run_id(run_id_);
+  cursor.set_step(uint64_t(step_));
+  cursor.set_next_prompt_index(next_prompt);
+  cursor.set_checkpoint(path.string());
+  store_->put_cursor(cursor);
+  std::lock_guard lock(mutex_);
+  last_checkpoint_ = path.string();
+  ++checkpoint_generation_;
+  checkpoint_done_.notify_all();
+}
+
+void RlTrainer::write_metrics(const RlStepMetrics& m) {
+  nlohmann::json row = {{"step", m.step},
+                        {"reward_mean", m.reward_mean},
+                        {"reward_std", m.reward_std},
+                        {"ground_truth_mean", m.ground_truth_mean},
+                        {"judge_invalid_rate", m.judge_invalid_rate},
+                        {"kl", m.kl},
+                        {"clip_fraction", m.clip_fraction},
+                        {"entropy", m.entropy},
+                        {"response_tokens", m.response_tokens},
+                        {"logprob_mismatch", m.logprob_mismatch},
+                        {"logprob_mismatch_max", m.logprob_mismatch_max},
+                        {"stale_skipped", m.stale_skipped},
+                        {"from_store", m.from_store},
+                        {"loss", m.loss},
+                        {"grad_norm", m.grad_norm},
+                        {"actor_tokens_per_s", m.actor_tokens_per_s},
+                        {"time_s", {{"generate", m.generate_s},
+                                    {"score", m.score_s},
+                                    {"store", m.store_s},
+                                    {"train", m.train_s},
+                                    {"publish", m.publish_s}}}};
+  const ForwardStats& stats = policy_->last_stats();
+  row["expert_load"] = stats.expert_load;
+  std::ofstream(fs::path(workdir_) / "metrics.jsonl", std::ios::app) << row.dump() << "\n";
+}
+
+RlStepMetrics RlTrainer::step() {
+  RlStepMetrics m;
+  const std::vector<v1::Prompt> prompts = step_prompts(step_);
+  const std::vector<v1::ScoredRollout> scored = collect(prompts, m);
+  train_on(scored, m);
+  {
+    std::lock_guard lock(mutex_);  // status() reads step_ from gRPC threads
+    ++step_;
+  }
+  m.step = step_;
+  publish_current(&m);
+  std::lock_guard lock(mutex_);
+  last_reward_mean_ = m.reward_mean;
+  return m;
+}
+
+void RlTrainer::train() {
+  const auto start = Clock::now();
+  const RlConfig& rl = config_.rl;
+  // Actors that are behind (a resumed run, a restarted actor) catch up before sampling.
+  publish_current(nullptr);
+  ProgressMeter progress("rl", rl.steps);
+  while (step_ < rl.steps && !stop_requested_) {
+    const RlStepMetrics m = step();
+    write_metrics(m);
+    progress.update(step_, m.loss, int64_t(m.response_tokens * rl.prompts_per_step * rl.samples_per_prompt),
+                    fmt::format("reward {:.2f} gt {:.2f} kl {:.4f} clip {:.3f} mismatch {:.1e}{}",
+                                m.reward_mean, m.ground_truth_mean, m.kl, m.clip_fraction,
+                                m.logprob_mismatch, m.from_store ? " (from store)" : ""));
+    bool requested = false;
+    {
+      std::lock_guard lock(mutex_);
+      requested = checkpoint_requested_;
+      checkpoint_requested_ = false;
+    }
+    if (requested || step_ % rl.checkpoint_every == 0 || step_ == rl.steps) save_checkpoint();
+  }
+  if (stop_requested_) save_checkpoint();
+  train_s_ += seconds_since(start);
+  std::lock_guard lock(mutex_);
+  state_ = "done";
+  checkpoint_done_.notify_all();
+}
+
+RlSummary RlTrainer::finish() {
+  RlSummary s;
+  s.run_id = run_id_;
+  s.steps = step_;
+  s.eval_examples = config_.rl.eval_examples;
+  const fs::path policy_path = fs::path(workdir_) / "policy.safetensors";
+  checkpoint_save(policy_path.string(), *policy_, tokenizer_->name());
+  s.policy_path = policy_path.string();
+  s.store_path = store_path_;
+  std::vector<double> before_scores, after_scores;
+  spdlog::info("evaluating the start policy and the RL policy on {} held-out prompts (greedy)",
+               s.eval_examples);
+  s.before = evaluate_policy(*reference_, *tokenizer_, suite_, s.eval_examples,
+                             config_.sft.eval_batch, config_.sampling, true, &before_scores);
+  s.after = evaluate_policy(*policy_, *tokenizer_, suite_, s.eval_examples,
+                            config_.sft.eval_batch, config_.sampling, true, &after_scores);
+  // Paired standard error of the mean difference: both policies answer the same prompts.
+  double mean = 0, sq = 0;
+  const size_t count = after_scores.size();
+  for (size_t i = 0; i < count; ++i) mean += after_scores[i] - before_scores[i];
+  mean /= double(std::max<size_t>(1, count));
+  for (size_t i = 0; i < count; ++i) {
+    const double d = after_scores[i] - before_scores[i] - mean;
+    sq += d * d;
+  }
+  s.mean_score_diff_stderr = count > 1 ? std::sqrt(sq / double(count - 1) / double(count)) : 0;
+  std::lock_guard lock(mutex_);
+  s.rollouts_stored = rollouts_stored_;
+  s.train_s = train_s_;
+  return s;
+}
+
+RlStatus RlTrainer::status() const {
+  std::lock_guard lock(mutex_);
+  RlStatus s;
+  s.run_id = run_id_;
+  s.step = step_;
+  s.total_steps = config_.rl.steps;
+  s.rollouts_stored = rollouts_stored_;
+  s.last_reward_mean = last_reward_mean_;
+  s.state = stop_requested_ && state_ == "running" ? "stopping" : state_;
+  return s;
+}
+
+std::shared_ptr<const WeightPayload> RlTrainer::current_weights() const {
+  std::lock_guard lock(mutex_);
+  return weights_;
+}
+
+std::string RlTrainer::request_checkpoint() {
+  std::unique_lock lock(mutex_);
+  if (state_ == "done") return last_checkpoint_;
+  const int64_t generation = checkpoint_generation_;
+  checkpoint_requested_ = true;
+  checkpoint_done_.wait(lock, [&] { return checkpoint_generation_ != generation || state_ == "done"; });
+  return last_checkpoint_;
+}
+
+void RlTrainer::stop() { stop_requested_ = true; }
+
+}  // namespace rlhf
