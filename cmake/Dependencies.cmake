@@ -30,3 +30,14 @@ if(NOT TARGET CLI11::CLI11)
   add_library(CLI11::CLI11 INTERFACE IMPORTED)
   target_include_directories(CLI11::CLI11 INTERFACE ${RLHF_CLI11_INCLUDE})
 endif()
+
+# RocksDB (the RolloutStore): the shared library and its header, found directly. Not every
+# distribution ships RocksDBConfig.cmake, and Debian's runs find_dependency for gflags, Snappy,
+# zlib, bzip2, lz4 and zstd and adds its own Find modules to CMAKE_MODULE_PATH, all for the sake
+# of its static library; the shared one records those dependencies itself.
+find_library(RLHF_ROCKSDB_LIBRARY NAMES rocksdb REQUIRED)
+find_path(RLHF_ROCKSDB_INCLUDE rocksdb/db.h REQUIRED)
+add_library(rlhf_rocksdb INTERFACE)
+target_link_libraries(rlhf_rocksdb INTERFACE ${RLHF_ROCKSDB_LIBRARY} Threads::Threads)
+target_include_directories(rlhf_rocksdb SYSTEM INTERFACE ${RLHF_ROCKSDB_INCLUDE})
+message(STATUS "rlhf: RocksDB ${RLHF_ROCKSDB_LIBRARY}")

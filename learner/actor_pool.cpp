@@ -33,7 +33,7 @@ bool ActorPool::catch_up(Actor& actor) {
   try {
     const v1::ActorStatus status = actor.client->status();
     if (current_ && status.version() < current_->version) {
-      spdlog::info("actor {}: serves version {}, sending version {}", actor.address,
+      spdlog::debug("actor {}: serves version {}, sending version {}", actor.address,
                    status.version(), current_->version);
       actor.client->update_weights(*current_);
     } else if (current_ && status.version() > current_->version) {

@@ -52,5 +52,6 @@ void register_up(CLI::App& app);
 void register_plot(CLI::App& app);
 // `serve learner`, added to the `serve` command by register_serve.
 void register_serve_learner(CLI::App& serve);
+void register_db(CLI::App& app);
 
 }  // namespace rlhf::cli

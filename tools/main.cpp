@@ -30,6 +30,9 @@ int main(int argc, char** argv) {
   rlhf::cli::register_exp(app);
   rlhf::cli::register_serve(app);
   rlhf::cli::register_grm(app);
+  rlhf::cli::register_db(app);
+  rlhf::cli::register_up(app);
+  rlhf::cli::register_plot(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -254,7 +254,9 @@ TEST_F(RlLoopTest, JudgeRewardsAreStoredWithTheirBookkeeping) {
     EXPECT_EQ(j.sample_scores_size() + j.invalid_samples(), 1) << "k = 1: one vote or one INVALID";
     EXPECT_EQ(j.valid(), j.sample_scores_size() > 0);
     EXPECT_EQ(j.reasoning_size(), j.sample_scores_size());
-    if (j.valid()) EXPECT_EQ(s.reward(), j.score());
+    if (j.valid()) {
+      EXPECT_EQ(s.reward(), j.score());
+    }
   });
   EXPECT_EQ(count, size_t(kPrompts * kSamples));
 }
