@@ -16,6 +16,14 @@
 namespace rlhf {
 namespace {
 
+// common/rpc_error.h keeps gRPC out and names the canonical codes by number.
+static_assert(int(grpc::StatusCode::CANCELLED) == RpcError::kCancelled);
+static_assert(int(grpc::StatusCode::INVALID_ARGUMENT) == RpcError::kInvalidArgument);
+static_assert(int(grpc::StatusCode::DEADLINE_EXCEEDED) == RpcError::kDeadlineExceeded);
+static_assert(int(grpc::StatusCode::RESOURCE_EXHAUSTED) == RpcError::kResourceExhausted);
+static_assert(int(grpc::StatusCode::FAILED_PRECONDITION) == RpcError::kFailedPrecondition);
+static_assert(int(grpc::StatusCode::UNAVAILABLE) == RpcError::kUnavailable);
+
 // gRPC's reconnect backoff after a failed connection grows to 120 s by default, and while it
 // waits every call fails at once with UNAVAILABLE. Capped, a restarted actor or learner is
 // found within a few of our retries.
@@ -39,7 +47,9 @@ void set_deadline(grpc::ClientContext& context, std::chrono::milliseconds deadli
 }
 
 const ActorClientOptions& checked_options(const ActorClientOptions& options) {
-  if (options.max_attempts < 1) fail("actor client: max_attempts must be >= 1, got {}", options.max_attempts);
+  if (options.max_attempts < 1) {
+    fail("actor client: max_attempts must be >= 1, got {}", options.max_attempts);
+  }
   if (options.deadline.count() <= 0) fail("actor client: the deadline must be positive");
   if (options.initial_backoff.count() < 0) fail("actor client: initial_backoff must be >= 0");
   return options;
@@ -217,8 +227,8 @@ WeightPayload fetch_learner_weights(const std::string& learner_address,
     spdlog::info("waiting for learner at {} ({}; next try in {} ms)", learner_address,
                  rpc_code_name(error.code()), backoff.count());
     std::this_thread::sleep_for(backoff);
-    backoff = std::min<std::chrono::milliseconds>(std::max(backoff * 2, std::chrono::milliseconds(1)),
-                                                  kMaxReconnectBackoff);
+    backoff = std::clamp<std::chrono::milliseconds>(backoff * 2, std::chrono::milliseconds(1),
+                                                    kMaxReconnectBackoff);
   }
 }
 

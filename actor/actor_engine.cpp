@@ -1,8 +1,10 @@
 #include "actor/actor_engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <exception>
 #include <sstream>
+#include <unordered_set>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -239,6 +241,52 @@ void ActorEngine::set_address(const std::string& address) {
   address_ = address;
 }
 
+void ActorEngine::check_request(const v1::GenerateRequest& request,
+                                const GenerateRequestLimits& limits) const {
+  if (request.prompts_size() == 0) fail("prompts: must hold at least one prompt");
+  if (request.prompts_size() > limits.max_prompts) {
+    fail("prompts: {} prompts, the limit is {} per request", request.prompts_size(),
+         limits.max_prompts);
+  }
+  if (request.n() < 1 || request.n() > limits.max_n) {
+    fail("n: must be in 1..{}, got {}", limits.max_n, request.n());
+  }
+  const int context = config_.max_seq_len;
+  if (request.max_new_tokens() < 1 || request.max_new_tokens() > context) {
+    fail("max_new_tokens: must be in 1..{} (the model's context, max_seq_len), got {}", context,
+         request.max_new_tokens());
+  }
+  if (!std::isfinite(request.temperature()) || request.temperature() < 0) {
+    fail("temperature: must be finite and >= 0 (0 = greedy), got {}", request.temperature());
+  }
+  if (request.top_k() < 0) fail("top_k: must be >= 0 (0 = off), got {}", request.top_k());
+  // Written so that NaN fails too.
+  if (!(request.top_p() >= 0 && request.top_p() <= 1)) {
+    fail("top_p: must be in (0, 1] (0 means 1), got {}", request.top_p());
+  }
+  std::unordered_set<uint64_t> seen;
+  for (int i = 0; i < request.prompts_size(); ++i) {
+    const v1::GenerateRequest::PromptItem& prompt = request.prompts(i);
+    if (prompt.text().empty()) fail("prompts[{}].text: must not be empty", i);
+    if (prompt.text().size() > size_t(limits.max_text_bytes)) {
+      fail("prompts[{}].text: {} bytes, the limit is {}", i, prompt.text().size(),
+           limits.max_text_bytes);
+    }
+    // At least one position must remain for a generated token.
+    const size_t tokens = format_prompt(*tokenizer_, prompt.text()).size();
+    if (tokens >= size_t(context)) {
+      fail("prompts[{}].text: {} tokens as a prompt, the model's context (max_seq_len) is {}; "
+           "shorten it",
+           i, tokens, context);
+    }
+    // Rollouts are keyed by prompt index, and a repeated index would repeat its samples.
+    if (!seen.insert(prompt.prompt_index()).second) {
+      fail("prompts[{}].prompt_index: {} appears more than once in the request", i,
+           prompt.prompt_index());
+    }
+  }
+}
+
 bool ActorEngine::submit(v1::GenerateRequest request, GenerateSink* sink) {
   {
     std::lock_guard<std::mutex> lock(queue_mutex_);
@@ -249,7 +297,9 @@ bool ActorEngine::submit(v1::GenerateRequest request, GenerateSink* sink) {
   return true;
 }
 
-std::vector<v1::GenerateResponse> ActorEngine::generate(const v1::GenerateRequest& request) {
+std::vector<v1::GenerateResponse> ActorEngine::generate(const v1::GenerateRequest& request,
+                                                       const GenerateRequestLimits& limits) {
+  check_request(request, limits);
   CollectingSink sink;
   if (!submit(request, &sink)) fail("actor: the engine is shutting down");
   return sink.wait();
@@ -360,11 +410,12 @@ void ActorEngine::run_round(std::vector<Job>& round) {
     GenerateOutcome outcome;
     try {
       outcome = run_job(*policy, job, address, &tokens);
-    } catch (const Error& e) {
-      outcome = {GenerateOutcome::Code::kInvalidArgument, e.what()};
     } catch (const std::exception& e) {
-      spdlog::error("actor: generation failed: {}", e.what());
-      outcome = {GenerateOutcome::Code::kInternal, fmt::format("generation failed: {}", e.what())};
+      // Requests are checked before they are queued, so what the Generator still refuses is
+      // the actor's fault, e.g. non-finite logits from a diverged policy: not the caller's.
+      spdlog::error("actor: generation on version {} failed: {}", policy->version, e.what());
+      outcome = {GenerateOutcome::Code::kInternal,
+                 fmt::format("generation on version {} failed: {}", policy->version, e.what())};
     }
     {
       // Before finish(): a caller that sees its stream end then sees it counted in Status.

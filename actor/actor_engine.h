@@ -58,9 +58,17 @@ struct ActorEngineOptions {
   std::function<std::unique_ptr<Ops<float>>()> make_ops;  // empty: CpuOps<float>
 };
 
-// How a request ended, as the service maps it to a status code.
+// The size limits of one Generate request (ActorServiceLimits carries the service's).
+struct GenerateRequestLimits {
+  int max_prompts = 256;      // prompts per request
+  int max_n = 64;             // samples per prompt
+  int max_text_bytes = 1024;  // each prompt's text
+};
+
+// How a queued request ended, as the service maps it to a status code. (A malformed request
+// never gets queued: check_request refuses it first.)
 struct GenerateOutcome {
-  enum class Code { kOk, kInvalidArgument, kFailedPrecondition, kCancelled, kInternal };
+  enum class Code { kOk, kFailedPrecondition, kCancelled, kInternal };
   Code code = Code::kOk;
   std::string message;
 };
@@ -106,14 +114,20 @@ class ActorEngine {
   // Written into every rollout's `actor` field (the service sets its bound address).
   void set_address(const std::string& address);
 
+  // rlhf::Error naming the first bad field of a request (the rules in actor.proto and
+  // docs/actor.md; a prompt must leave room in the context for one generated token). Reads only
+  // the config and the tokenizer, which never change, so any thread may call it at any time.
+  void check_request(const v1::GenerateRequest& request,
+                     const GenerateRequestLimits& limits) const;
   // Queues a request; its results go to `sink`, which must stay valid until sink.finish().
-  // The request must be valid (the service checks it, actor_service.cpp); what the Generator
-  // still refuses ends as kInvalidArgument. The queue is not bounded here: the service bounds
-  // the calls it accepts (ActorServiceLimits::max_queued). False, with nothing queued, once
-  // the engine is being destroyed.
+  // The request must have passed check_request; what the Generator still refuses (e.g.
+  // non-finite logits from a diverged policy) ends as kInternal. The queue is not bounded here:
+  // the service bounds the calls it accepts (ActorServiceLimits::max_queued). False, with
+  // nothing queued, once the engine is being destroyed.
   bool submit(v1::GenerateRequest request, GenerateSink* sink);
-  // submit() and wait: the responses, or rlhf::Error with the outcome's message.
-  std::vector<v1::GenerateResponse> generate(const v1::GenerateRequest& request);
+  // check_request(), submit() and wait: the responses, or rlhf::Error with the reason.
+  std::vector<v1::GenerateResponse> generate(const v1::GenerateRequest& request,
+                                             const GenerateRequestLimits& limits = {});
 
   // Checks `payload` (a newer version, a readable checkpoint with this engine's tokenizer and
   // architecture, float or packed in the served format), loads it while the current version

@@ -2,14 +2,12 @@
 
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <condition_variable>
 #include <deque>
 #include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
-#include <unordered_set>
 #include <utility>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
@@ -18,7 +16,6 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
-#include "model/tokenizer.h"
 #include "rlhf/v1/actor.grpc.pb.h"
 
 namespace rlhf {
@@ -26,62 +23,10 @@ namespace {
 
 constexpr const char* kActorServiceName = "rlhf.v1.ActorService";
 
-// ---- Generate request checks: on gRPC's threads, before anything is queued; rlhf::Error
-// naming the field. They read only the tokenizer and the config, which never change (an update
-// must keep the architecture), so they may run while the worker generates.
-
-void check_generate_request(const v1::GenerateRequest& request, const ActorEngine& engine,
-                            const ActorServiceLimits& limits) {
-  if (request.prompts_size() == 0) fail("prompts: must hold at least one prompt");
-  if (request.prompts_size() > limits.max_prompts) {
-    fail("prompts: {} prompts, the limit is {} per request", request.prompts_size(),
-         limits.max_prompts);
-  }
-  if (request.n() < 1 || request.n() > limits.max_n) {
-    fail("n: must be in 1..{}, got {}", limits.max_n, request.n());
-  }
-  const int context = engine.config().max_seq_len;
-  if (request.max_new_tokens() < 1 || request.max_new_tokens() > context) {
-    fail("max_new_tokens: must be in 1..{} (the model's context, max_seq_len), got {}", context,
-         request.max_new_tokens());
-  }
-  if (!std::isfinite(request.temperature()) || request.temperature() < 0) {
-    fail("temperature: must be finite and >= 0 (0 = greedy), got {}", request.temperature());
-  }
-  if (request.top_k() < 0) fail("top_k: must be >= 0 (0 = off), got {}", request.top_k());
-  // Written so that NaN fails too.
-  if (!(request.top_p() >= 0 && request.top_p() <= 1)) {
-    fail("top_p: must be in (0, 1] (0 means 1), got {}", request.top_p());
-  }
-  std::unordered_set<uint64_t> seen;
-  for (int i = 0; i < request.prompts_size(); ++i) {
-    const v1::GenerateRequest::PromptItem& prompt = request.prompts(i);
-    if (prompt.text().empty()) fail("prompts[{}].text: must not be empty", i);
-    if (prompt.text().size() > size_t(limits.max_text_bytes)) {
-      fail("prompts[{}].text: {} bytes, the limit is {}", i, prompt.text().size(),
-           limits.max_text_bytes);
-    }
-    // At least one position must remain for a generated token.
-    const size_t tokens = format_prompt(engine.tokenizer(), prompt.text()).size();
-    if (tokens >= size_t(context)) {
-      fail("prompts[{}].text: {} tokens as a prompt, the model's context (max_seq_len) is {}; "
-           "shorten it",
-           i, tokens, context);
-    }
-    // Rollouts are keyed by prompt index, and a repeated index would repeat its samples.
-    if (!seen.insert(prompt.prompt_index()).second) {
-      fail("prompts[{}].prompt_index: {} appears more than once in the request", i,
-           prompt.prompt_index());
-    }
-  }
-}
-
 grpc::Status to_grpc_status(const GenerateOutcome& outcome) {
   switch (outcome.code) {
     case GenerateOutcome::Code::kOk:
       return grpc::Status::OK;
-    case GenerateOutcome::Code::kInvalidArgument:
-      return {grpc::StatusCode::INVALID_ARGUMENT, outcome.message};
     case GenerateOutcome::Code::kFailedPrecondition:
       return {grpc::StatusCode::FAILED_PRECONDITION, outcome.message};
     case GenerateOutcome::Code::kCancelled:
@@ -317,12 +262,14 @@ class UpdateWeightsReactor final : public grpc::ServerReadReactor<v1::WeightChun
 class ActorServiceImpl final : public v1::ActorService::CallbackService {
  public:
   ActorServiceImpl(ActorEngine& engine, const ActorServiceLimits& limits, UpdateWorker& updater)
-      : engine_(engine), limits_(limits), updater_(updater) {}
+      : engine_(engine), limits_(limits),
+        request_limits_{limits.max_prompts, limits.max_n, limits.max_text_bytes},
+        updater_(updater) {}
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override {
     try {
-      check_generate_request(*request, engine_, limits_);
+      engine_.check_request(*request, request_limits_);
     } catch (const Error& e) {
       return new RejectedGenerate(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, e.what()));
     }
@@ -365,17 +312,22 @@ class ActorServiceImpl final : public v1::ActorService::CallbackService {
  private:
   ActorEngine& engine_;
   const ActorServiceLimits limits_;
+  const GenerateRequestLimits request_limits_;
   UpdateWorker& updater_;
   std::atomic<int> outstanding_{0};  // Generate calls accepted and not yet finished
 };
 
 const ActorServiceLimits& checked_limits(const ActorServiceLimits& limits) {
-  if (limits.max_prompts < 1) fail("actor service: max_prompts must be >= 1, got {}", limits.max_prompts);
+  if (limits.max_prompts < 1) {
+    fail("actor service: max_prompts must be >= 1, got {}", limits.max_prompts);
+  }
   if (limits.max_n < 1) fail("actor service: max_n must be >= 1, got {}", limits.max_n);
   if (limits.max_text_bytes < 1) {
     fail("actor service: max_text_bytes must be >= 1, got {}", limits.max_text_bytes);
   }
-  if (limits.max_queued < 1) fail("actor service: max_queued must be >= 1, got {}", limits.max_queued);
+  if (limits.max_queued < 1) {
+    fail("actor service: max_queued must be >= 1, got {}", limits.max_queued);
+  }
   return limits;
 }
 

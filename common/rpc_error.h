@@ -1,10 +1,11 @@
 #pragma once
-// RpcError: a failed call to one of our gRPC services, as the service clients (actor/actor_client.h,
-// and any other client of the rlhf.v1 services) report it. It carries the canonical status code,
-// so a caller can tell "the service is down or slow" (UNAVAILABLE, DEADLINE_EXCEEDED) from "the
-// service refused this request" (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) without parsing
-// text. Header-only and free of gRPC headers: the codes are the canonical numbers that
-// grpc::StatusCode and absl::StatusCode share (0 OK .. 16 UNAUTHENTICATED).
+// RpcError: a failed call to one of our gRPC services, as the service clients report it
+// (actor/actor_client.h, and any other client of the rlhf.v1 services). It carries the
+// canonical status code, so a caller can tell "the service is down or slow" (UNAVAILABLE,
+// DEADLINE_EXCEEDED) from "the service refused this request" (INVALID_ARGUMENT,
+// FAILED_PRECONDITION, ...) without parsing text. Header-only and free of gRPC headers: the
+// codes are the canonical numbers that grpc::StatusCode and absl::StatusCode share (0 OK .. 16
+// UNAUTHENTICATED).
 #include <string>
 
 #include "common/error.h"
@@ -14,11 +15,24 @@ namespace rlhf {
 // "UNAVAILABLE" for 14 and so on; "CODE_<n>" for a number outside the canonical set.
 inline std::string rpc_code_name(int code) {
   static constexpr const char* kNames[] = {
-      "OK",                 "CANCELLED",         "UNKNOWN",      "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED",  "NOT_FOUND",         "ALREADY_EXISTS", "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",    "OUT_OF_RANGE",
-      "UNIMPLEMENTED",      "INTERNAL",          "UNAVAILABLE",  "DATA_LOSS",
-      "UNAUTHENTICATED"};
+      "OK",                  // 0
+      "CANCELLED",           // 1
+      "UNKNOWN",             // 2
+      "INVALID_ARGUMENT",    // 3
+      "DEADLINE_EXCEEDED",   // 4
+      "NOT_FOUND",           // 5
+      "ALREADY_EXISTS",      // 6
+      "PERMISSION_DENIED",   // 7
+      "RESOURCE_EXHAUSTED",  // 8
+      "FAILED_PRECONDITION", // 9
+      "ABORTED",             // 10
+      "OUT_OF_RANGE",        // 11
+      "UNIMPLEMENTED",       // 12
+      "INTERNAL",            // 13
+      "UNAVAILABLE",         // 14
+      "DATA_LOSS",           // 15
+      "UNAUTHENTICATED",     // 16
+  };
   if (code >= 0 && code < int(sizeof(kNames) / sizeof(kNames[0]))) return kNames[code];
   return "CODE_" + std::to_string(code);
 }

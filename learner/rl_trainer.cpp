@@ -70,6 +70,19 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
   if (resume && !fs::exists(checkpoint)) fail("--resume: '{}' does not exist", checkpoint.string());
   fs::create_directories(dir);
 
+  // The policy is the start checkpoint's model: its architecture (context length included) is
+  // what the actors serve, and a weight update must match it exactly.
+  const CheckpointContents start = checkpoint_read_info(rl.policy);
+  if (start.expert_format) {
+    fail("rl.policy '{}' holds packed FP4 experts; RL trains float master weights, so start "
+         "from a float checkpoint",
+         rl.policy);
+  }
+  if (start.tokenizer != config_.model.tokenizer) {
+    fail("rl.policy '{}' uses tokenizer '{}', the config's model.tokenizer is '{}'", rl.policy,
+         start.tokenizer, config_.model.tokenizer);
+  }
+  config_.model = start.config;
   const int rollouts_per_step = rl.prompts_per_step * rl.samples_per_prompt;
   max_batch_ = std::min(rollouts_per_step, 128);
   const int model_batch = std::max(max_batch_, config_.sft.eval_batch);
@@ -77,12 +90,6 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
                                                  config_.model.max_seq_len);
   reference_ = std::make_unique<Transformer<float>>(ops_, config_.model, model_batch,
                                                     config_.model.max_seq_len);
-  const CheckpointContents start = checkpoint_read_info(rl.policy);
-  if (start.expert_format) {
-    fail("rl.policy '{}' holds packed FP4 experts; RL trains float master weights, so start "
-         "from a float checkpoint",
-         rl.policy);
-  }
   checkpoint_load_weights(rl.policy, *reference_);
   checkpoint_load_weights(rl.policy, *policy_);
   if (config_.fp4.enabled()) {
@@ -222,11 +229,12 @@ std::vector<v1::ScoredRollout> RlTrainer::collect(const std::vector<v1::Prompt>&
   // the judge sees only non-empty responses: an empty one has nothing to judge.
   v1::ScoreRequest score_request;
   std::vector<size_t> judged;
+  const bool judging = rl.reward == "judge" || rl.judge_rollouts;
   for (size_t i = 0; i < scored.size(); ++i) {
     const v1::Prompt& prompt = *by_index[scored[i].rollout().prompt_index()];
     const TaskExample example{prompt.task(), prompt.text(), prompt.reference()};
     scored[i].set_ground_truth_score(suite_.grade(example, scored[i].rollout().text()).score);
-    if (rl.reward != "judge" || scored[i].rollout().text().empty()) continue;
+    if (!judging || scored[i].rollout().text().empty()) continue;
     auto* item = score_request.add_items();
     item->set_prompt(prompt.text());
     item->set_response(scored[i].rollout().text());
@@ -308,6 +316,26 @@ void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMet
     for (size_t j = 0; j < members.size(); ++j) {
       advantage[members[j]] = adv[j];
       trainable[members[j]] = true;
+    }
+  }
+  {
+    double n_j = 0, sj = 0, sg = 0, sjj = 0, sgg = 0, sjg = 0;
+    for (const v1::ScoredRollout& s : scored) {
+      if (!s.judgment().valid() || !s.has_ground_truth_score()) continue;
+      const double j = s.judgment().score(), g = s.ground_truth_score();
+      n_j += 1;
+      sj += j;
+      sg += g;
+      sjj += j * j;
+      sgg += g * g;
+      sjg += j * g;
+    }
+    if (n_j > 0) {
+      m.judge_mean = sj / n_j;
+      const double cov = sjg / n_j - (sj / n_j) * (sg / n_j);
+      const double var_j = sjj / n_j - (sj / n_j) * (sj / n_j);
+      const double var_g = sgg / n_j - (sg / n_j) * (sg / n_j);
+      m.judge_gt_correlation = var_j > 1e-12 && var_g > 1e-12 ? cov / std::sqrt(var_j * var_g) : 0;
     }
   }
   m.reward_mean = rewarded ? reward_sum / rewarded : 0;
@@ -453,6 +481,8 @@ void RlTrainer::write_metrics(const RlStepMetrics& m) {
                         {"reward_std", m.reward_std},
                         {"ground_truth_mean", m.ground_truth_mean},
                         {"judge_invalid_rate", m.judge_invalid_rate},
+                        {"judge_mean", m.judge_mean},
+                        {"judge_gt_correlation", m.judge_gt_correlation},
                         {"kl", m.kl},
                         {"clip_fraction", m.clip_fraction},
                         {"entropy", m.entropy},

@@ -67,7 +67,11 @@ struct RlStepMetrics {
   int64_t step = 0;               // 1-based: the step just completed (= the new version)
   double reward_mean = 0, reward_std = 0;
   double ground_truth_mean = 0;   // the grader's score, 0..10, of this step's rollouts
-  double judge_invalid_rate = 0;  // rollouts with no valid judge vote
+  double judge_invalid_rate = 0;  // rollouts without a reward (INVALID judgment, empty response)
+  // The judge against the grader, over the step's rollouts with a valid judgment (whatever the
+  // reward): its mean score and the Pearson correlation of its scores with the grader's.
+  double judge_mean = 0;
+  double judge_gt_correlation = 0;
   double kl = 0;                  // mean k3 estimate against the reference over response tokens
   double clip_fraction = 0;       // response tokens on a clipped piece of the surrogate
   double entropy = 0;             // mean policy entropy over response tokens (nats)

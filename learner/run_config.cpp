@@ -114,6 +114,7 @@ RlConfig read_rl(YamlSection& s) {
   c.prompts_per_step = s.get("prompts_per_step", c.prompts_per_step);
   c.samples_per_prompt = s.get("samples_per_prompt", c.samples_per_prompt);
   c.reward = s.get("reward", c.reward);
+  c.judge_rollouts = s.get("judge_rollouts", c.judge_rollouts);
   c.judge_k = s.get("judge_k", c.judge_k);
   c.judge_temperature = s.get("judge_temperature", c.judge_temperature);
   c.judge_with_reference = s.get("judge_with_reference", c.judge_with_reference);

@@ -68,6 +68,7 @@ struct RlConfig {
   int prompts_per_step = 16;       // prompts sent out per step
   int samples_per_prompt = 4;      // n: one GRPO group per prompt
   std::string reward = "judge";    // judge: the reward service's score | ground_truth: the grader's
+  bool judge_rollouts = true;      // with reward ground_truth: still judge (and store) every rollout
   int judge_k = 1;                 // judge samples (votes) per rollout
   double judge_temperature = 0.0;  // 0: greedy judging
   bool judge_with_reference = true;  // show the task's reference answer to the judge

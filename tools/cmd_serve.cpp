@@ -1,4 +1,5 @@
-// rlhf serve reward|actor (serve learner: tools/cmd_rl.cpp): the reward service (reward/reward_service.h) on a judge checkpoint,
+// rlhf serve reward|actor (`serve learner` is in tools/cmd_rl.cpp): the reward service
+// (reward/reward_service.h) on a judge checkpoint,
 // the actor service (actor/actor_service.h) on a policy checkpoint, until SIGINT or SIGTERM.
 #include <pthread.h>
 #include <signal.h>
@@ -95,7 +96,8 @@ void register_serve_actor(CLI::App& serve) {
   auto o = std::make_shared<Options>();
   CLI::App* cmd =
       serve.add_subcommand("actor", "generate rollouts over gRPC (rlhf.v1.ActorService)");
-  cmd->add_option("--checkpoint", o->checkpoint, "policy checkpoint (.safetensors, float or packed)")
+  cmd->add_option("--checkpoint", o->checkpoint,
+                  "policy checkpoint (.safetensors, float or packed)")
       ->required();
   cmd->add_option("--listen", o->listen, "host:port to listen on; port 0 picks a free one")
       ->capture_default_str();

@@ -24,6 +24,8 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <condition_variable>
 #include <string>
 #include <thread>
 #include <vector>
@@ -99,6 +101,15 @@ WeightPayload payload_of(uint64_t version, std::string bytes) {
 
 std::string address_of(int port) { return "127.0.0.1:" + std::to_string(port); }
 
+// A fresh directory of this test process, for checkpoints.
+fs::path scratch_dir(const std::string& name) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("rlhf_actor_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
 std::shared_ptr<grpc::Channel> loopback_channel(int port) {
   return grpc::CreateChannel(address_of(port), grpc::InsecureChannelCredentials());
 }
@@ -146,7 +157,8 @@ class DeadPort {
 class FakeLearner final : public v1::LearnerService::Service {
  public:
   explicit FakeLearner(std::vector<v1::WeightChunk> chunks) : chunks_(std::move(chunks)) {}
-  grpc::Status GetWeights(grpc::ServerContext* /*context*/, const v1::GetWeightsRequest* /*request*/,
+  grpc::Status GetWeights(grpc::ServerContext* /*context*/,
+                          const v1::GetWeightsRequest* /*request*/,
                           grpc::ServerWriter<v1::WeightChunk>* writer) override {
     for (const v1::WeightChunk& chunk : chunks_) {
       if (!writer->Write(chunk)) break;
@@ -477,7 +489,9 @@ TEST_F(ActorServiceTest, ConcurrentGenerateCallsAreAllAnswered) {
   }
   // Answered alone first, then all at once: the same results (batching does not change them).
   std::vector<std::string> alone;
-  for (const v1::GenerateRequest& request : requests) alone.push_back(serialized(generate_ok(request)));
+  for (const v1::GenerateRequest& request : requests) {
+    alone.push_back(serialized(generate_ok(request)));
+  }
   std::vector<std::future<std::pair<grpc::Status, std::vector<v1::GenerateResponse>>>> calls;
   for (const v1::GenerateRequest& request : requests) {
     calls.push_back(std::async(std::launch::async, [request] {
@@ -527,6 +541,62 @@ TEST_F(ActorServiceTest, UpdateWeightsAppliesANewVersion) {
   EXPECT_GT(changed, 0);
 }
 
+TEST_F(ActorServiceTest, ARequestRunsEntirelyOnOneVersionWhileUpdatesArrive) {
+  // Many prompts per call, so that a swap landing between two prompts of one call (which must
+  // not change the version that call runs on) is the likely case.
+  v1::GenerateRequest request = good_request();
+  for (int i = 0; i < 6; ++i) {
+    auto* more = request.add_prompts();
+    more->set_prompt_index(20 + uint64_t(i));
+    more->set_text("sort " + std::to_string(i) + " 1 2");
+  }
+  const uint64_t old_version = status().version();
+  const std::string old_outputs = serialized(generate_ok(request));
+
+  // A caller generates in a loop while the update lands, until it has seen the new version.
+  std::mutex mutex;
+  std::condition_variable progress;
+  std::vector<std::vector<v1::GenerateResponse>> seen;
+  bool saw_new = false;
+  std::thread caller([&] {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+      std::vector<v1::GenerateResponse> responses = generate_ok(request);
+      std::lock_guard<std::mutex> lock(mutex);
+      if (responses.empty()) return;
+      saw_new = saw_new || responses[0].rollouts(0).policy_version() != old_version;
+      seen.push_back(std::move(responses));
+      progress.notify_all();
+      if (saw_new || std::chrono::steady_clock::now() > give_up) return;
+    }
+  });
+  {
+    // At least one call on the old version first, so the update lands mid-loop.
+    std::unique_lock<std::mutex> lock(mutex);
+    progress.wait(lock, [&] { return !seen.empty(); });
+  }
+  const uint64_t new_version = apply_new_version(1717);
+  caller.join();
+  ASSERT_TRUE(saw_new);
+  const std::string new_outputs = serialized(generate_ok(request));
+  ASSERT_NE(new_outputs, old_outputs);
+
+  // Every call ran on one version from its first prompt to its last, and computed exactly what
+  // that version computes alone.
+  for (size_t call = 0; call < seen.size(); ++call) {
+    const uint64_t version = seen[call][0].rollouts(0).policy_version();
+    ASSERT_TRUE(version == old_version || version == new_version) << version;
+    ASSERT_EQ(seen[call].size(), 8u);
+    for (const v1::GenerateResponse& response : seen[call]) {
+      for (const v1::Rollout& rollout : response.rollouts()) {
+        EXPECT_EQ(rollout.policy_version(), version) << "call " << call;
+      }
+    }
+    EXPECT_EQ(serialized(seen[call]), version == old_version ? old_outputs : new_outputs)
+        << "call " << call;
+  }
+}
+
 TEST_F(ActorServiceTest, ABadUpdateIsRejectedAndTheOldVersionKeepsServing) {
   const v1::GenerateRequest request = good_request();
   const std::vector<v1::GenerateResponse> outputs_before = generate_ok(request);
@@ -552,8 +622,9 @@ TEST_F(ActorServiceTest, ABadUpdateIsRejectedAndTheOldVersionKeepsServing) {
   expect_invalid_argument(upload(no_header, &response), "no header", "no header");
 
   // Checksums fine, contents not a checkpoint.
-  expect_invalid_argument(upload(make_weight_chunks(payload_of(next, "not a checkpoint")), &response),
-                          "weight payload", "garbage bytes");
+  expect_invalid_argument(
+      upload(make_weight_chunks(payload_of(next, "not a checkpoint")), &response),
+      "weight payload", "garbage bytes");
 
   // A readable checkpoint of another architecture.
   ModelConfig wider = policy_config();
@@ -581,9 +652,8 @@ TEST_F(ActorServiceTest, AStaleVersionIsFailedPrecondition) {
     const grpc::Status rpc =
         upload(make_weight_chunks(payload_of(version, random_policy_bytes(889))), &response);
     EXPECT_EQ(rpc.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << rpc.error_message();
-    EXPECT_NE(rpc.error_message().find(fmt::format("stale version {}, serving {}", version, current)),
-              std::string::npos)
-        << rpc.error_message();
+    const std::string expected = fmt::format("stale version {}, serving {}", version, current);
+    EXPECT_NE(rpc.error_message().find(expected), std::string::npos) << rpc.error_message();
   }
   EXPECT_EQ(status().version(), current);
 }
@@ -647,7 +717,8 @@ TEST_F(ActorServiceTest, MalformedRequestsAreRejectedNamingTheFieldAndServingGoe
   check([](auto& r) { r.set_n(0); }, "n:", "n = 0");
   check([](auto& r) { r.set_n(65); }, "n:", "n = 65");
   check([](auto& r) { r.set_max_new_tokens(0); }, "max_new_tokens", "max_new_tokens = 0");
-  check([](auto& r) { r.set_max_new_tokens(65); }, "max_new_tokens", "max_new_tokens over the context");
+  check([](auto& r) { r.set_max_new_tokens(65); }, "max_new_tokens",
+        "max_new_tokens over the context");
   check([&](auto& r) { r.set_temperature(nan); }, "temperature", "NaN temperature");
   check([&](auto& r) { r.set_temperature(inf); }, "temperature", "infinite temperature");
   check([](auto& r) { r.set_temperature(-0.5); }, "temperature", "negative temperature");
@@ -663,6 +734,16 @@ TEST_F(ActorServiceTest, MalformedRequestsAreRejectedNamingTheFieldAndServingGoe
         "over the context");
   check([](auto& r) { r.mutable_prompts(1)->set_prompt_index(5); }, "prompts[1].prompt_index",
         "a repeated prompt index");
+
+  // In process, the engine applies the same checks.
+  v1::GenerateRequest bad = good_request();
+  bad.set_n(0);
+  try {
+    served_->engine->generate(bad);
+    ADD_FAILURE() << "the engine generated for n = 0";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("n:"), std::string::npos) << e.what();
+  }
 
   // The server keeps serving, and the edge cases that are valid are served: top_p 0 (off),
   // top_k 0 (off), temperature 0 (greedy), the largest n and max_new_tokens.
@@ -706,7 +787,9 @@ TEST_F(ActorServiceTest, StatusCountsRequestsAndTokens) {
   const std::vector<v1::GenerateResponse> responses = generate_ok(good_request());
   uint64_t tokens = 0;
   for (const v1::GenerateResponse& r : responses) {
-    for (const v1::Rollout& rollout : r.rollouts()) tokens += uint64_t(rollout.response_tokens_size());
+    for (const v1::Rollout& rollout : r.rollouts()) {
+      tokens += uint64_t(rollout.response_tokens_size());
+    }
   }
   const v1::ActorStatus after = status();
   EXPECT_EQ(after.requests_served(), before.requests_served() + 1);
@@ -811,8 +894,7 @@ TEST_F(ActorServiceTest, HealthTurnsNotServingOnShutdown) {
 }
 
 TEST(ActorServer, AnAddressThatCannotBeBoundIsAnError) {
-  const fs::path dir = fs::temp_directory_path() / ("rlhf_actor_bind_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
+  const fs::path dir = scratch_dir("bind");
   const std::string path = (dir / "policy.safetensors").string();
   {
     CpuOps<float> ops;
@@ -879,9 +961,8 @@ TEST(FetchLearnerWeights, GivesUpOnALearnerThatStaysDown) {
     ADD_FAILURE() << "fetched from a dead port";
   } catch (const RpcError& e) {
     EXPECT_EQ(e.code(), RpcError::kUnavailable);
-    EXPECT_NE(std::string(e.what()).find("learner " + address_of(dead.port()) + ": GetWeights failed"),
-              std::string::npos)
-        << e.what();
+    const std::string expected = "learner " + address_of(dead.port()) + ": GetWeights failed";
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
   }
   const auto took = std::chrono::steady_clock::now() - start;
   EXPECT_GE(took, milliseconds(50 + 100));  // it waited and retried
@@ -954,8 +1035,7 @@ class ServeProcess {
 };
 
 TEST(ServeActor, ServesTheLearnersVersionAndStopsOnSigterm) {
-  const fs::path dir = fs::temp_directory_path() / ("rlhf_serve_actor_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
+  const fs::path dir = scratch_dir("serve");
   const std::string checkpoint = (dir / "policy.safetensors").string();
   {
     CpuOps<float> ops;
@@ -993,8 +1073,7 @@ TEST(ServeActor, ServesTheLearnersVersionAndStopsOnSigterm) {
 }
 
 TEST(ServeActor, AnUnreachableLearnerIsAOneLineError) {
-  const fs::path dir = fs::temp_directory_path() / ("rlhf_serve_actor_down_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
+  const fs::path dir = scratch_dir("serve_down");
   const std::string checkpoint = (dir / "policy.safetensors").string();
   {
     CpuOps<float> ops;

@@ -42,7 +42,8 @@ WeightPayload payload_of(std::string bytes, uint64_t version = 7) {
   return payload;
 }
 
-WeightPayload assemble(const std::vector<v1::WeightChunk>& chunks, uint64_t max_bytes = 1ull << 30) {
+WeightPayload assemble(const std::vector<v1::WeightChunk>& chunks,
+                       uint64_t max_bytes = 1ull << 30) {
   WeightAssembler assembler(max_bytes);
   for (const v1::WeightChunk& chunk : chunks) assembler.add(chunk);
   return assembler.finish();
@@ -292,7 +293,9 @@ TEST_P(PackedPolicyBytes, APackedPolicyLoadsBackAsTheSavedPackedCheckpoint) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, PackedPolicyBytes,
                          ::testing::Values(Fp4Format::mxfp4, Fp4Format::nvfp4),
-                         [](const auto& param_info) { return std::string(fp4_format_name(param_info.param)); });
+                         [](const auto& param_info) {
+                           return std::string(fp4_format_name(param_info.param));
+                         });
 
 TEST_F(PolicyBytes, BytesThatAreNoCheckpointAreAnErrorAndLeaveNothingBehind) {
   CpuOps<float> ops;
