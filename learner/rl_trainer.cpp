@@ -557,23 +557,30 @@ RlSummary RlTrainer::finish() {
   checkpoint_save(policy_path.string(), *policy_, tokenizer_->name());
   s.policy_path = policy_path.string();
   s.store_path = store_path_;
-  std::vector<double> before_scores, after_scores;
-  spdlog::info("evaluating the start policy and the RL policy on {} held-out prompts (greedy)",
+  // Paired standard error of the mean difference: both policies answer the same prompts.
+  auto paired_stderr = [](const std::vector<double>& before, const std::vector<double>& after) {
+    const size_t count = std::min(before.size(), after.size());
+    if (count < 2) return 0.0;
+    double mean = 0, sq = 0;
+    for (size_t i = 0; i < count; ++i) mean += after[i] - before[i];
+    mean /= double(count);
+    for (size_t i = 0; i < count; ++i) sq += (after[i] - before[i] - mean) * (after[i] - before[i] - mean);
+    return std::sqrt(sq / double(count - 1) / double(count));
+  };
+  spdlog::info("evaluating the start policy and the RL policy on {} held-out prompts (greedy "
+               "and sampled)",
                s.eval_examples);
+  std::vector<double> before_scores, after_scores;
   s.before = evaluate_policy(*reference_, *tokenizer_, suite_, s.eval_examples,
                              config_.sft.eval_batch, config_.sampling, true, &before_scores);
   s.after = evaluate_policy(*policy_, *tokenizer_, suite_, s.eval_examples,
                             config_.sft.eval_batch, config_.sampling, true, &after_scores);
-  // Paired standard error of the mean difference: both policies answer the same prompts.
-  double mean = 0, sq = 0;
-  const size_t count = after_scores.size();
-  for (size_t i = 0; i < count; ++i) mean += after_scores[i] - before_scores[i];
-  mean /= double(std::max<size_t>(1, count));
-  for (size_t i = 0; i < count; ++i) {
-    const double d = after_scores[i] - before_scores[i] - mean;
-    sq += d * d;
-  }
-  s.mean_score_diff_stderr = count > 1 ? std::sqrt(sq / double(count - 1) / double(count)) : 0;
+  s.mean_score_diff_stderr = paired_stderr(before_scores, after_scores);
+  s.before_sampled = evaluate_policy(*reference_, *tokenizer_, suite_, s.eval_examples,
+                                     config_.sft.eval_batch, config_.sampling, false, &before_scores);
+  s.after_sampled = evaluate_policy(*policy_, *tokenizer_, suite_, s.eval_examples,
+                                    config_.sft.eval_batch, config_.sampling, false, &after_scores);
+  s.sampled_mean_score_diff_stderr = paired_stderr(before_scores, after_scores);
   std::lock_guard lock(mutex_);
   s.rollouts_stored = rollouts_stored_;
   s.train_s = train_s_;

@@ -95,6 +95,10 @@ struct RlSummary {
   // Standard error of the mean score difference over the evaluation prompts (paired), a
   // yardstick for whether after - before is more than noise.
   double mean_score_diff_stderr = 0;
+  // The same at the sampling temperature (1): how the policy behaves when it samples, which
+  // is what RL trains.
+  PolicyEvaluation before_sampled, after_sampled;
+  double sampled_mean_score_diff_stderr = 0;
   std::string policy_path;
   std::string store_path;
   uint64_t rollouts_stored = 0;

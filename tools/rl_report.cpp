@@ -20,7 +20,17 @@ void print_rl_summary(const RlSummary& s) {
                            "{:.3f})\n",
                            s.after.accuracy - s.before.accuracy,
                            s.after.mean_score - s.before.mean_score, s.mean_score_diff_stderr);
-  std::cout << "task        SFT score  RL score\n";
+  std::cout << fmt::format("held-out, sampled (T = 1)       accuracy  mean score\n");
+  std::cout << fmt::format("  start policy (SFT)            {:>8.3f}  {:>10.3f}\n",
+                           s.before_sampled.accuracy, s.before_sampled.mean_score);
+  std::cout << fmt::format("  RL policy                     {:>8.3f}  {:>10.3f}\n",
+                           s.after_sampled.accuracy, s.after_sampled.mean_score);
+  std::cout << fmt::format("  gain                          {:>+8.3f}  {:>+10.3f} (paired std. error "
+                           "{:.3f})\n",
+                           s.after_sampled.accuracy - s.before_sampled.accuracy,
+                           s.after_sampled.mean_score - s.before_sampled.mean_score,
+                           s.sampled_mean_score_diff_stderr);
+  std::cout << "task        SFT score  RL score   (greedy)\n";
   std::map<std::string, double> before;
   for (const auto& t : s.before.per_task) before[t.task] = t.mean_score;
   for (const auto& t : s.after.per_task)
@@ -42,6 +52,10 @@ nlohmann::json rl_summary_json(const RlSummary& s) {
           {"mean_score_gain", s.after.mean_score - s.before.mean_score},
           {"mean_score_gain_stderr", s.mean_score_diff_stderr},
           {"per_task", per_task},
+          {"sft_sampled_mean_score", s.before_sampled.mean_score},
+          {"rl_sampled_mean_score", s.after_sampled.mean_score},
+          {"sampled_mean_score_gain", s.after_sampled.mean_score - s.before_sampled.mean_score},
+          {"sampled_mean_score_gain_stderr", s.sampled_mean_score_diff_stderr},
           {"rollouts_stored", s.rollouts_stored},
           {"store", s.store_path},
           {"policy", s.policy_path},
