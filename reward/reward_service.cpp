@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "common/utf8.h"
 #include "model/tokenizer.h"
 #include "reward/judge_format.h"
 #include "rlhf/v1/reward.grpc.pb.h"
@@ -204,7 +205,9 @@ void fill_pointwise_result(const PointwiseJudgment& judgment, v1::PointwiseResul
   result.set_valid(judgment.valid);
   result.set_score(judgment.valid ? judgment.score : 0.0);
   for (int score : judgment.sample_scores) result.add_sample_scores(score);
-  for (const std::string& reasoning : judgment.reasoning) result.add_reasoning(reasoning);
+  // The judge writes bytes; a proto string must be UTF-8 (common/utf8.h).
+  for (const std::string& reasoning : judgment.reasoning)
+    result.add_reasoning(valid_utf8(reasoning));
   result.set_invalid_samples(judgment.invalid_samples);
   result.set_retries(judgment.retries);
 }
@@ -217,7 +220,8 @@ void fill_compare_response(const PairwiseJudgment& judgment, v1::CompareResponse
     response.set_preference_a(judgment.preference_a);
   }
   for (Verdict vote : judgment.votes) response.add_votes(verdict_name(vote));
-  for (const std::string& reasoning : judgment.reasoning) response.add_reasoning(reasoning);
+  for (const std::string& reasoning : judgment.reasoning)
+    response.add_reasoning(valid_utf8(reasoning));
   response.set_invalid_samples(judgment.invalid_samples);
   response.set_retries(judgment.retries);
 }
