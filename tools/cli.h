@@ -25,7 +25,7 @@ RunConfig load_config(const CommonOptions& options);
 // The embedded copies of configs/demo.yaml and configs/stability.yaml.
 const char* embedded_demo_config();
 const char* embedded_stability_config();
-// The embedded configs/grm.yaml and configs/rl.yaml (the demo's judge and RL stages).
+// The embedded configs/demo-grm.yaml and configs/rl.yaml (the demo's judge and RL stages).
 const char* embedded_grm_config();
 const char* embedded_rl_config();
 

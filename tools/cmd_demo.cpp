@@ -1,7 +1,7 @@
 // rlhf demo: the main job, from nothing, on the embedded configs:
 //   1. SFT     a policy trained from scratch on the task suite (configs/demo.yaml)
 //   2. GRM     that policy fine-tuned on scored data into one model that generates and judges
-//              (configs/grm.yaml)
+//              (configs/demo-grm.yaml)
 //   3. RL      the reward service (the judge: that model, frozen) and actor(s) started as
 //              processes on loopback, and the learner run here against them: GRPO with every
 //              scored rollout stored in RocksDB (configs/rl.yaml)
@@ -54,7 +54,7 @@ void run_demo(const DemoOptions& o) {
   // Every config is read (and validated) before anything in the workdir is touched.
   RunConfig sft_config = load_config(o.common);
   RunConfig grm_config =
-      load_stage_config(o.grm_config, embedded_grm_config(), "embedded configs/grm.yaml");
+      load_stage_config(o.grm_config, embedded_grm_config(), "embedded configs/demo-grm.yaml");
   RunConfig rl_config =
       load_stage_config(o.rl_config, embedded_rl_config(), "embedded configs/rl.yaml");
   const fs::path dir(o.workdir);
@@ -138,7 +138,7 @@ void register_demo(CLI::App& app) {
               "through the services, held-out evaluation");
   add_common_options(*cmd, o->common);
   cmd->add_option("--grm-config", o->grm_config,
-                  "config of the judge stage (default: embedded configs/grm.yaml)");
+                  "config of the judge stage (default: embedded configs/demo-grm.yaml)");
   cmd->add_option("--rl-config", o->rl_config,
                   "config of the RL stage (default: embedded configs/rl.yaml)");
   cmd->add_option("--workdir", o->workdir, "directory for all stages' files")
