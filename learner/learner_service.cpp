@@ -55,9 +55,11 @@ class LearnerServiceImpl final : public v1::LearnerService::Service {
       return {grpc::StatusCode::UNAVAILABLE,
               "the learner has not published a policy version yet; retry shortly"};
     }
-    for (const v1::WeightChunk& chunk : make_weight_chunks(*payload)) {
-      if (context->IsCancelled()) return {grpc::StatusCode::CANCELLED, "client went away"};
-      if (!writer->Write(chunk)) return {grpc::StatusCode::CANCELLED, "client went away"};
+    // One chunk at a time: the payload is not copied into messages all at once.
+    const size_t chunks = weight_chunk_count(*payload);
+    for (size_t i = 0; i < chunks; ++i) {
+      if (context->IsCancelled() || !writer->Write(make_weight_chunk(*payload, i)))
+        return {grpc::StatusCode::CANCELLED, "client went away"};
     }
     spdlog::info("learner: sent policy version {} ({} bytes) to {}", payload->version,
                  payload->bytes.size(), context->peer());
