@@ -28,17 +28,6 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// The reward of one scored rollout, or nullopt when it has none (an INVALID judgment): such a
-// rollout is stored, counted, and left out of training, never turned into a default score.
-std::optional<double> reward_of(const v1::ScoredRollout& s, const std::string& source) {
-  if (source == "ground_truth") {
-    if (!s.has_ground_truth_score()) return std::nullopt;
-    return s.ground_truth_score();
-  }
-  if (!s.judgment().valid()) return std::nullopt;
-  return s.judgment().score();
-}
-
 }  // namespace
 
 RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
@@ -139,140 +128,10 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
   uint64_t stored = 0;
   store_->for_each_scored(run_id_, [&](const v1::ScoredRollout&) { ++stored; });
   rollouts_stored_ = stored;
+  collector_ = std::make_unique<Collector>(config_, run_id_, suite_, sampler_, scorer_, *store_);
 }
 
 RlTrainer::~RlTrainer() = default;
-
-std::vector<v1::Prompt> RlTrainer::step_prompts(int64_t step) const {
-  const RlConfig& rl = config_.rl;
-  std::vector<v1::Prompt> prompts;
-  for (int i = 0; i < rl.prompts_per_step; ++i) {
-    const uint64_t index = uint64_t(step) * uint64_t(rl.prompts_per_step) + uint64_t(i);
-    // 40-bit suite indices, a stream of its own (not the SFT data's).
-    const TaskExample example = suite_.example(Split::kTrain, mix_seed(rl.seed, index) >> 24);
-    v1::Prompt p;
-    p.set_run_id(run_id_);
-    p.set_prompt_index(index);
-    p.set_text(example.prompt);
-    p.set_task(example.task);
-    p.set_reference(example.reference);
-    prompts.push_back(std::move(p));
-  }
-  return prompts;
-}
-
-std::vector<v1::ScoredRollout> RlTrainer::collect(const std::vector<v1::Prompt>& prompts,
-                                                  RlStepMetrics& m) {
-  const RlConfig& rl = config_.rl;
-  const uint64_t first = prompts.front().prompt_index();
-  const uint64_t end = prompts.back().prompt_index() + 1;
-  const size_t expected = prompts.size() * size_t(rl.samples_per_prompt);
-  auto t0 = Clock::now();
-  std::vector<v1::ScoredRollout> stored = store_->read_scored(run_id_, uint64_t(step_), first, end);
-  if (stored.size() == expected) {
-    // A restarted learner redoing a step it had already collected: train on exactly what the
-    // store holds, so nothing is sampled twice.
-    m.from_store = true;
-    m.store_s = seconds_since(t0);
-    spdlog::info("step {}: {} scored rollouts of version {} read back from the store", step_ + 1,
-                 stored.size(), step_);
-    return stored;
-  }
-  if (!stored.empty()) {
-    fail("store '{}': run '{}' version {} holds {} of the {} rollouts of prompts {}..{}; a step "
-         "is written in one batch, so the store was changed by something else",
-         store_path_, run_id_, step_, stored.size(), expected, first, end - 1);
-  }
-
-  v1::GenerateRequest request;
-  for (const v1::Prompt& p : prompts) {
-    auto* item = request.add_prompts();
-    item->set_prompt_index(p.prompt_index());
-    item->set_text(p.text());
-  }
-  request.set_n(rl.samples_per_prompt);
-  request.set_temperature(config_.sampling.temperature);
-  request.set_top_k(config_.sampling.top_k);
-  request.set_top_p(config_.sampling.top_p);
-  request.set_max_new_tokens(config_.sampling.max_new_tokens);
-  request.set_seed(mix_seed(rl.seed, 0x6E4E000000ull + uint64_t(step_)));
-  request.set_want_routing(true);
-  request.set_expect_version(uint64_t(step_));
-  t0 = Clock::now();
-  std::vector<v1::GenerateResponse> responses = sampler_.generate(request);
-  m.generate_s = seconds_since(t0);
-
-  std::map<uint64_t, const v1::Prompt*> by_index;
-  for (const v1::Prompt& p : prompts) by_index[p.prompt_index()] = &p;
-  std::vector<v1::ScoredRollout> scored;
-  int64_t generated_tokens = 0;
-  for (v1::GenerateResponse& response : responses) {
-    if (!by_index.count(response.prompt_index()))
-      fail("actor returned prompt index {}, which was not asked for", response.prompt_index());
-    for (v1::Rollout& rollout : *response.mutable_rollouts()) {
-      rollout.set_run_id(run_id_);
-      generated_tokens += rollout.response_tokens_size();
-      v1::ScoredRollout s;
-      *s.mutable_rollout() = std::move(rollout);
-      scored.push_back(std::move(s));
-    }
-  }
-  if (scored.size() != expected)
-    fail("actors returned {} rollouts, expected {}", scored.size(), expected);
-  std::sort(scored.begin(), scored.end(), [](const auto& a, const auto& b) {
-    return std::pair(a.rollout().prompt_index(), a.rollout().sample_index()) <
-           std::pair(b.rollout().prompt_index(), b.rollout().sample_index());
-  });
-  m.actor_tokens_per_s = m.generate_s > 0 ? double(generated_tokens) / m.generate_s : 0;
-
-  // The grader's score is always recorded (a metric, and the reward of ground_truth runs);
-  // the judge sees only non-empty responses: an empty one has nothing to judge.
-  v1::ScoreRequest score_request;
-  std::vector<size_t> judged;
-  const bool judging = rl.reward == "judge" || rl.judge_rollouts;
-  for (size_t i = 0; i < scored.size(); ++i) {
-    const v1::Prompt& prompt = *by_index[scored[i].rollout().prompt_index()];
-    const TaskExample example{prompt.task(), prompt.text(), prompt.reference()};
-    scored[i].set_ground_truth_score(suite_.grade(example, scored[i].rollout().text()).score);
-    if (!judging || scored[i].rollout().text().empty()) continue;
-    auto* item = score_request.add_items();
-    item->set_prompt(prompt.text());
-    item->set_response(scored[i].rollout().text());
-    if (rl.judge_with_reference) item->set_reference(prompt.reference());
-    judged.push_back(i);
-  }
-  t0 = Clock::now();
-  if (!judged.empty()) {
-    score_request.set_k(rl.judge_k);
-    score_request.set_temperature(rl.judge_temperature);
-    score_request.set_seed(mix_seed(rl.seed, 0x4A55000000ull + uint64_t(step_)));
-    const v1::ScoreResponse score_response = scorer_.score(score_request);
-    if (size_t(score_response.results_size()) != judged.size())
-      fail("reward service returned {} results for {} items", score_response.results_size(),
-           judged.size());
-    for (size_t j = 0; j < judged.size(); ++j) {
-      const v1::PointwiseResult& r = score_response.results(int(j));
-      v1::Judgment* judgment = scored[judged[j]].mutable_judgment();
-      judgment->set_valid(r.valid());
-      judgment->set_score(r.score());
-      *judgment->mutable_sample_scores() = r.sample_scores();
-      *judgment->mutable_reasoning() = r.reasoning();
-      judgment->set_invalid_samples(r.invalid_samples());
-      judgment->set_retries(r.retries());
-    }
-  }
-  m.score_s = seconds_since(t0);
-  for (v1::ScoredRollout& s : scored) {
-    const std::optional<double> reward = reward_of(s, rl.reward);
-    s.set_reward(reward.value_or(0.0));
-  }
-  t0 = Clock::now();
-  store_->write_step(prompts, scored);
-  m.store_s = seconds_since(t0);
-  std::lock_guard lock(mutex_);
-  rollouts_stored_ += scored.size();  // none of this step's were stored (checked above)
-  return scored;
-}
 
 void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMetrics& m) {
   const RlConfig& rl = config_.rl;
@@ -299,7 +158,7 @@ void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMet
         ++m.stale_skipped;
         continue;
       }
-      const std::optional<double> reward = reward_of(scored[i], rl.reward);
+      const std::optional<double> reward = rollout_reward(scored[i], rl.reward);
       if (!reward) {
         ++invalid;
         continue;
@@ -506,8 +365,19 @@ void RlTrainer::write_metrics(const RlStepMetrics& m) {
 
 RlStepMetrics RlTrainer::step() {
   RlStepMetrics m;
-  const std::vector<v1::Prompt> prompts = step_prompts(step_);
-  const std::vector<v1::ScoredRollout> scored = collect(prompts, m);
+  CollectStats c;
+  // Version step_ exactly; read back from the store if a previous life of this run stored it.
+  const std::vector<v1::ScoredRollout> scored =
+      collector_->collect(step_, uint64_t(step_), true, c);
+  m.from_store = c.from_store;
+  m.generate_s = c.generate_s;
+  m.score_s = c.score_s;
+  m.store_s = c.store_s;
+  m.actor_tokens_per_s = c.actor_tokens_per_s;
+  if (!c.from_store) {
+    std::lock_guard lock(mutex_);
+    rollouts_stored_ += scored.size();
+  }
   train_on(scored, m);
   {
     std::lock_guard lock(mutex_);  // status() reads step_ from gRPC threads

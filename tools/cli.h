@@ -49,6 +49,7 @@ void register_exp(CLI::App& app);
 void register_serve(CLI::App& app);
 void register_grm(CLI::App& app);
 void register_up(CLI::App& app);
+void register_collect(CLI::App& app);
 void register_plot(CLI::App& app);
 // `serve learner`, added to the `serve` command by register_serve.
 void register_serve_learner(CLI::App& serve);

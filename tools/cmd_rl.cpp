@@ -1,5 +1,8 @@
 // rlhf serve learner: the RL learner (learner/rl_trainer.h) against running actor and reward
 //                     services, with its own LearnerService.
+// rlhf collect:       collection alone (learner/collector.h) into a store: prompts -> actors ->
+//                     reward service -> RolloutStore, no training; resumable from the store's
+//                     cursor.
 // rlhf up:            starts the reward service, the actor(s) and the learner as processes on
 //                     loopback and runs the RL loop; Ctrl-C stops them all, learner first.
 #include <unistd.h>
@@ -15,7 +18,9 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "common/progress.h"
 #include "learner/actor_pool.h"
+#include "learner/collector.h"
 #include "learner/learner_service.h"
 #include "learner/rl_trainer.h"
 #include "reward/reward_client.h"
@@ -101,6 +106,112 @@ void register_serve_learner_impl(CLI::App& serve) {
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--resume", o->resume, "continue the run in WORKDIR from its checkpoint");
   cmd->callback([o] { serve_learner(*o); });
+}
+
+struct CollectOptions {
+  CommonOptions common;
+  std::string actors;
+  std::string reward;
+  std::string store;
+  std::string run = "collect";
+  int64_t steps = 0;
+};
+
+void collect(const CollectOptions& o) {
+  const StopSignals stop_signals;  // first: before any thread exists
+  gpr_set_log_function(log_grpc_through_spdlog);
+  const auto start = Clock::now();
+  const RunConfig config = load_config(o.common);
+  const int64_t steps = o.steps > 0 ? o.steps : config.rl.steps;
+  const TaskSuite suite(config.tasks);
+  auto store = RolloutStore::open(o.store, RolloutStore::Mode::kReadWrite);
+  ActorPool actors(split_addresses(o.actors));
+  RewardServiceScorer scorer(o.reward);
+  Collector collector(config, o.run, suite, actors, scorer, *store);
+  // The cursor counts the steps stored: a second `collect` with the same --run continues.
+  const std::optional<v1::LearnerCursor> cursor = store->cursor(o.run);
+  int64_t step = cursor ? int64_t(cursor->step()) : 0;
+  if (step > 0) spdlog::info("collect: run '{}' continues at step {}", o.run, step);
+  std::atomic<bool> stop{false}, finished{false};
+  std::thread stopper([&] {
+    stop_signals.wait();
+    if (finished) return;
+    spdlog::info("collect: stopping after the current step");
+    stop = true;
+  });
+  ProgressMeter progress("collect", steps);
+  int64_t rollouts = 0, judged = 0, invalid = 0, graded = 0;
+  double gt_sum = 0, judge_sum = 0;
+  try {
+    while (step < steps && !stop) {
+      CollectStats stats;
+      const auto scored = collector.collect(step, 0, false, stats);
+      ++step;
+      v1::LearnerCursor next;
+      next.set_run_id(o.run);
+      next.set_step(uint64_t(step));
+      next.set_next_prompt_index(uint64_t(step) * uint64_t(config.rl.prompts_per_step));
+      store->put_cursor(next);
+      int64_t tokens = 0;
+      for (const auto& s : scored) {
+        ++rollouts;
+        tokens += s.rollout().response_tokens_size();
+        if (s.has_ground_truth_score()) {
+          gt_sum += s.ground_truth_score();
+          ++graded;
+        }
+        if (s.judgment().valid()) {
+          judge_sum += s.judgment().score();
+          ++judged;
+        } else {
+          ++invalid;
+        }
+      }
+      progress.update(step, 0, tokens,
+                      fmt::format("ground truth {:.2f} judge {:.2f} (generate {:.1f} s, score "
+                                  "{:.1f} s)",
+                                  graded ? gt_sum / double(graded) : 0,
+                                  judged ? judge_sum / double(judged) : 0, stats.generate_s,
+                                  stats.score_s));
+    }
+  } catch (...) {
+    finished = true;
+    ::kill(::getpid(), SIGTERM);
+    stopper.join();
+    throw;
+  }
+  finished = true;
+  ::kill(::getpid(), SIGTERM);
+  stopper.join();
+  std::cout << fmt::format("collected run '{}': {} rollouts this time, steps done {} of {}, "
+                           "store {}\n",
+                           o.run, rollouts, step, steps, o.store);
+  nlohmann::json out = {{"command", "collect"},
+                        {"run_id", o.run},
+                        {"steps_done", step},
+                        {"steps", steps},
+                        {"rollouts", rollouts},
+                        {"ground_truth_mean", graded ? gt_sum / double(graded) : 0},
+                        {"judge_mean", judged ? judge_sum / double(judged) : 0},
+                        {"without_judgment", invalid},
+                        {"store", o.store},
+                        {"wall_s", std::chrono::duration<double>(Clock::now() - start).count()}};
+  print_json(o.common, out);
+}
+
+void register_collect_impl(CLI::App& app) {
+  auto o = std::make_shared<CollectOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "collect", "sample, judge and store rollouts from running services, without training");
+  add_common_options(*cmd, o->common);
+  cmd->add_option("--actors", o->actors, "actor addresses, comma-separated host:port")
+      ->required();
+  cmd->add_option("--reward", o->reward, "reward service address host:port")->required();
+  cmd->add_option("--store", o->store, "RolloutStore path (created if missing)")->required();
+  cmd->add_option("--run", o->run, "run id the records are stored under")->capture_default_str();
+  cmd->add_option("--steps", o->steps, "steps of rl.prompts_per_step prompts (default rl.steps)")
+      ->check(CLI::PositiveNumber);
+  cmd->callback([o] { collect(*o); });
 }
 
 struct UpOptions {
@@ -256,5 +367,6 @@ std::optional<RlSummary> run_learner(const RunConfig& config, const std::string&
 
 void register_serve_learner(CLI::App& serve) { register_serve_learner_impl(serve); }
 void register_up(CLI::App& app) { register_up_impl(app); }
+void register_collect(CLI::App& app) { register_collect_impl(app); }
 
 }  // namespace rlhf::cli

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   rlhf::cli::register_grm(app);
   rlhf::cli::register_db(app);
   rlhf::cli::register_up(app);
+  rlhf::cli::register_collect(app);
   rlhf::cli::register_plot(app);
   try {
     app.parse(argc, argv);

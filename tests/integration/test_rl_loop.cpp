@@ -373,5 +373,38 @@ TEST_F(RlLoopTest, LearnerGoesOnWhenAnActorDiesAndTheActorCatchesUpWhenItReturns
   EXPECT_EQ(b_status.version(), uint64_t(trainer.steps_done()));
 }
 
+
+TEST_F(RlLoopTest, CollectStoresWithoutTrainingAndContinuesFromItsCursor) {
+  ActorEngine engine(policy_, engine_options());
+  ActorServer actor(engine);
+  JudgeService judge(policy_);
+  const fs::path config_path = write_config("collect.yaml", 2);
+  const fs::path store_path = root_ / "collect-store";
+  auto run_collect = [&](int steps) {
+    cli::ChildProcess collect(
+        "collect", {RLHF_BINARY, "collect", "--config", config_path.string(), "--actors",
+                    "127.0.0.1:" + std::to_string(actor.port()), "--reward", judge.address(),
+                    "--store", store_path.string(), "--run", "c1", "--steps",
+                    std::to_string(steps)});
+    return collect.wait();
+  };
+  ASSERT_EQ(run_collect(2), 0);
+  ASSERT_EQ(run_collect(3), 0);  // continues at step 2: one more step
+  auto store = RolloutStore::open(store_path.string(), RolloutStore::Mode::kReadOnly);
+  size_t count = 0;
+  std::set<uint64_t> prompts;
+  store->for_each_scored("c1", [&](const v1::ScoredRollout& s) {
+    ++count;
+    prompts.insert(s.rollout().prompt_index());
+    EXPECT_EQ(s.rollout().policy_version(), 0u) << "collect trains nothing";
+    EXPECT_TRUE(s.has_ground_truth_score());
+  });
+  EXPECT_EQ(count, size_t(3 * kPrompts * kSamples));
+  EXPECT_EQ(prompts.size(), size_t(3 * kPrompts));
+  const auto cursor = store->cursor("c1");
+  ASSERT_TRUE(cursor.has_value());
+  EXPECT_EQ(cursor->step(), 3u);
+}
+
 }  // namespace
 }  // namespace rlhf
