@@ -230,8 +230,11 @@ void up(const UpOptions& o) {
   const std::string policy = o.policy.empty() ? config.rl.policy : o.policy;
   const std::string judge = o.judge.empty() ? config.rl.judge : o.judge;
   if (policy.empty()) fail("rl.policy (or --policy): the start policy is required");
-  if (judge.empty() && config.rl.reward == "judge")
-    fail("rl.judge (or --judge): the reward service needs a judge checkpoint");
+  if (judge.empty() && (config.rl.reward == "judge" || config.rl.judge_rollouts)) {
+    fail("rl.judge (or --judge): the reward service needs a judge checkpoint (rl.reward is "
+         "'{}', rl.judge_rollouts {}); set both to ground_truth / false to run without a judge",
+         config.rl.reward, config.rl.judge_rollouts);
+  }
   std::filesystem::create_directories(o.workdir);
   // The learner re-reads the config from a file: the one given, or the embedded one written
   // into the workdir.
@@ -245,6 +248,8 @@ void up(const UpOptions& o) {
   std::string actor_addresses;
   for (const std::string& a : services.actor_addresses)
     actor_addresses += (actor_addresses.empty() ? "" : ",") + a;
+  // Without a judge the learner never calls the reward service (checked above), but its
+  // --reward option is required: any address does.
   const std::string reward_address =
       services.reward_address.empty() ? "127.0.0.1:1" : services.reward_address;
   std::vector<std::string> learner_args = {exe, "serve", "learner", "--config", config_path,

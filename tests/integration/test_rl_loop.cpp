@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -404,6 +405,39 @@ TEST_F(RlLoopTest, CollectStoresWithoutTrainingAndContinuesFromItsCursor) {
   const auto cursor = store->cursor("c1");
   ASSERT_TRUE(cursor.has_value());
   EXPECT_EQ(cursor->step(), 3u);
+}
+
+
+TEST_F(RlLoopTest, UpStartsTheServicesAsProcessesAndRunsTheLoop) {
+  // Ground-truth rewards and no judging: `up` starts no reward service, one actor and the
+  // learner, runs two steps, and the learner's --json line comes out on up's stdout.
+  const fs::path config_path = root_ / "up.yaml";
+  std::string yaml = tiny_config(2, policy_, "ground_truth");
+  const size_t at = yaml.find("  checkpoint_every: 1\n");
+  ASSERT_NE(at, std::string::npos);
+  yaml.insert(at, "  judge_rollouts: false\n");
+  std::ofstream(config_path, std::ios::trunc) << yaml;
+  const fs::path workdir = root_ / "rl-up";
+  const std::string command = std::string(RLHF_BINARY) + " up --config " + config_path.string() +
+                              " --workdir " + workdir.string() + " --json 2>" +
+                              (root_ / "up.err").string();
+  FILE* pipe = ::popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out, last_line;
+  char buffer[4096];
+  while (fgets(buffer, sizeof(buffer), pipe)) out += buffer;
+  const int status = ::pclose(pipe);
+  ASSERT_EQ(WEXITSTATUS(status), 0) << out;
+  std::stringstream lines(out);
+  for (std::string line; std::getline(lines, line);)
+    if (!line.empty()) last_line = line;
+  const auto summary = nlohmann::json::parse(last_line);
+  EXPECT_EQ(summary["steps"].get<int64_t>(), 2);
+  EXPECT_EQ(summary["rollouts_stored"].get<int64_t>(), 2 * kPrompts * kSamples);
+  for (const char* key : {"sft_mean_score", "rl_mean_score", "mean_score_gain_stderr", "wall_s"})
+    EXPECT_TRUE(summary.contains(key)) << key;
+  EXPECT_TRUE(fs::exists(workdir / "policy.safetensors"));
+  EXPECT_EQ(read_metrics(workdir / "metrics.jsonl").size(), 2u);
 }
 
 }  // namespace
