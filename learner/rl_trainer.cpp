@@ -95,18 +95,9 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
   const std::optional<v1::LearnerCursor> cursor = store_->cursor(run_id_);
 
   if (resume) {
-    const CheckpointContents info = checkpoint_read_info(checkpoint.string());
-    if (!info.training) fail("'{}' is not a training checkpoint", checkpoint.string());
-    if (info.training->run_config != config_.source) {
-      fail("'{}' was written by a run with a different config; resume with the config the run "
-           "started with (a copy is in {})",
-           checkpoint.string(), (dir / "config.yaml").string());
-    }
-    checkpoint_load_weights(checkpoint.string(), *policy_);
-    checkpoint_load_moments(checkpoint.string(), policy_->layout(), optimizer_->first_moment(),
-                            optimizer_->second_moment(), ops_);
-    policy_->params_changed();
-    step_ = info.training->step;
+    step_ = resume_training(checkpoint.string(), config_.source, (dir / "config.yaml").string(),
+                            *policy_, *optimizer_, ops_)
+                .step;
     // The cursor is written right after the checkpoint; a crash between the two leaves it one
     // checkpoint behind, never ahead.
     if (cursor && int64_t(cursor->step()) > step_) {

@@ -154,21 +154,12 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
                        : std::make_shared<DemonstrationSource>(suite_, *tokenizer_);
   data_rng_.reseed(mix_seed(config_.sft.seed, 0xDA7A));
   if (resume) {
-    const CheckpointContents info = checkpoint_read_info(checkpoint.string());
-    if (!info.training) fail("'{}' is not a training checkpoint", checkpoint.string());
-    // Resuming under another config would silently change the schedule, the data or the
-    // model; the checkpoint keeps the config text the run started with.
-    if (info.training->run_config != config_.source) {
-      fail("'{}' was written by a run with a different config; resume with the config the run "
-           "started with (a copy is in {})",
-           checkpoint.string(), (dir / "config.yaml").string());
-    }
-    checkpoint_load_weights(checkpoint.string(), *model_);
-    checkpoint_load_moments(checkpoint.string(), model_->layout(), optimizer_->first_moment(),
-                            optimizer_->second_moment(), ops_);
-    step_ = info.training->step;
-    data_position_ = info.training->data_position;
-    data_rng_.deserialize(info.training->rng_state);
+    const TrainingState state =
+        resume_training(checkpoint.string(), config_.source, (dir / "config.yaml").string(),
+                        *model_, *optimizer_, ops_);
+    step_ = state.step;
+    data_position_ = state.data_position;
+    data_rng_.deserialize(state.rng_state);
     truncate_metrics_after((dir / "metrics.jsonl").string(), step_);
     spdlog::info("resumed from {} at step {}", checkpoint.string(), step_);
   } else if (!options.init_from.empty()) {
@@ -190,6 +181,23 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
 }
 
 SftTrainer::~SftTrainer() = default;
+
+TrainingState resume_training(const std::string& checkpoint, const std::string& config_source,
+                              const std::string& config_copy, Transformer<float>& model,
+                              AdamW<float>& optimizer, Ops<float>& ops) {
+  const CheckpointContents info = checkpoint_read_info(checkpoint);
+  if (!info.training) fail("'{}' is not a training checkpoint", checkpoint);
+  if (info.training->run_config != config_source) {
+    fail("'{}' was written by a run with a different config; resume with the config the run "
+         "started with (a copy is in {})",
+         checkpoint, config_copy);
+  }
+  checkpoint_load_weights(checkpoint, model);
+  checkpoint_load_moments(checkpoint, model.layout(), optimizer.first_moment(),
+                          optimizer.second_moment(), ops);
+  model.params_changed();
+  return *info.training;
+}
 
 void truncate_metrics_after(const std::string& path, int64_t step) {
   std::ifstream in(path);

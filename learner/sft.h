@@ -19,6 +19,7 @@
 #include "learner/optimizer.h"
 #include "learner/run_config.h"
 #include "learner/stability.h"
+#include "model/checkpoint.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "rollout/task_suite.h"
@@ -111,6 +112,15 @@ std::vector<TokenBatch> sft_make_batches(const SftDataSource& source, const Toke
 std::vector<TokenBatch> sft_make_batches(const TaskSuite& suite, const Tokenizer& tokenizer,
                                          const std::vector<uint64_t>& example_indices,
                                          int max_seq_len, int buckets);
+
+// Resumes a training run from its checkpoint: checks that it is a training checkpoint written
+// by a run with exactly `config_source` (resuming under another config would silently change
+// the schedule, the data or the model), loads weights and AdamW moments into `model` /
+// `optimizer`, and returns the training state. Errors name the file (and where the run's
+// config copy is, `config_copy`).
+TrainingState resume_training(const std::string& checkpoint, const std::string& config_source,
+                              const std::string& config_copy, Transformer<float>& model,
+                              AdamW<float>& optimizer, Ops<float>& ops);
 
 // Drops the lines of a metrics.jsonl whose "step" is above `step`: after a resume those steps
 // run again, and the file keeps one line per step.

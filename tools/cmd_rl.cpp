@@ -132,17 +132,15 @@ void collect(const CollectOptions& o) {
   const std::optional<v1::LearnerCursor> cursor = store->cursor(o.run);
   int64_t step = cursor ? int64_t(cursor->step()) : 0;
   if (step > 0) spdlog::info("collect: run '{}' continues at step {}", o.run, step);
-  std::atomic<bool> stop{false}, finished{false};
-  std::thread stopper([&] {
-    stop_signals.wait();
-    if (finished) return;
-    spdlog::info("collect: stopping after the current step");
-    stop = true;
-  });
+  std::atomic<bool> stop{false};
   ProgressMeter progress("collect", steps);
   int64_t rollouts = 0, judged = 0, invalid = 0, graded = 0;
   double gt_sum = 0, judge_sum = 0;
-  try {
+  {
+    const StopWatcher watcher(stop_signals, [&](int) {
+      spdlog::info("collect: stopping after the current step");
+      stop = true;
+    });
     while (step < steps && !stop) {
       CollectStats stats;
       const auto scored = collector.collect(step, 0, false, stats);
@@ -174,15 +172,7 @@ void collect(const CollectOptions& o) {
                                   judged ? judge_sum / double(judged) : 0, stats.generate_s,
                                   stats.score_s));
     }
-  } catch (...) {
-    finished = true;
-    ::kill(::getpid(), SIGTERM);
-    stopper.join();
-    throw;
   }
-  finished = true;
-  ::kill(::getpid(), SIGTERM);
-  stopper.join();
   std::cout << fmt::format("collected run '{}': {} rollouts this time, steps done {} of {}, "
                            "store {}\n",
                            o.run, rollouts, step, steps, o.store);
@@ -262,19 +252,16 @@ void up(const UpOptions& o) {
   // The learner's stdout (its summary and --json line) is ours: it inherits the descriptor.
   ChildProcess learner("learner", learner_args);
 
-  std::atomic<bool> finished{false};
-  std::thread stopper([&] {
-    const int signal = stop_signals.wait();
-    if (finished) return;
-    spdlog::info("up: {} received; stopping the learner first (it checkpoints), then the "
-                 "services",
-                 signal == SIGINT ? "SIGINT" : "SIGTERM");
-    learner.terminate();
-  });
-  const int learner_status = learner.wait();
-  finished = true;
-  ::kill(::getpid(), SIGTERM);
-  stopper.join();
+  int learner_status = 0;
+  {
+    const StopWatcher watcher(stop_signals, [&](int signal) {
+      spdlog::info("up: {} received; stopping the learner first (it checkpoints), then the "
+                   "services",
+                   signal_name(signal));
+      learner.terminate();
+    });
+    learner_status = learner.wait();
+  }
   services.stop();
   if (learner_status != 0) fail("the learner exited with status {}", learner_status);
 }
@@ -337,29 +324,15 @@ std::optional<RlSummary> run_learner(const RunConfig& config, const std::string&
   LearnerServer server(trainer, listen);
   spdlog::info("learner listening on {} (run '{}', step {} of {}, store {})",
                bound_address(listen, server.port()), trainer.run_id(), trainer.steps_done(),
-               config.rl.steps, trainer.store().stats().path);
-  std::atomic<bool> finished{false};
-  std::thread stopper([&] {
-    const int signal = signals.wait();
-    if (finished) return;
-    spdlog::info("learner: {} received; finishing the current step, then checkpointing",
-                 signal == SIGINT ? "SIGINT" : "SIGTERM");
-    trainer.stop();
-  });
-  // The stopper sits in sigwait; a SIGTERM to ourselves (blocked in every other thread) is
-  // how it learns that the run ended on its own.
-  auto release_stopper = [&] {
-    finished = true;
-    ::kill(::getpid(), SIGTERM);
-    stopper.join();
-  };
-  try {
+               config.rl.steps, trainer.store().path());
+  {
+    const StopWatcher watcher(signals, [&](int signal) {
+      spdlog::info("learner: {} received; finishing the current step, then checkpointing",
+                   signal_name(signal));
+      trainer.stop();
+    });
     trainer.train();
-  } catch (...) {
-    release_stopper();
-    throw;
   }
-  release_stopper();
   if (trainer.steps_done() < config.rl.steps) {
     spdlog::info("learner stopped at step {} of {}; continue with --resume", trainer.steps_done(),
                  config.rl.steps);

@@ -4,9 +4,13 @@
 // address in the "listening on" line that `rlhf up` and the tests read.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <thread>
 
 #include <grpc/support/log.h>
 #include <spdlog/spdlog.h>
@@ -44,6 +48,41 @@ class StopSignals {
   sigset_t signals_;
   sigset_t previous_;
 };
+
+// While it lives, runs `on_stop(signal)` on a thread of its own when SIGINT or SIGTERM
+// arrives (through `signals`): how a long job is asked to stop cleanly. Its destructor wakes
+// that thread with a SIGTERM to this process (blocked in every other thread, so only its
+// sigwait takes it) and joins it, without calling on_stop: the job ended on its own.
+class StopWatcher {
+ public:
+  StopWatcher(const StopSignals& signals, std::function<void(int)> on_stop)
+      : thread_([this, &signals, on_stop = std::move(on_stop)] {
+          const int signal = signals.wait();
+          if (!released_) on_stop(signal);
+        }) {}
+  ~StopWatcher() {
+    released_ = true;
+    ::kill(::getpid(), SIGTERM);
+    thread_.join();
+    // If a real signal woke the thread first, the wake-up SIGTERM is still pending; it must
+    // not fire once StopSignals unblocks the signals (the process would die with status 143).
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    const timespec no_wait{0, 0};
+    while (sigtimedwait(&stop, nullptr, &no_wait) > 0) {
+    }
+  }
+  StopWatcher(const StopWatcher&) = delete;
+  StopWatcher& operator=(const StopWatcher&) = delete;
+
+ private:
+  std::atomic<bool> released_{false};  // before thread_: initialized before the thread starts
+  std::thread thread_;
+};
+
+inline const char* signal_name(int signal) { return signal == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 // gRPC's own log lines (by default only its errors, e.g. why a bind failed) go through spdlog
 // like every other line the command writes.
