@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "common/error.h"
 #include "common/rng.h"
@@ -28,6 +29,20 @@ double sign_test_p_value(int wins, int losses) {
                      n * std::log(2.0));
   // Two-sided: both tails; an exactly even split has p = 1.
   return std::min(1.0, 2 * tail);
+}
+
+std::pair<double, double> percentile_interval(std::vector<double> values, double confidence) {
+  if (values.empty()) fail("percentile_interval: no values");
+  std::sort(values.begin(), values.end());
+  const double alpha = (1 - confidence) / 2;
+  // Linear interpolation between order statistics.
+  auto quantile = [&](double q) {
+    const double pos = q * double(values.size() - 1);
+    const size_t lo = size_t(std::floor(pos));
+    const size_t hi = std::min(values.size() - 1, lo + 1);
+    return values[lo] + (pos - double(lo)) * (values[hi] - values[lo]);
+  };
+  return {quantile(alpha), quantile(1 - alpha)};
 }
 
 WinRate win_rate(const std::vector<PairOutcome>& outcomes, int resamples, uint64_t seed,
@@ -58,16 +73,7 @@ WinRate win_rate(const std::vector<PairOutcome>& outcomes, int resamples, uint64
     }
     rate = rate_of(w, t, l);
   }
-  std::sort(rates.begin(), rates.end());
-  const double alpha = (1 - confidence) / 2;
-  auto quantile = [&](double q) {
-    const double pos = q * double(rates.size() - 1);
-    const size_t lo = size_t(std::floor(pos));
-    const size_t hi = std::min(rates.size() - 1, lo + 1);
-    return rates[lo] + (pos - double(lo)) * (rates[hi] - rates[lo]);
-  };
-  r.ci_low = quantile(alpha);
-  r.ci_high = quantile(1 - alpha);
+  std::tie(r.ci_low, r.ci_high) = percentile_interval(std::move(rates), confidence);
   return r;
 }
 

@@ -1,12 +1,13 @@
 #pragma once
 // The statistics of preference evaluation (win rates), as plain functions over outcomes, so
-// each is checked against hand-computed cases (tests/unit/test_preference_stats.cpp). The
-// `rlhf eval winrate` command of the win-rate issue is built on these; it does not exist yet.
+// each is checked against hand-computed cases (tests/unit/test_preference_stats.cpp).
+// `rlhf eval winrate` and `rlhf eval ratings` (reward/winrate_eval.h) are built on them.
 //
 // Conventions: an outcome is A's result against B on one prompt, after judging both orders
 // (a pair whose two orders disagree is a tie). INVALID judgments are counted and left out of
 // every rate, never turned into a loss or a tie.
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace rlhf {
@@ -25,6 +26,10 @@ struct WinRate {
 // `confidence`, and the sign test. Deterministic for a seed.
 WinRate win_rate(const std::vector<PairOutcome>& outcomes, int resamples, uint64_t seed,
                  double confidence = 0.95);
+
+// The central `confidence` interval of bootstrap statistics: the (1-c)/2 and (1+c)/2 quantiles,
+// interpolating linearly between order statistics. rlhf::Error when `values` is empty.
+std::pair<double, double> percentile_interval(std::vector<double> values, double confidence);
 
 // Two-sided exact binomial test of wins against losses under p = 1/2: the probability of a
 // split at least as uneven as the one seen. 1 when both are 0.

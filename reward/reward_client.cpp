@@ -84,6 +84,27 @@ v1::CompareResponse RewardClient::compare(const v1::CompareRequest& request) {
   return response;
 }
 
+v1::CompareBatchResponse RewardClient::compare_batch(const v1::CompareBatchRequest& request) {
+  v1::CompareBatchResponse joined;
+  const int limit = impl_->options_.max_items_per_call;
+  for (int first = 0; first < request.items_size() || first == 0; first += limit) {
+    // Split like score(): each part with its own seed stream, an empty request sent as is.
+    v1::CompareBatchRequest part = request;
+    part.clear_items();
+    for (int i = first; i < std::min(request.items_size(), first + limit); ++i)
+      *part.add_items() = request.items(i);
+    part.set_seed(request.seed() + uint64_t(first));
+    v1::CompareBatchResponse response;
+    impl_->with_retries("CompareBatch", [&](grpc::ClientContext& context) {
+      response.Clear();
+      return impl_->stub_->CompareBatch(&context, part, &response);
+    });
+    for (auto& result : *response.mutable_results()) *joined.add_results() = std::move(result);
+    if (request.items_size() == 0) break;
+  }
+  return joined;
+}
+
 bool RewardClient::reachable(std::chrono::milliseconds timeout) {
   return impl_->channel_->WaitForConnected(std::chrono::system_clock::now() + timeout);
 }

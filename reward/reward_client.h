@@ -30,6 +30,8 @@ class RewardClient {
 
   v1::ScoreResponse score(const v1::ScoreRequest& request);
   v1::CompareResponse compare(const v1::CompareRequest& request);
+  // Split into parts of at most max_items_per_call items like score().
+  v1::CompareBatchResponse compare_batch(const v1::CompareBatchRequest& request);
   // The server accepts a connection within `timeout` (a reachability probe for waiting on a
   // service that is starting).
   bool reachable(std::chrono::milliseconds timeout);

@@ -186,19 +186,37 @@ std::vector<JudgeRequest> judge_requests_from(const v1::ScoreRequest& request, c
   return requests;
 }
 
-PairwiseRequest pairwise_request_from(const v1::CompareRequest& request, const Judge& judge,
-                                      const RewardServiceLimits& limits) {
-  check_text("prompt", request.prompt(), true, limits);
-  check_text("response_a", request.response_a(), true, limits);
-  check_text("response_b", request.response_b(), true, limits);
-  check_text("reference", request.reference(), false, limits);
-  PairwiseRequest r{request.prompt(), request.response_a(), request.response_b(),
-                    optional_text(request.has_reference(), request.reference())};
+// `field` prefixes the names in error messages ("" for Compare, "items[3]." for CompareBatch).
+template <typename PairMessage>  // v1::CompareRequest or v1::CompareItem
+PairwiseRequest pairwise_request_from(const PairMessage& pair, const std::string& field,
+                                      const Judge& judge, const RewardServiceLimits& limits) {
+  check_text(field + "prompt", pair.prompt(), true, limits);
+  check_text(field + "response_a", pair.response_a(), true, limits);
+  check_text(field + "response_b", pair.response_b(), true, limits);
+  check_text(field + "reference", pair.reference(), false, limits);
+  PairwiseRequest r{pair.prompt(), pair.response_a(), pair.response_b(),
+                    optional_text(pair.has_reference(), pair.reference())};
   // Swapping A and B (both_orders) does not change the length.
-  check_fits_context("prompt + response_a + response_b + reference",
+  check_fits_context(field + "prompt + response_a + response_b + reference",
                      pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference),
                      judge);
   return r;
+}
+
+std::vector<PairwiseRequest> pairwise_requests_from(const v1::CompareBatchRequest& request,
+                                                    const Judge& judge,
+                                                    const RewardServiceLimits& limits) {
+  if (request.items_size() == 0) fail("items: must hold at least one item");
+  if (request.items_size() > limits.max_items) {
+    fail("items: {} items, the limit is {} per request", request.items_size(), limits.max_items);
+  }
+  std::vector<PairwiseRequest> requests;
+  requests.reserve(size_t(request.items_size()));
+  for (int i = 0; i < request.items_size(); ++i) {
+    requests.push_back(
+        pairwise_request_from(request.items(i), fmt::format("items[{}].", i), judge, limits));
+  }
+  return requests;
 }
 
 void fill_pointwise_result(const PointwiseJudgment& judgment, v1::PointwiseResult& result) {
@@ -262,7 +280,7 @@ class RewardServiceImpl final : public v1::RewardService::CallbackService {
     std::vector<PairwiseRequest> requests;
     VotingParams params;
     try {
-      requests.push_back(pairwise_request_from(*request, judge_, limits_));
+      requests.push_back(pairwise_request_from(*request, "", judge_, limits_));
       params = voting_params_from(request->k(), request->temperature(), request->seed(),
                                   /*swap_order=*/request->both_orders());
     } catch (const Error& e) {
@@ -274,6 +292,29 @@ class RewardServiceImpl final : public v1::RewardService::CallbackService {
       RLHF_CHECK(judgments.size() == 1, "one pairwise request, {} judgments", judgments.size());
       fill_compare_response(judgments[0], *response);
     });
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* CompareBatch(grpc::CallbackServerContext* context,
+                                         const v1::CompareBatchRequest* request,
+                                         v1::CompareBatchResponse* response) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    std::vector<PairwiseRequest> requests;
+    VotingParams params;
+    try {
+      requests = pairwise_requests_from(*request, judge_, limits_);
+      params = voting_params_from(request->k(), request->temperature(), request->seed(),
+                                  /*swap_order=*/request->both_orders());
+    } catch (const Error& e) {
+      reactor->Finish(invalid_argument(e.what()));
+      return reactor;
+    }
+    enqueue("CompareBatch", context, reactor,
+            [this, requests = std::move(requests), params, response] {
+              for (const PairwiseJudgment& judgment : judge_.compare(requests, params)) {
+                fill_compare_response(judgment, *response->add_results());
+              }
+            });
     return reactor;
   }
 

@@ -15,7 +15,7 @@
 namespace rlhf {
 
 struct RewardServiceLimits {
-  int max_items = 64;             // Score: items per request
+  int max_items = 64;             // Score and CompareBatch: items per request
   int max_text_bytes = 1024;      // each prompt, response and reference
   int max_queued_requests = 256;  // waiting for the judge; beyond it RESOURCE_EXHAUSTED
 };

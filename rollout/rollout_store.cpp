@@ -30,6 +30,7 @@ namespace fs = std::filesystem;
 constexpr const char* kSchemaKey = "schema";
 constexpr const char* kSchema = "rlhf-store-v1";
 constexpr const char* kCursorPrefix = "cursor/";
+constexpr const char* kEvalSpecPrefix = "eval/";
 constexpr size_t kMaxIdBytes = 128;
 
 // Indexes RolloutStore::families_, in the order the store opens them.
@@ -502,6 +503,15 @@ size_t RolloutStore::write_evals(const std::vector<v1::EvalRecord>& records) {
   return written;
 }
 
+void RolloutStore::put_eval_spec(const v1::EvalSpec& spec) {
+  check_writable("put_eval_spec");
+  check_id(spec.eval_id(), "eval_id");
+  const std::lock_guard<std::mutex> lock(write_mutex_);
+  StagedWrite write(db_.get(), families_, path_);
+  write.stage(kMeta, kEvalSpecPrefix + spec.eval_id(), serialize(spec));
+  write.commit();
+}
+
 void RolloutStore::put_cursor(const v1::LearnerCursor& cursor) {
   check_writable("put_cursor");
   check_id(cursor.run_id(), "cursor run_id");
@@ -649,6 +659,19 @@ std::optional<v1::LearnerCursor> RolloutStore::cursor(const std::string& run_id)
          status_text(status));
   }
   return parse_value<v1::LearnerCursor>(path_, kMeta, key, value);
+}
+
+std::optional<v1::EvalSpec> RolloutStore::eval_spec(const std::string& eval_id) const {
+  check_id(eval_id, "eval_id");
+  const std::string key = kEvalSpecPrefix + eval_id;
+  std::string value;
+  const rocksdb::Status status = db_->Get(rocksdb::ReadOptions(), families_[kMeta], key, &value);
+  if (status.IsNotFound()) return std::nullopt;
+  if (!status.ok()) {
+    fail("rollout store '{}': reading {}: {}", path_, describe_key(kMeta, key),
+         status_text(status));
+  }
+  return parse_value<v1::EvalSpec>(path_, kMeta, key, value);
 }
 
 void RolloutStore::for_each_cursor(const std::function<void(const v1::LearnerCursor&)>& fn) const {

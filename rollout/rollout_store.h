@@ -11,6 +11,7 @@
 //   evals      eval_id \0 prompt               -> v1::EvalRecord
 //   meta       "schema"                        -> "rlhf-store-v1"
 //              "cursor/<run>"                  -> v1::LearnerCursor
+//              "eval/<eval_id>"                -> v1::EvalSpec
 // version and prompt are big-endian uint64, sample big-endian uint32, so byte order is numeric
 // order: a run's records sort by policy version, then prompt, then sample. The \0 after the run
 // keeps runs apart ("a" and "ab" never interleave), hence run and eval ids are 1..128 bytes
@@ -89,6 +90,11 @@ class RolloutStore {
   // Every record of `eval_id` (every evaluation when empty), by eval id, then prompt index.
   void for_each_eval(const std::string& eval_id,
                      const std::function<void(const v1::EvalRecord&)>& fn) const;
+
+  // What the evaluation `spec.eval_id` compares; idempotent like write_evals (the same spec
+  // again is a no-op, another spec under the same id is an error). Synced.
+  void put_eval_spec(const v1::EvalSpec& spec);
+  std::optional<v1::EvalSpec> eval_spec(const std::string& eval_id) const;
 
   struct RunStats {
     std::string run_id;

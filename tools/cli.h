@@ -47,7 +47,10 @@ void register_inspect(CLI::App& app);
 void register_demo(CLI::App& app);
 void register_exp(CLI::App& app);
 void register_serve(CLI::App& app);
-void register_grm(CLI::App& app);
+void register_grm(CLI::App& app);  // train-grm
+// Subcommands of `rlhf eval`: grm (tools/cmd_grm.cpp), winrate and ratings (tools/cmd_eval.cpp).
+void register_eval_grm(CLI::App& eval);
+void register_eval_winrate(CLI::App& eval);
 void register_up(CLI::App& app);
 void register_collect(CLI::App& app);
 void register_plot(CLI::App& app);

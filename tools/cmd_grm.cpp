@@ -135,11 +135,11 @@ void register_grm(CLI::App& app) {
   train->add_option("--data", t->data, "scored data JSONL to train on (overrides grm.data)");
   train->add_flag("--resume", t->resume, "continue from WORKDIR/checkpoint.safetensors");
   train->callback([t] { train_grm(*t); });
+}
 
-  CLI::App* eval = app.add_subcommand("eval", "evaluations");
-  eval->require_subcommand(1);
+void register_eval_grm(CLI::App& eval) {
   auto e = std::make_shared<EvalGrmOptions>();
-  CLI::App* grm = eval->add_subcommand("grm", "judge quality on held-out prompts");
+  CLI::App* grm = eval.add_subcommand("grm", "judge quality on held-out prompts");
   add_common_options(*grm, e->common);
   grm->add_option("--judge", e->judge, "judge checkpoint")->required();
   grm->add_option("--ablation", e->ablation,

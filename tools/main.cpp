@@ -30,6 +30,10 @@ int main(int argc, char** argv) {
   rlhf::cli::register_exp(app);
   rlhf::cli::register_serve(app);
   rlhf::cli::register_grm(app);
+  CLI::App* eval = app.add_subcommand("eval", "evaluations: judge quality, win rates, ratings");
+  eval->require_subcommand(1);
+  rlhf::cli::register_eval_grm(*eval);
+  rlhf::cli::register_eval_winrate(*eval);
   rlhf::cli::register_db(app);
   rlhf::cli::register_up(app);
   rlhf::cli::register_collect(app);
