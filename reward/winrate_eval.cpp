@@ -1,6 +1,8 @@
 #include "reward/winrate_eval.h"
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <fstream>
 #include <map>
@@ -133,7 +135,7 @@ PairOutcome outcome_of(const v1::EvalRecord& record) {
 
 uint32_t file_crc32c(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot read '{}'", path);
+  if (!in) fail("cannot open '{}': {}", path, std::strerror(errno));
   uint32_t crc = 0;
   std::vector<char> buffer(1 << 20);
   while (in) {
@@ -157,8 +159,12 @@ void check_or_store_eval_spec(RolloutStore& store, const v1::EvalSpec& spec) {
   std::string differences;
   differencer.ReportDifferencesToString(&differences);
   if (differencer.Compare(*stored, spec)) return;
-  fail("eval '{}' in store '{}' was started with other settings (stored -> now):\n{}"
-       "resume it with the same settings, or choose another --eval-id",
+  // One line: "modified: seed: 7 -> 5; modified: k: 1 -> 3".
+  while (!differences.empty() && differences.back() == '\n') differences.pop_back();
+  for (size_t at = differences.find('\n'); at != std::string::npos; at = differences.find('\n'))
+    differences.replace(at, 1, "; ");
+  fail("eval '{}' in store '{}' was started with other settings (stored -> now: {}); resume "
+       "it with the same settings, or choose another --eval-id",
        spec.eval_id(), store.path(), differences);
 }
 

@@ -292,4 +292,72 @@ TEST(Cli, TrainGrmThenEvalGrm) {
   EXPECT_FALSE(fs::exists(dir / "user" / "checkpoint.safetensors"));
 }
 
+TEST(Cli, EvalWinrateAndRatingsReportStoreAndRefuseBadInput) {
+  const fs::path dir = scratch("winrate");
+  const fs::path config = write_config(dir, kTinyConfig);
+  std::string shorter = kTinyConfig;
+  shorter.replace(shorter.find("  steps: 6"), 9, "  steps: 2");
+  const fs::path config_b = dir / "config-b.yaml";
+  std::ofstream(config_b) << shorter;
+  ASSERT_EQ(run("sft --config " + config.string() + " --workdir " + (dir / "a").string()).exit_code, 0);
+  ASSERT_EQ(run("sft --config " + config_b.string() + " --workdir " + (dir / "b").string()).exit_code, 0);
+  const std::string a = (dir / "a" / "policy.safetensors").string();
+  const std::string b = (dir / "b" / "policy.safetensors").string();
+  const std::string settings = " --config " + config.string() + " --prompts 8 --round 4 --workdir " +
+                               (dir / "eval").string();
+  const std::string common = settings + " --judge ground_truth";
+
+  const Result eval = run("eval winrate --json --a " + a + " --b " + b + common);
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const auto e = nlohmann::json::parse(last_line(eval.out));
+  for (const char* key : {"wins", "ties", "losses", "invalid", "win_rate", "ci_low", "ci_high",
+                          "p_value", "swap_consistency", "lc_win_rate", "per_task",
+                          "mean_length_a", "mean_length_b"}) {
+    ASSERT_TRUE(e.contains(key)) << key;
+  }
+  EXPECT_EQ(e["wins"].get<int>() + e["ties"].get<int>() + e["losses"].get<int>() +
+                e["invalid"].get<int>(),
+            8);
+  EXPECT_LE(e["ci_low"].get<double>(), e["win_rate"].get<double>());
+  EXPECT_GE(e["ci_high"].get<double>(), e["win_rate"].get<double>());
+  EXPECT_TRUE(fs::exists(e["report"].get<std::string>()));
+  EXPECT_TRUE(fs::exists(e["chart"].get<std::string>()));
+  EXPECT_NE(eval.err.find("round 2/2"), std::string::npos) << "progress goes to stderr";
+  EXPECT_NE(eval.out.find("95% CI"), std::string::npos) << "the table goes to stdout";
+
+  // The same command again re-reports the stored judgments, judging nothing.
+  const Result again = run("eval winrate --json --a " + a + " --b " + b + common);
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_NE(again.err.find("already judged"), std::string::npos) << again.err;
+  EXPECT_EQ(nlohmann::json::parse(last_line(again.out))["win_rate"], e["win_rate"]);
+
+  // Bad input: one clear line each, nothing stored under a wrong spec.
+  const Result votes = run("eval winrate --a " + a + " --b " + b + settings +
+                           " --judge-temperature 0 --k 3 --judge " + a);
+  EXPECT_EQ(votes.exit_code, 1);
+  EXPECT_NE(votes.err.find("--judge-temperature"), std::string::npos) << votes.err;
+  const Result missing = run("eval winrate --a " + a + " --b " + (dir / "none.safetensors").string() + common);
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.err.find("none.safetensors"), std::string::npos) << missing.err;
+  const Result changed = run("eval winrate --a " + a + " --b " + b + common + " --eval-id " +
+                             e["eval_id"].get<std::string>() + " --seed 12345");
+  EXPECT_EQ(changed.exit_code, 1);
+  EXPECT_NE(changed.err.find("seed"), std::string::npos) << changed.err;
+
+  const Result twice = run("eval ratings --checkpoints " + a + " " + b + " " + a + common);
+  EXPECT_EQ(twice.exit_code, 1);
+  EXPECT_NE(twice.err.find("given twice"), std::string::npos) << twice.err;
+  const Result ratings = run("eval ratings --json --checkpoints " + a + " " + b + common);
+  ASSERT_EQ(ratings.exit_code, 0) << ratings.err;
+  const auto r = nlohmann::json::parse(last_line(ratings.out));
+  ASSERT_EQ(r["models"].size(), 2u);
+  ASSERT_EQ(r["pairs"].size(), 1u);
+  // The pair was already evaluated above: the same eval id, reported from the store.
+  EXPECT_EQ(r["pairs"][0]["eval_id"], e["eval_id"]);
+  for (const auto& m : r["models"]) {
+    EXPECT_LE(m["ci_low"].get<double>(), m["rating"].get<double>() + 1e-9);
+    EXPECT_GE(m["ci_high"].get<double>(), m["rating"].get<double>() - 1e-9);
+  }
+}
+
 }  // namespace
