@@ -5,10 +5,12 @@
 //   3. RL      the reward service (the judge: that model, frozen) and actor(s) started as
 //              processes on loopback, and the learner run here against them: GRPO with every
 //              scored rollout stored in RocksDB (configs/rl.yaml)
-//   4. report  held-out ground-truth scores of the RL policy against its start policy
+//   4. report  held-out ground-truth scores of the RL policy against its start policy, and the
+//              win rate of the RL policy over its start policy (`rlhf eval winrate`), judged by
+//              the demo's judge in both orders and, for calibration, by the task graders
 //
 // Work directory: DIR/ (stage 1, as `rlhf sft`), DIR/grm/ (stage 2, as `rlhf train-grm`),
-// DIR/rl/ (stage 3: checkpoint, metrics.jsonl, store/).
+// DIR/rl/ (stage 3: checkpoint, metrics.jsonl, store/), DIR/eval/ (win rates: store/, reports).
 #include <chrono>
 #include <filesystem>
 #include <iostream>
@@ -20,6 +22,7 @@
 #include "learner/grm.h"
 #include "learner/sft.h"
 #include "tools/cli.h"
+#include "tools/eval_commands.h"
 #include "tools/rl_commands.h"
 #include "tools/rl_report.h"
 
@@ -33,6 +36,10 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
+
+// Held-out prompts of the demo's win-rate evaluation: the interval's half-width is about
+// 0.03 at this size, and judging them in both orders takes about a minute on 2 cores.
+constexpr int kWinratePrompts = 256;
 
 struct DemoOptions {
   CommonOptions common;  // --config: the SFT stage's config
@@ -67,9 +74,10 @@ void run_demo(const DemoOptions& o) {
       fs::remove(dir / f);
     fs::remove_all(grm_dir);
     fs::remove_all(rl_dir);
+    fs::remove_all(dir / "eval");
   }
 
-  spdlog::info("demo stage 1/3: SFT from scratch ({} steps) in {}", sft_config.sft.steps,
+  spdlog::info("demo stage 1/4: SFT from scratch ({} steps) in {}", sft_config.sft.steps,
                o.workdir);
   auto t0 = Clock::now();
   const bool sft_resume = o.resume && fs::exists(dir / "checkpoint.safetensors");
@@ -80,7 +88,7 @@ void run_demo(const DemoOptions& o) {
   const double sft_s = seconds_since(t0);
   print_sft_summary(sft_summary);
 
-  spdlog::info("demo stage 2/3: one model that generates and judges ({} steps) in {}",
+  spdlog::info("demo stage 2/4: one model that generates and judges ({} steps) in {}",
                grm_config.sft.steps, grm_dir.string());
   t0 = Clock::now();
   grm_config.grm.policy = sft_summary.policy_path;
@@ -90,7 +98,7 @@ void run_demo(const DemoOptions& o) {
   std::cout << fmt::format("judge + policy: {} ({} pointwise, {} pairwise judge records)\n",
                            grm.sft.policy_path, grm.pointwise_records, grm.pairwise_records);
 
-  spdlog::info("demo stage 3/3: RL ({} steps) with {} actor(s) and the reward service on "
+  spdlog::info("demo stage 3/4: RL ({} steps) with {} actor(s) and the reward service on "
                "loopback, in {}",
                rl_config.rl.steps, o.actors, rl_dir.string());
   t0 = Clock::now();
@@ -112,19 +120,49 @@ void run_demo(const DemoOptions& o) {
   const double rl_s = seconds_since(t0);
   print_rl_summary(*rl);
 
+  spdlog::info("demo stage 4/4: win rate of the RL policy over its start policy on {} held-out "
+               "prompts",
+               kWinratePrompts);
+  t0 = Clock::now();
+  WinrateSettings winrate;
+  winrate.prompts = kWinratePrompts;
+  winrate.with_reference = rl_config.rl.judge_with_reference;
+  winrate.workdir = (dir / "eval").string();
+  winrate.judge = grm.sft.policy_path;
+  const nlohmann::json judged = run_winrate_eval(rl_config, rl->policy_path, rl_config.rl.policy,
+                                                 winrate);
+  winrate.judge = "ground_truth";
+  const nlohmann::json graded = run_winrate_eval(rl_config, rl->policy_path, rl_config.rl.policy,
+                                                 winrate);
+  const double eval_s = seconds_since(t0);
+
   const double wall = seconds_since(start);
   std::cout << fmt::format(
-      "demo: SFT {:.0f} s, judge {:.0f} s, RL {:.0f} s, total {:.0f} s; held-out mean score "
-      "{:.3f} -> {:.3f} ({:+.3f} +- {:.3f})\n",
-      sft_s, grm_s, rl_s, wall, rl->before.mean_score, rl->after.mean_score,
-      rl->after.mean_score - rl->before.mean_score, rl->mean_score_diff_stderr);
+      "demo: SFT {:.0f} s, judge {:.0f} s, RL {:.0f} s, win rates {:.0f} s, total {:.0f} s; "
+      "held-out mean score {:.3f} -> {:.3f} ({:+.3f} +- {:.3f}); win rate of RL over its start "
+      "{:.3f} [{:.3f}, {:.3f}] by the judge ({} invalid), {:.3f} [{:.3f}, {:.3f}] by the graders\n",
+      sft_s, grm_s, rl_s, eval_s, wall, rl->before.mean_score, rl->after.mean_score,
+      rl->after.mean_score - rl->before.mean_score, rl->mean_score_diff_stderr,
+      judged["win_rate"].get<double>(), judged["ci_low"].get<double>(),
+      judged["ci_high"].get<double>(), judged["invalid"].get<int>(),
+      graded["win_rate"].get<double>(), graded["ci_low"].get<double>(),
+      graded["ci_high"].get<double>());
   nlohmann::json out = rl_summary_json(*rl);
   out["command"] = "demo";
   out["stages"] = {"sft", "grm", "rl", "eval"};
   out["sft_only_mean_score"] = sft_summary.greedy.mean_score;
   out["sft_only_accuracy"] = sft_summary.greedy.accuracy;
   out["judge"] = grm.sft.policy_path;
-  out["stage_s"] = {{"sft", sft_s}, {"grm", grm_s}, {"rl", rl_s}};
+  // The win rate of the RL policy over its start policy: the judge's, then the graders'.
+  out["win_rate"] = judged["win_rate"];
+  out["win_rate_ci"] = {judged["ci_low"], judged["ci_high"]};
+  out["win_rate_invalid"] = judged["invalid"];
+  out["win_rate_p_value"] = judged["p_value"];
+  out["win_rate_swap_consistency"] = judged["swap_consistency"];
+  out["win_rate_ground_truth"] = graded["win_rate"];
+  out["win_rate_ground_truth_ci"] = {graded["ci_low"], graded["ci_high"]};
+  out["winrate"] = {{"judge", judged}, {"ground_truth", graded}};
+  out["stage_s"] = {{"sft", sft_s}, {"grm", grm_s}, {"rl", rl_s}, {"eval", eval_s}};
   out["wall_s"] = wall;
   print_json(o.common, out);
 }
