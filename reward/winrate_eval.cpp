@@ -313,6 +313,7 @@ WinrateReport winrate_report(const std::string& eval_id,
     report.mean_length_a += r.length_a();
     report.mean_length_b += r.length_b();
     report.decided_without_judge += r.decided_without_judge();
+    report.identical_answers += r.response_a() == r.response_b();
     report.invalid_samples += r.invalid_samples();
     report.retries += r.retries();
     if (!r.decided_without_judge() && r.verdict_ab() != "invalid" &&

@@ -136,6 +136,9 @@ struct WinrateReport {
   double lc_win_rate = 0.5;        // length-controlled (preference_stats.h)
   double mean_length_a = 0, mean_length_b = 0;  // tokens, over all prompts
   int decided_without_judge = 0;
+  // Pairs whose two answers are the same text. A judge can only tie them honestly; one that
+  // names a position instead shows up as disagreeing orders (a tie, and lower consistency).
+  int identical_answers = 0;
   int64_t invalid_samples = 0, retries = 0;
   struct Task {
     std::string task;

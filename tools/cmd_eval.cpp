@@ -316,11 +316,11 @@ void print_winrate(const v1::EvalSpec& spec, const WinrateReport& report) {
   for (const auto& t : report.per_task) std::cout << rate_row(t.task, t.rate);
   std::cout << fmt::format(
       "\nswap consistency {:.3f} (of {} pairs judged in both orders)   length-controlled win "
-      "rate {:.3f}\nmean response length A {:.1f}, B {:.1f} tokens   decided without the judge "
-      "(empty answer) {}   invalid judge samples {}, retries {}\n",
+      "rate {:.3f}\nmean response length A {:.1f}, B {:.1f} tokens   identical answers {}   "
+      "decided without the judge (empty answer) {}   invalid judge samples {}, retries {}\n",
       report.swap_consistency, report.judged_in_both_orders, report.lc_win_rate,
-      report.mean_length_a, report.mean_length_b, report.decided_without_judge,
-      report.invalid_samples, report.retries);
+      report.mean_length_a, report.mean_length_b, report.identical_answers,
+      report.decided_without_judge, report.invalid_samples, report.retries);
 }
 
 nlohmann::json winrate_json(const v1::EvalSpec& spec, const WinrateReport& report) {
@@ -337,6 +337,7 @@ nlohmann::json winrate_json(const v1::EvalSpec& spec, const WinrateReport& repor
   out["mean_length_a"] = report.mean_length_a;
   out["mean_length_b"] = report.mean_length_b;
   out["decided_without_judge"] = report.decided_without_judge;
+  out["identical_answers"] = report.identical_answers;
   out["invalid_samples"] = report.invalid_samples;
   out["retries"] = report.retries;
   nlohmann::json per_task = nlohmann::json::object();

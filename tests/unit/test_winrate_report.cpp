@@ -17,6 +17,8 @@ v1::EvalRecord record(uint64_t prompt, const std::string& task, const std::strin
   r.set_eval_id("e");
   r.set_prompt_index(prompt);
   r.set_task(task);
+  r.set_response_a("a" + std::to_string(prompt));  // different answers unless a test says so
+  r.set_response_b("b" + std::to_string(prompt));
   r.set_verdict(verdict);
   r.set_verdict_ab(ab);
   r.set_verdict_ba(ba);
@@ -61,6 +63,7 @@ TEST(WinrateReport, CountsRatesSwapConsistencyLengthsAndTasksByHand) {
   EXPECT_EQ(r.judged_in_both_orders, 3);
   EXPECT_DOUBLE_EQ(r.swap_consistency, 2.0 / 3);
   EXPECT_EQ(r.decided_without_judge, 1);
+  EXPECT_EQ(r.identical_answers, 0);
   EXPECT_DOUBLE_EQ(r.mean_length_a, (5 + 4 + 2 + 3 + 6) / 5.0);
   EXPECT_DOUBLE_EQ(r.mean_length_b, (3 + 4 + 4 + 3 + 0) / 5.0);
   ASSERT_EQ(r.per_task.size(), 3u);  // by name: add, count, sort
@@ -72,6 +75,16 @@ TEST(WinrateReport, CountsRatesSwapConsistencyLengthsAndTasksByHand) {
   EXPECT_EQ(r.per_task[2].rate.losses, 1);
   EXPECT_EQ(r.per_task[2].rate.invalid, 1);
   EXPECT_DOUBLE_EQ(r.per_task[2].rate.win_rate, 0.0);
+}
+
+TEST(WinrateReport, CountsIdenticalAnswers) {
+  std::vector<v1::EvalRecord> records = {record(0, "add", "tie", "A", "B", 2, 2),
+                                         record(1, "add", "A", "A", "A", 2, 2)};
+  records[0].set_response_a("12");
+  records[0].set_response_b("12");
+  records[1].set_response_a("12");
+  records[1].set_response_b("13");
+  EXPECT_EQ(winrate_report("e", records, 1000, 1).identical_answers, 1);
 }
 
 TEST(WinrateReport, AnUnknownStoredVerdictIsAnErrorNamingThePrompt) {
