@@ -1,0 +1,474 @@
+// The CUDA backend's checked entry points (cuda_ops.h says what this slice is): shapes
+// validated, cuBLAS called, kernels launched through cuda_ops_kernels.cuh, scalars read back.
+#include "kernels/cuda/cuda_ops.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <new>
+
+#include "common/error.h"
+#include "kernels/cuda/cublas_check.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_ops_kernels.cuh"
+#include "kernels/fp4/fp4_quant.cuh"
+
+namespace rlhf {
+
+namespace {
+
+// Every kernel and cuBLAS call runs on the legacy default stream, so they run in call order and
+// synchronous cudaMemcpy calls wait for them.
+constexpr cudaStream_t kStream = nullptr;
+
+// Sizes of the pieces one op carves out of the scratch buffer, each 256-byte aligned.
+size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+template <typename T>
+CudaOps<T>::CudaOps() {
+  cublasHandle_t handle = nullptr;
+  CUBLAS_CHECK(cublasCreate(&handle));
+  cublas_ = handle;
+  CUBLAS_CHECK(cublasSetStream(handle, kStream));
+  // Plain FP32 products: no TF32 tensor-op shortcut, so the GEMMs differ from the CPU BLAS by
+  // summation order only.
+  CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+}
+
+template <typename T>
+CudaOps<T>::~CudaOps() {
+  // Unchecked: a destructor may run while an exception unwinds, and must not abort then.
+  if (scratch_) cudaFree(scratch_);
+  if (cublas_) cublasDestroy(cublas_);
+}
+
+template <typename T>
+void* CudaOps<T>::scratch(size_t bytes) {
+  if (bytes > scratch_bytes_) {
+    // Work queued on the stream may still read the old buffer.
+    CUDA_CHECK(cudaDeviceSynchronize());
+    if (scratch_) CUDA_CHECK(cudaFree(scratch_));
+    scratch_ = nullptr;
+    const size_t grown = std::max(bytes, 2 * scratch_bytes_);
+    CUDA_CHECK(cudaMalloc(&scratch_, grown));
+    scratch_bytes_ = grown;
+  }
+  return scratch_;
+}
+
+template <typename T>
+const int32_t* CudaOps<T>::host_offsets(const int32_t* offsets, int n_groups) {
+  host_offsets_.resize(size_t(n_groups) + 1);
+  CUDA_CHECK(cudaMemcpy(host_offsets_.data(), offsets, sizeof(int32_t) * (n_groups + 1),
+                        cudaMemcpyDeviceToHost));
+  return host_offsets_.data();
+}
+
+template <typename T>
+void CudaOps<T>::gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* A, int lda,
+                      const T* B, int ldb, float beta, T* C, int ldc) {
+  // A row-major matrix read column-major is its transpose: C^T = op(B)^T op(A)^T, so the
+  // column-major call takes B first and swaps M and N.
+  const float alpha = 1.0f;
+  CUBLAS_CHECK(cublasSgemm(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                           trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb, A, lda,
+                           &beta, C, ldc));
+}
+
+// ---------------------------------------------------------------- memory
+
+template <typename T>
+void* CudaOps<T>::alloc_bytes(size_t bytes) {
+  void* ptr = nullptr;
+  const cudaError_t status = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
+  if (status == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear it: running out of memory is the caller's to handle
+    throw std::bad_alloc();
+  }
+  CUDA_CHECK(status);
+  return ptr;
+}
+
+template <typename T>
+void CudaOps<T>::free_bytes(void* ptr) {
+  if (ptr) CUDA_CHECK(cudaFree(ptr));
+}
+
+template <typename T>
+void CudaOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+template <typename T>
+void CudaOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+}
+
+// ---------------------------------------------------------------- dense algebra
+
+template <typename T>
+void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
+                                bool accumulate) {
+  if (M == 0 || N == 0) return;
+  gemm(false, true, M, N, K, in, K, w, K, accumulate ? 1.0f : 0.0f, out, N);
+}
+
+template <typename T>
+void CudaOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M,
+                                 int N, int K, bool accumulate_din) {
+  if (M == 0 || K == 0) return;
+  if (din) gemm(false, false, M, K, N, dout, N, w, K, accumulate_din ? 1.0f : 0.0f, din, K);
+  if (dw && N > 0) gemm(true, false, N, K, M, dout, N, in, K, 1.0f, dw, K);
+}
+
+template <typename T>
+void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
+                                        int n_groups, int N, int K) {
+  const int32_t* off = host_offsets(offsets, n_groups);
+  for (int e = 0; e < n_groups; ++e) {
+    const int rows = off[e + 1] - off[e];
+    if (rows == 0) continue;
+    matmul_forward(out + int64_t(off[e]) * N, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
+                   rows, N, K, false);
+  }
+}
+
+template <typename T>
+void CudaOps<T>::grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
+                                         const int32_t* offsets, int n_groups, int N, int K,
+                                         bool accumulate_din) {
+  const int32_t* off = host_offsets(offsets, n_groups);
+  for (int e = 0; e < n_groups; ++e) {
+    const int rows = off[e + 1] - off[e];
+    if (rows == 0) continue;
+    const int64_t r0 = off[e];
+    matmul_backward(din ? din + r0 * K : nullptr, dw ? dw + int64_t(e) * N * K : nullptr,
+                    dout + r0 * N, in + r0 * K, w + int64_t(e) * N * K, rows, N, K,
+                    accumulate_din);
+  }
+}
+
+// ---------------------------------------------------------------- embedding, norm, RoPE
+
+template <typename T>
+void CudaOps<T>::embedding_forward(T* out, const int32_t* tokens, const T* table, int N, int D) {
+  cuda::embedding_forward(out, tokens, table, N, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int N, int D,
+                                    int V) {
+  cuda::embedding_backward(dtable, dout, tokens, N, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::rmsnorm_forward(T* out, T* rstd, const T* in, const T* weight, int N, int D,
+                                 double eps) {
+  cuda::rmsnorm_forward(out, rstd, in, weight, N, D, float(eps), kStream);
+}
+
+template <typename T>
+void CudaOps<T>::rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
+                                  const T* rstd, int N, int D) {
+  cuda::rmsnorm_backward(din, dweight, dout, in, weight, rstd, N, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
+                              double theta) {
+  RLHF_CHECK(hd % 2 == 0, "RoPE needs an even head_dim, got {}", hd);
+  cuda::rope(x, positions, N, H, hd, theta, 1.0f, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
+                               double theta) {
+  // The rotation is orthogonal, so its gradient is the rotation by the negative angle.
+  RLHF_CHECK(hd % 2 == 0, "RoPE needs an even head_dim, got {}", hd);
+  cuda::rope(dx, positions, N, H, hd, theta, -1.0f, kStream);
+}
+
+// ---------------------------------------------------------------- attention
+
+template <typename T>
+void CudaOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) {
+  // The overflow check needs start[] on the host: B integers, one wait.
+  host_index_.resize(size_t(s.batch));
+  copy_to_host(host_index_.data(), s.start, sizeof(int32_t) * size_t(s.batch));
+  for (int b = 0; b < s.batch; ++b) {
+    RLHF_CHECK(host_index_[b] >= 0 && host_index_[b] + s.n_new <= s.capacity,
+               "KV cache overflow: {} + {} > {}", host_index_[b], s.n_new, s.capacity);
+  }
+  cuda::kv_cache_write(cache, kv, s, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
+                                   const AttentionShape& s) {
+  RLHF_CHECK(s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+             "{} query heads are not groups of {} kv heads", s.n_heads, s.n_kv_heads);
+  cuda::attention_forward(out, lse, q, k, v, s, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* out,
+                                    const T* lse, const T* q, const T* k, const T* v,
+                                    const AttentionShape& s) {
+  RLHF_CHECK(s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+             "{} query heads are not groups of {} kv heads", s.n_heads, s.n_kv_heads);
+  auto* delta = static_cast<float*>(
+      scratch(sizeof(float) * std::max<size_t>(1, size_t(s.batch) * s.n_heads * s.n_new)));
+  cuda::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s, delta, kStream);
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+namespace {
+float clamp_gate_max(const SwigluClampConfig& c) {
+  return c.enabled ? float(c.gate_max) : std::numeric_limits<float>::infinity();
+}
+float clamp_limit(const SwigluClampConfig& c) {
+  return c.enabled ? float(c.linear_limit) : std::numeric_limits<float>::infinity();
+}
+}  // namespace
+
+template <typename T>
+ClampCounts CudaOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                                       const SwigluClampConfig& clamp) {
+  auto* counts = static_cast<unsigned long long*>(scratch(2 * sizeof(unsigned long long)));
+  CUDA_CHECK(cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), kStream));
+  cuda::swiglu_forward(h, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp), counts,
+                       kStream);
+  unsigned long long host[2];
+  copy_to_host(host, counts, sizeof host);
+  return ClampCounts{int64_t(host[0]), int64_t(host[1]), n};
+}
+
+template <typename T>
+void CudaOps<T>::swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
+                                 int64_t n, const SwigluClampConfig& clamp) {
+  cuda::swiglu_backward(dgate, dup, dh, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp),
+                        kStream);
+}
+
+// ---------------------------------------------------------------- MoE
+
+template <typename T>
+void CudaOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* logits,
+                                const T* bias, double route_scale, bool replay) {
+  const int E = r.n_experts;
+  cuda::router_select(scores, gates, r, logits, bias, float(route_scale), replay, kStream);
+  // Per-expert counts (and the out-of-range ids) come back to the host: it checks the ids and
+  // scans the offsets, E + 1 integers each way.
+  auto* counts = static_cast<int32_t*>(scratch(sizeof(int32_t) * (size_t(E) + 1)));
+  cuda::router_count(counts, r, kStream);
+  host_index_.resize(size_t(E) + 1);
+  copy_to_host(host_index_.data(), counts, sizeof(int32_t) * (size_t(E) + 1));
+  RLHF_CHECK(host_index_[E] == 0, "{} expert ids out of range [0, {})", host_index_[E], E);
+  int32_t running = 0;
+  for (int e = 0; e < E; ++e) {
+    const int32_t count = host_index_[e];
+    host_index_[e] = running;
+    running += count;
+  }
+  host_index_[E] = running;
+  copy_from_host(r.offsets, host_index_.data(), sizeof(int32_t) * (size_t(E) + 1));
+  cuda::router_fill(r, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::router_backward(T* dlogits, const T* dgates, const T* scores, const T* gates,
+                                 const MoeRouting& r, double route_scale) {
+  cuda::router_backward(dlogits, dgates, scores, gates, r, float(route_scale), kStream);
+}
+
+template <typename T>
+double CudaOps<T>::seq_balance_loss(T* dlogits, const T* scores, const MoeRouting& r,
+                                    int seq_len, double coef, double normalizer) {
+  const int N = r.n_tokens, E = r.n_experts;
+  RLHF_CHECK(seq_len > 0 && N % seq_len == 0, "{} tokens are not whole sequences of {}", N,
+             seq_len);
+  const int n_seq = N / seq_len;
+  const size_t terms_bytes = aligned(sizeof(double) * size_t(n_seq) * E);
+  const size_t sums_bytes = aligned(sizeof(double) * size_t(N));
+  auto* base = static_cast<char*>(scratch(2 * terms_bytes + sums_bytes + 256));
+  auto* terms = reinterpret_cast<double*>(base);
+  auto* dsn = reinterpret_cast<double*>(base + terms_bytes);
+  auto* row_sums = reinterpret_cast<double*>(base + 2 * terms_bytes);
+  cuda::seq_balance_loss(dlogits, terms, row_sums, dsn, scores, r, seq_len, coef, normalizer,
+                         kStream);
+  // Summed on the host in the CPU's order (sequence, then expert).
+  host_values_.resize(size_t(n_seq) * E);
+  copy_to_host(host_values_.data(), terms, sizeof(double) * host_values_.size());
+  double total = 0;
+  for (double term : host_values_) total += term;
+  return total;
+}
+
+template <typename T>
+void CudaOps<T>::moe_dispatch_forward(T* xe, const T* x, const MoeRouting& r, int D) {
+  cuda::moe_dispatch_forward(xe, x, r, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::moe_dispatch_backward(T* dx, const T* dxe, const MoeRouting& r, int D) {
+  cuda::moe_dispatch_backward(dx, dxe, r, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::moe_combine_forward(T* out, const T* ye, const T* gates, const MoeRouting& r,
+                                     int D) {
+  cuda::moe_combine_forward(out, ye, gates, r, D, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
+                                      const T* gates, const MoeRouting& r, int D) {
+  cuda::moe_combine_backward(dye, dgates, dout, ye, gates, r, D, kStream);
+}
+
+// ---------------------------------------------------------------- loss
+
+template <typename T>
+double CudaOps<T>::cross_entropy_forward_backward(T* dlogits, const T* logits,
+                                                  const int32_t* targets, const T* weights,
+                                                  int N, int V) {
+  if (N == 0) return 0.0;
+  auto* row_loss = static_cast<double*>(scratch(sizeof(double) * size_t(N)));
+  cuda::cross_entropy(dlogits, row_loss, logits, targets, weights, N, V, kStream);
+  // Summed on the host in row order, as on the CPU.
+  host_values_.resize(size_t(N));
+  copy_to_host(host_values_.data(), row_loss, sizeof(double) * size_t(N));
+  double total = 0;
+  for (double x : host_values_) total += x;
+  return total;
+}
+
+template <typename T>
+void CudaOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N,
+                                    int V, double temperature) {
+  cuda::log_softmax_gather(logprobs, logits, targets, N, V, 1.0f / float(temperature), kStream);
+}
+
+// ---------------------------------------------------------------- FP4
+
+template <typename T>
+void CudaOps<T>::fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int64_t rows,
+                                   int64_t cols, Fp4Format format) {
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  fp4_check_shape("fp4_fake_quantize", "expert weights", rows, cols, format);
+  const int block = fp4_block_size(format);
+  const size_t codes_bytes = aligned(size_t(n / 2));
+  const size_t scales_bytes = aligned(size_t(n / block));
+  auto* base = static_cast<uint8_t*>(scratch(codes_bytes + scales_bytes + 256));
+  uint8_t* codes = base;
+  uint8_t* scales = base + codes_bytes;
+  auto* global = reinterpret_cast<float*>(base + codes_bytes + scales_bytes);
+  // The CUDA quantizer (bit-identical to the CPU's; throws on NaN/Inf like it), then the
+  // saturation mask from `in` before the decode may overwrite it (in == out is allowed).
+  fp4_quantize_cuda(in, rows, cols, format, "expert weights", codes, scales, global, kStream);
+  if (saturated) cuda::fp4_saturated(saturated, in, rows, cols, format, global, kStream);
+  fp4_dequantize_cuda(codes, scales, global, rows, cols, format, out, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::zero_where(T* grad, const uint8_t* mask, int64_t n) {
+  cuda::zero_where(grad, mask, n, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
+                                    bool accumulate) {
+  const int64_t N = w.rows, K = w.cols;
+  const int block = fp4_block_size(w.format);
+  RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
+             block);
+  if (M == 0 || N == 0) return;
+  // Decode a tile of weight rows at a time (at most 4M values, 16 MB) and multiply it through
+  // cuBLAS: the full-precision weight never exists, only one tile of it.
+  constexpr int64_t kTileValues = int64_t(1) << 22;
+  const int64_t tile_rows = std::max<int64_t>(1, std::min<int64_t>(N, kTileValues / K));
+  auto* tile = static_cast<float*>(scratch(sizeof(float) * size_t(tile_rows * K)));
+  for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, N - n0);
+    cuda::fp4_dequantize_rows(tile, w.codes + n0 * (K / 2), w.scales + n0 * (K / block),
+                              w.global_scale, rows, K, w.format, kStream);
+    gemm(false, true, M, int(rows), int(K), in, int(K), tile, int(K), accumulate ? 1.0f : 0.0f,
+         out + n0, int(N));
+  }
+}
+
+template <typename T>
+void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
+                                            const int32_t* offsets, int n_groups) {
+  RLHF_CHECK(n_groups > 0 && w.rows % n_groups == 0, "{} packed rows are not {} equal groups",
+             w.rows, n_groups);
+  const int64_t N = w.rows / n_groups, K = w.cols;
+  const int block = fp4_block_size(w.format);
+  const int32_t* off = host_offsets(offsets, n_groups);
+  for (int g = 0; g < n_groups; ++g) {
+    const int rows = off[g + 1] - off[g];
+    if (rows == 0) continue;  // an expert with no tokens costs nothing
+    PackedFp4Matrix expert = w;
+    expert.rows = N;
+    expert.codes = w.codes + g * N * (K / 2);
+    expert.scales = w.scales + g * N * (K / block);
+    fp4_matmul_forward(out + int64_t(off[g]) * N, in + int64_t(off[g]) * K, expert, rows, false);
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
+
+template <typename T>
+void CudaOps<T>::copy(T* dst, const T* src, int64_t n) {
+  if (n) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice,
+                               kStream));
+  }
+}
+
+template <typename T>
+void CudaOps<T>::fill(T* x, T value, int64_t n) {
+  cuda::fill(x, value, n, kStream);
+}
+
+template <typename T>
+void CudaOps<T>::scale_inplace(T* x, double s, int64_t n) {
+  cuda::scale(x, float(s), n, kStream);
+}
+
+template <typename T>
+double CudaOps<T>::sum_squares(const T* x, int64_t n) {
+  if (n == 0) return 0.0;
+  auto* partials = static_cast<double*>(scratch(sizeof(double) * cuda::kSumSquaresBlocks));
+  cuda::sum_squares_partials(partials, x, n, kStream);
+  host_values_.resize(cuda::kSumSquaresBlocks);
+  copy_to_host(host_values_.data(), partials, sizeof(double) * host_values_.size());
+  double total = 0;
+  for (double s : host_values_) total += s;
+  return total;
+}
+
+template <typename T>
+void CudaOps<T>::adamw_step(T* param, const T* grad, T* m, T* v, int64_t n,
+                            const AdamWHyper& h) {
+  // The scalars rounded to float exactly as CpuOps<float> rounds them.
+  const cuda::AdamWScalars s{float(h.beta1),
+                             float(h.beta2),
+                             float(1.0 - std::pow(h.beta1, double(h.step))),
+                             float(1.0 - std::pow(h.beta2, double(h.step))),
+                             float(h.lr),
+                             float(h.weight_decay),
+                             float(h.eps)};
+  cuda::adamw(param, grad, m, v, n, s, kStream);
+}
+
+template class CudaOps<float>;
+
+}  // namespace rlhf

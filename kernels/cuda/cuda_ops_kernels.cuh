@@ -1,0 +1,96 @@
+#pragma once
+// Launchers of the CUDA backend's kernels (cuda_ops_*.cu). Plain C++ header: cuda_ops.cpp,
+// the checked entry points, includes it. Every launcher queues its kernels on `stream` and
+// checks the launch; none validates shapes (the entry points do) and none waits.
+// All pointers are device memory; shapes are those of the op of the same name in ops.h.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/ops.h"
+
+namespace rlhf::cuda {
+
+// ---- elementwise and reductions (cuda_ops_elementwise.cu) ----
+void fill(float* x, float value, int64_t n, cudaStream_t stream);
+void scale(float* x, float s, int64_t n, cudaStream_t stream);
+// partials[blocks] = sums of squares (double) of fixed contiguous chunks of x, in chunk order.
+constexpr int kSumSquaresBlocks = 512;
+void sum_squares_partials(double* partials, const float* x, int64_t n, cudaStream_t stream);
+struct AdamWScalars {
+  float beta1, beta2, correction1, correction2, lr, weight_decay, eps;
+};
+void adamw(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars h,
+           cudaStream_t stream);
+void zero_where(float* grad, const uint8_t* mask, int64_t n, cudaStream_t stream);
+// counts[0] += gate clamps, counts[1] += linear clamps (integer atomics: order-free).
+void swiglu_forward(float* h, const float* gate, const float* up, int64_t n, float gate_max,
+                    float limit, unsigned long long* counts, cudaStream_t stream);
+void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
+                     const float* up, int64_t n, float gate_max, float limit,
+                     cudaStream_t stream);
+
+// ---- embedding, RMSNorm, RoPE (cuda_ops_norm.cu) ----
+void embedding_forward(float* out, const int32_t* tokens, const float* table, int N, int D,
+                       cudaStream_t stream);
+void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int N, int D,
+                        cudaStream_t stream);
+void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weight, int N, int D,
+                     float eps, cudaStream_t stream);
+void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in,
+                      const float* weight, const float* rstd, int N, int D, cudaStream_t stream);
+// Rotates pairs by sign * pos * theta^(-2i/hd) (sign -1: the backward).
+void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta, float sign,
+          cudaStream_t stream);
+
+// ---- attention (cuda_ops_attention.cu) ----
+void kv_cache_write(float* cache, const float* kv, const AttentionShape& shape,
+                    cudaStream_t stream);
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const AttentionShape& shape, cudaStream_t stream);
+// delta [B, Hq, T] is scratch (dout . out per query row).
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
+                        const float* lse, const float* q, const float* k, const float* v,
+                        const AttentionShape& shape, float* delta, cudaStream_t stream);
+
+// ---- MoE (cuda_ops_moe.cu) ----
+// scores, gates and (unless replay) routing.expert_ids.
+void router_select(float* scores, float* gates, const MoeRouting& routing, const float* logits,
+                   const float* bias, float route_scale, bool replay, cudaStream_t stream);
+// counts[e] = pairs routed to e; counts[E] = pairs whose id lies outside [0, E).
+void router_count(int32_t* counts, const MoeRouting& routing, cudaStream_t stream);
+// sorted_token, sorted_choice, slot from expert_ids and routing.offsets (already on device).
+void router_fill(const MoeRouting& routing, cudaStream_t stream);
+void router_backward(float* dlogits, const float* dgates, const float* scores,
+                     const float* gates, const MoeRouting& routing, float route_scale,
+                     cudaStream_t stream);
+// terms[B*E] = each (sequence, expert)'s loss term; dlogits += the gradient. row_sums [N] and
+// dsn [B*E] are scratch.
+void seq_balance_loss(float* dlogits, double* terms, double* row_sums, double* dsn,
+                      const float* scores, const MoeRouting& routing, int seq_len, double coef,
+                      double normalizer, cudaStream_t stream);
+void moe_dispatch_forward(float* xe, const float* x, const MoeRouting& routing, int D,
+                          cudaStream_t stream);
+void moe_dispatch_backward(float* dx, const float* dxe, const MoeRouting& routing, int D,
+                           cudaStream_t stream);
+void moe_combine_forward(float* out, const float* ye, const float* gates,
+                         const MoeRouting& routing, int D, cudaStream_t stream);
+void moe_combine_backward(float* dye, float* dgates, const float* dout, const float* ye,
+                          const float* gates, const MoeRouting& routing, int D,
+                          cudaStream_t stream);
+
+// ---- loss and FP4 (cuda_ops_loss.cu) ----
+// row_loss[N] (double) = weights[i] * nll_i, 0 for weight-0 rows.
+void cross_entropy(float* dlogits, double* row_loss, const float* logits, const int32_t* targets,
+                   const float* weights, int N, int V, cudaStream_t stream);
+void log_softmax_gather(float* logprobs, const float* logits, const int32_t* targets, int N,
+                        int V, float inv_temperature, cudaStream_t stream);
+// saturated[i] = |in[i]| beyond its block's largest code; global_scale [1] from the quantizer.
+void fp4_saturated(uint8_t* saturated, const float* in, int64_t rows, int64_t cols,
+                   Fp4Format format, const float* global_scale, cudaStream_t stream);
+// out[rows, cols] = the packed rows decoded (fp4_dequantize_blocks' values).
+void fp4_dequantize_rows(float* out, const uint8_t* codes, const uint8_t* scales,
+                         float global_scale, int64_t rows, int64_t cols, Fp4Format format,
+                         cudaStream_t stream);
+
+}  // namespace rlhf::cuda

@@ -1,0 +1,298 @@
+// MoE routing, dispatch and combine kernels of the CUDA backend. The routing is the CPU's
+// algorithm on the device: top-k by repeated selection (ties to the lower id), then a stable
+// counting sort of the (token, choice) pairs by expert, so every index array matches the CPU's
+// exactly. The balance loss keeps the CPU's summation order (sequential loops in double).
+#include "kernels/cuda/cuda_ops_device.cuh"
+#include "kernels/cuda/cuda_ops_kernels.cuh"
+
+namespace rlhf::cuda {
+
+namespace {
+
+// One thread per token.
+__global__ void router_select_kernel(float* scores, float* gates, MoeRouting r,
+                                     const float* logits, const float* bias, float route_scale,
+                                     bool replay) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= r.n_tokens) return;
+  const int E = r.n_experts, K = r.top_k;
+  const float* lt = logits + int64_t(t) * E;
+  float* st = scores + int64_t(t) * E;
+  for (int e = 0; e < E; ++e) st[e] = sigmoidf(lt[e]);
+  int32_t* ids = r.expert_ids + int64_t(t) * K;
+  if (!replay) {
+    for (int j = 0; j < K; ++j) {
+      int best = -1;
+      float best_value = -INFINITY;
+      for (int e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int i = 0; i < j; ++i) taken |= ids[i] == e;
+        const float value = st[e] + (bias ? bias[e] : 0.0f);
+        if (!taken && value > best_value) {
+          best = e;
+          best_value = value;
+        }
+      }
+      ids[j] = best;
+    }
+  }
+  // A replayed id outside [0, E) is reported by router_count; read nothing out of range here.
+  float sum = 0;
+  for (int j = 0; j < K; ++j) sum += ids[j] >= 0 && ids[j] < E ? st[ids[j]] : 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const float s = ids[j] >= 0 && ids[j] < E ? st[ids[j]] : 0.0f;
+    gates[int64_t(t) * K + j] = route_scale * s / sum;
+  }
+}
+
+// counts[E + 1] zeroed by the caller; integer atomics, so the counts are order-free.
+__global__ void router_count_kernel(int32_t* counts, const int32_t* ids, int64_t pairs, int E) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pairs;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = ids[i];
+    atomicAdd(counts + (e >= 0 && e < E ? e : E), 1);
+  }
+}
+
+// Block e places expert e's pairs: it walks the pairs in (token, choice) order in chunks of
+// blockDim.x, and a pair's row is offsets[e] + the number of earlier pairs of expert e (a
+// ballot scan). That is the CPU's stable counting sort.
+__global__ void router_fill_kernel(MoeRouting r) {
+  __shared__ int warp_counts[32];
+  const int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int64_t pairs = int64_t(r.n_tokens) * r.top_k;
+  int32_t base = r.offsets[e];
+  for (int64_t i0 = 0; i0 < pairs; i0 += blockDim.x) {
+    const int64_t i = i0 + threadIdx.x;
+    const bool mine = i < pairs && r.expert_ids[i] == e;
+    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = __popc(ballot & ((1u << lane) - 1u));
+    int chunk_total = 0;
+    for (int w = 0; w < warps; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      chunk_total += warp_counts[w];
+    }
+    if (mine) {
+      const int32_t row = base + before;
+      r.sorted_token[row] = int32_t(i / r.top_k);
+      r.sorted_choice[row] = int32_t(i % r.top_k);
+      r.slot[i] = row;
+    }
+    base += chunk_total;
+    __syncthreads();  // warp_counts is rewritten by the next chunk
+  }
+}
+
+// One thread per token. g_j = c s_j / S  =>  dL/ds_j = (c dg_j - sum_i dg_i g_i) / S
+__global__ void router_backward_kernel(float* dlogits, const float* dgates, const float* scores,
+                                       const float* gates, MoeRouting r, float route_scale) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= r.n_tokens) return;
+  const int E = r.n_experts, K = r.top_k;
+  const float* st = scores + int64_t(t) * E;
+  const int32_t* ids = r.expert_ids + int64_t(t) * K;
+  const float* gt = gates + int64_t(t) * K;
+  const float* dg = dgates + int64_t(t) * K;
+  float* dl = dlogits + int64_t(t) * E;
+  for (int e = 0; e < E; ++e) dl[e] = 0;
+  float sum = 0, weighted = 0;
+  for (int j = 0; j < K; ++j) {
+    sum += st[ids[j]];
+    weighted += dg[j] * gt[j];
+  }
+  for (int j = 0; j < K; ++j) {
+    const float s = st[ids[j]];
+    const float ds = (route_scale * dg[j] - weighted) / sum;
+    dl[ids[j]] += ds * s * (1.0f - s);
+  }
+}
+
+// row_sums[t] = sum_e scores[t, e] in double, in expert order (as the CPU).
+__global__ void score_row_sums_kernel(double* row_sums, const float* scores, int N, int E) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= N) return;
+  double sum = 0;
+  for (int e = 0; e < E; ++e) sum += scores[int64_t(t) * E + e];
+  row_sums[t] = sum;
+}
+
+// grid (sequences): per expert, f_e and P_e walked over the sequence's tokens in order.
+__global__ void balance_terms_kernel(double* terms, double* dsn, const float* scores,
+                                     const double* row_sums, MoeRouting r, int seq_len,
+                                     double coef, double normalizer) {
+  const int b = blockIdx.x, E = r.n_experts, K = r.top_k;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    double f = 0, p = 0;
+    for (int t = b * seq_len; t < (b + 1) * seq_len; ++t) {
+      for (int j = 0; j < K; ++j) f += r.expert_ids[int64_t(t) * K + j] == e ? 1.0 : 0.0;
+      p += double(scores[int64_t(t) * E + e]) / row_sums[t];
+    }
+    f *= double(E) / (double(K) * seq_len);
+    p /= seq_len;
+    terms[int64_t(b) * E + e] = coef * f * p / normalizer;
+    // dL/ds'_{t,e} = coef f_e / (seq_len normalizer); s' = s / sum(s) per token.
+    dsn[int64_t(b) * E + e] = coef * f / (seq_len * normalizer);
+  }
+}
+
+__global__ void balance_grad_kernel(float* dlogits, const float* scores, const double* row_sums,
+                                    const double* dsn, int N, int E, int seq_len) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= N) return;
+  const double* d = dsn + int64_t(t / seq_len) * E;
+  const float* st = scores + int64_t(t) * E;
+  float* dl = dlogits + int64_t(t) * E;
+  const double sum = row_sums[t];
+  double inner = 0;
+  for (int e = 0; e < E; ++e) inner += d[e] * st[e] / sum;
+  for (int e = 0; e < E; ++e) {
+    const double ds = (d[e] - inner) / sum;
+    dl[e] += float(ds * st[e] * (1.0 - st[e]));
+  }
+}
+
+__global__ void dispatch_forward_kernel(float* xe, const float* x, MoeRouting r, int D) {
+  const int64_t n = int64_t(r.n_tokens) * r.top_k * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / D, c = i % D;
+    xe[i] = x[int64_t(r.sorted_token[row]) * D + c];
+  }
+}
+
+// One thread per (token, column): the token's k rows added in choice order, as on the CPU.
+__global__ void dispatch_backward_kernel(float* dx, const float* dxe, MoeRouting r, int D) {
+  const int64_t n = int64_t(r.n_tokens) * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / D, c = i % D;
+    float acc = dx[i];
+    for (int j = 0; j < r.top_k; ++j) acc += dxe[int64_t(r.slot[t * r.top_k + j]) * D + c];
+    dx[i] = acc;
+  }
+}
+
+__global__ void combine_forward_kernel(float* out, const float* ye, const float* gates,
+                                       MoeRouting r, int D) {
+  const int64_t n = int64_t(r.n_tokens) * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / D, c = i % D;
+    float acc = out[i];
+    for (int j = 0; j < r.top_k; ++j) {
+      const int64_t pair = t * r.top_k + j;
+      acc += gates[pair] * ye[int64_t(r.slot[pair]) * D + c];
+    }
+    out[i] = acc;
+  }
+}
+
+// One warp per (token, choice) pair: dye = gate * dout, dgate = ye . dout.
+__global__ void combine_backward_kernel(float* dye, float* dgates, const float* dout,
+                                        const float* ye, const float* gates, MoeRouting r,
+                                        int D) {
+  const int64_t pair = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (pair >= int64_t(r.n_tokens) * r.top_k) return;  // whole warps leave together
+  const int64_t t = pair / r.top_k, row = r.slot[pair];
+  const float g = gates[pair];
+  const float* dy = dout + t * D;
+  const float* y = ye + row * D;
+  float* d = dye + row * D;
+  float dot = 0;
+  for (int c = lane; c < D; c += 32) {
+    dot += y[c] * dy[c];
+    d[c] = g * dy[c];
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dgates[pair] = dot;
+}
+
+}  // namespace
+
+void router_select(float* scores, float* gates, const MoeRouting& routing, const float* logits,
+                   const float* bias, float route_scale, bool replay, cudaStream_t stream) {
+  if (routing.n_tokens == 0) return;
+  router_select_kernel<<<(routing.n_tokens + 127) / 128, 128, 0, stream>>>(
+      scores, gates, routing, logits, bias, route_scale, replay);
+  CUDA_CHECK_LAUNCH();
+}
+
+void router_count(int32_t* counts, const MoeRouting& routing, cudaStream_t stream) {
+  CUDA_CHECK(cudaMemsetAsync(counts, 0, sizeof(int32_t) * (routing.n_experts + 1), stream));
+  const int64_t pairs = int64_t(routing.n_tokens) * routing.top_k;
+  if (pairs == 0) return;
+  router_count_kernel<<<grid_for(pairs), kThreads, 0, stream>>>(counts, routing.expert_ids,
+                                                                pairs, routing.n_experts);
+  CUDA_CHECK_LAUNCH();
+}
+
+void router_fill(const MoeRouting& routing, cudaStream_t stream) {
+  if (routing.n_experts == 0 || routing.n_tokens == 0) return;
+  router_fill_kernel<<<routing.n_experts, kThreads, 0, stream>>>(routing);
+  CUDA_CHECK_LAUNCH();
+}
+
+void router_backward(float* dlogits, const float* dgates, const float* scores,
+                     const float* gates, const MoeRouting& routing, float route_scale,
+                     cudaStream_t stream) {
+  if (routing.n_tokens == 0) return;
+  router_backward_kernel<<<(routing.n_tokens + 127) / 128, 128, 0, stream>>>(
+      dlogits, dgates, scores, gates, routing, route_scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void seq_balance_loss(float* dlogits, double* terms, double* row_sums, double* dsn,
+                      const float* scores, const MoeRouting& routing, int seq_len, double coef,
+                      double normalizer, cudaStream_t stream) {
+  const int N = routing.n_tokens, E = routing.n_experts;
+  if (N == 0) return;
+  score_row_sums_kernel<<<(N + 127) / 128, 128, 0, stream>>>(row_sums, scores, N, E);
+  CUDA_CHECK_LAUNCH();
+  balance_terms_kernel<<<N / seq_len, 128, 0, stream>>>(terms, dsn, scores, row_sums, routing,
+                                                        seq_len, coef, normalizer);
+  CUDA_CHECK_LAUNCH();
+  balance_grad_kernel<<<(N + 127) / 128, 128, 0, stream>>>(dlogits, scores, row_sums, dsn, N, E,
+                                                           seq_len);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_dispatch_forward(float* xe, const float* x, const MoeRouting& routing, int D,
+                          cudaStream_t stream) {
+  const int64_t n = int64_t(routing.n_tokens) * routing.top_k * D;
+  if (n == 0) return;
+  dispatch_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(xe, x, routing, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_dispatch_backward(float* dx, const float* dxe, const MoeRouting& routing, int D,
+                           cudaStream_t stream) {
+  const int64_t n = int64_t(routing.n_tokens) * D;
+  if (n == 0) return;
+  dispatch_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, dxe, routing, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine_forward(float* out, const float* ye, const float* gates,
+                         const MoeRouting& routing, int D, cudaStream_t stream) {
+  const int64_t n = int64_t(routing.n_tokens) * D;
+  if (n == 0) return;
+  combine_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, ye, gates, routing, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine_backward(float* dye, float* dgates, const float* dout, const float* ye,
+                          const float* gates, const MoeRouting& routing, int D,
+                          cudaStream_t stream) {
+  const int64_t pairs = int64_t(routing.n_tokens) * routing.top_k;
+  if (pairs == 0) return;
+  const int64_t blocks = (pairs * 32 + kThreads - 1) / kThreads;
+  combine_backward_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(dye, dgates, dout, ye, gates,
+                                                                     routing, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace rlhf::cuda

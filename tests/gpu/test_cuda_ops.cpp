@@ -1,0 +1,852 @@
+// CudaOps<float> against CpuOps<float>, op by op, on fresh random inputs of several shapes (odd
+// sizes included), forward and backward. Skips when no CUDA device is present.
+//
+// Tolerances, per op family (both sides compute in float, so a difference is reordering or a
+// different rounding of the same formula, never a different algorithm). A value passes when
+//   |gpu - cpu| <= rel * |cpu| + abs_frac * max|cpu|   (max over the compared tensor)
+// and NaN never passes. Every output buffer is poisoned with NaN before the op, so an element
+// the kernel forgot to write fails.
+//  - Exact (bitwise): pure data movement (embedding and dispatch forward, KV-cache write, copy,
+//    fill, zero_where), integer outputs (routing index arrays, clamp counts), the FP4 quantizer's
+//    values and saturation mask (fp4.h's shared rules), sums kept in the CPU's order (embedding
+//    and dispatch backward), and single multiplies (scale_inplace).
+//  - kElementwise (rel 2e-6, abs 1e-6): formulas evaluated per element where the GPU's expf (2
+//    ulp) stands in for the CPU's fast_expf (1 ulp) and nvcc contracts a*b+c into one FMA: a few
+//    float ulps (1 ulp = 1.2e-7 relative).
+//  - kReduction (rel 1e-5, abs 1e-5): sums over up to ~1000 terms in a different order (GEMM
+//    over K, RMSNorm rows, softmax rows, attention over keys): float reordering error grows like
+//    sqrt(K) ulps of the magnitudes summed.
+//  - Double results: sum_squares and the balance loss rel 1e-12 (exact float terms, double sums
+//    on both sides); the cross-entropy total rel 1e-6 (its per-row terms are float log-sum-exps).
+// Measured on an H100 (2026-11-23, docs/cuda.md): no test used more than 0.09 of its bound except
+// CrossEntropy (0.52, with the rel 1e-6 loss total its tightest bound). The run prints each
+// test's largest share of its tolerance at the end.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/rng.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/fp4/fp4.h"
+#include "tests/gpu/gpu_test_support.h"
+
+namespace rlhf {
+namespace {
+
+struct Tol {
+  double rel;
+  double abs_frac;
+};
+constexpr Tol kElementwise{2e-6, 1e-6};
+constexpr Tol kReduction{1e-5, 1e-5};
+constexpr Tol kExact{0, 0};
+
+// Per test, the largest share of its tolerance any compared element used (0 = exact match
+// everywhere, 1 = at the bound), printed after the run: the measured margin of each bound.
+std::map<std::string, double>& tolerance_used() {
+  static std::map<std::string, double> used;
+  return used;
+}
+
+class ToleranceReport : public testing::Environment {
+ public:
+  void TearDown() override {
+    if (tolerance_used().empty()) return;
+    std::printf("largest error as a share of its tolerance, per test:\n");
+    for (const auto& [test, share] : tolerance_used()) std::printf("  %-60s %.3g\n", test.c_str(), share);
+  }
+};
+const testing::Environment* const kToleranceReport =
+    testing::AddGlobalTestEnvironment(new ToleranceReport);
+
+void record_share(double share) {
+  const auto* info = testing::UnitTest::GetInstance()->current_test_info();
+  if (!info || std::string(info->test_suite_name()) == "CudaOpsTolerance") return;
+  double& used = tolerance_used()[std::string(info->test_suite_name()) + "." + info->name()];
+  used = std::max(used, share);
+}
+
+// Reports the first failing coordinate and the largest error, as a gtest assertion result.
+testing::AssertionResult close(const std::vector<float>& got, const std::vector<float>& want,
+                               Tol tol) {
+  if (got.size() != want.size()) {
+    return testing::AssertionFailure() << "size " << got.size() << " vs " << want.size();
+  }
+  double max_ref = 0;
+  for (float w : want) max_ref = std::max(max_ref, std::fabs(double(w)));
+  double worst = 0, share = 0;
+  size_t worst_at = 0, bad = 0, first_bad = got.size();
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], w = want[i];
+    const double err = std::fabs(g - w);
+    const bool exact_match = std::memcmp(&got[i], &want[i], sizeof(float)) == 0;
+    const bool ok = tol.rel == 0 && tol.abs_frac == 0
+                        ? exact_match
+                        : (std::isfinite(g) && err <= tol.rel * std::fabs(w) + tol.abs_frac * max_ref);
+    if (!ok) {
+      ++bad;
+      if (first_bad == got.size()) first_bad = i;
+    }
+    if (tol.rel > 0 || tol.abs_frac > 0) {
+      const double bound = tol.rel * std::fabs(w) + tol.abs_frac * max_ref;
+      share = std::max(share, bound > 0 ? err / bound : (err > 0 ? INFINITY : 0.0));
+    }
+    if (!(err <= worst)) {
+      worst = std::isnan(err) ? std::numeric_limits<double>::infinity() : err;
+      worst_at = i;
+    }
+  }
+  record_share(share);
+  if (bad == 0) return testing::AssertionSuccess();
+  return testing::AssertionFailure()
+         << bad << " of " << got.size() << " elements differ; first at " << first_bad
+         << " (gpu " << got[first_bad] << ", cpu " << want[first_bad] << "); largest error "
+         << worst << " at " << worst_at << "; max|cpu| " << max_ref;
+}
+
+template <typename U>
+testing::AssertionResult same(const std::vector<U>& got, const std::vector<U>& want) {
+  if (got.size() != want.size()) {
+    return testing::AssertionFailure() << "size " << got.size() << " vs " << want.size();
+  }
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (got[i] != want[i]) {
+      return testing::AssertionFailure() << "first difference at " << i << ": gpu " << +got[i]
+                                         << ", cpu " << +want[i];
+    }
+  }
+  return testing::AssertionSuccess();
+}
+
+testing::AssertionResult close_double(double got, double want, double rel) {
+  record_share(std::fabs(got - want) / (rel * std::fabs(want)));
+  if (std::fabs(got - want) <= rel * std::fabs(want) && std::isfinite(got)) {
+    return testing::AssertionSuccess();
+  }
+  return testing::AssertionFailure() << "gpu " << got << " cpu " << want << " rel "
+                                     << std::fabs(got - want) / std::fabs(want);
+}
+
+std::vector<float> normal(Rng& rng, size_t n, double scale = 1.0) {
+  std::vector<float> x(n);
+  for (float& v : x) v = float(rng.normal() * scale);
+  return x;
+}
+
+std::vector<int32_t> ints(Rng& rng, size_t n, int lo, int hi) {
+  std::vector<int32_t> x(n);
+  for (int32_t& v : x) v = int32_t(rng.uniform_int(lo, hi));
+  return x;
+}
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+class CudaOpsTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_GPU();
+    gpu_ = std::make_unique<CudaOps<float>>();
+  }
+  void TearDown() override {
+    for (void* p : allocations_) gpu_->free_bytes(p);
+  }
+
+  // A device copy of `host`, freed at the end of the test.
+  template <typename U>
+  U* dev(const std::vector<U>& host) {
+    void* p = gpu_->alloc_bytes(sizeof(U) * host.size());
+    allocations_.push_back(p);
+    gpu_->copy_from_host(p, host.data(), sizeof(U) * host.size());
+    return static_cast<U*>(p);
+  }
+  // A device array of n NaNs (poison: an element the op does not write stays NaN).
+  float* poisoned(size_t n) { return dev(std::vector<float>(n, kNaN)); }
+  template <typename U>
+  std::vector<U> back(const U* p, size_t n) {
+    std::vector<U> host(n);
+    gpu_->copy_to_host(host.data(), p, sizeof(U) * n);
+    return host;
+  }
+
+  CpuOps<float> cpu_;
+  std::unique_ptr<CudaOps<float>> gpu_;
+  std::vector<void*> allocations_;
+};
+
+// ---------------------------------------------------------------- dense algebra
+
+TEST_F(CudaOpsTest, MatmulForwardAndBackward) {
+  Rng rng(101);
+  struct Shape { int M, N, K; };
+  for (const Shape s : {Shape{1, 1, 1}, Shape{7, 13, 5}, Shape{64, 96, 128}, Shape{33, 250, 257},
+                        Shape{130, 17, 1000}}) {
+    SCOPED_TRACE(testing::Message() << "M=" << s.M << " N=" << s.N << " K=" << s.K);
+    const auto in = normal(rng, size_t(s.M) * s.K), w = normal(rng, size_t(s.N) * s.K);
+    for (bool accumulate : {false, true}) {
+      auto out = normal(rng, size_t(s.M) * s.N);
+      float* d_out = dev(out);
+      gpu_->matmul_forward(d_out, dev(in), dev(w), s.M, s.N, s.K, accumulate);
+      cpu_.matmul_forward(out.data(), in.data(), w.data(), s.M, s.N, s.K, accumulate);
+      EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "accumulate " << accumulate;
+    }
+    const auto dout = normal(rng, size_t(s.M) * s.N);
+    for (bool accumulate_din : {false, true}) {
+      auto din = normal(rng, size_t(s.M) * s.K), dw = normal(rng, size_t(s.N) * s.K);
+      float* d_din = accumulate_din ? dev(din) : poisoned(din.size());
+      float* d_dw = dev(dw);
+      gpu_->matmul_backward(d_din, d_dw, dev(dout), dev(in), dev(w), s.M, s.N, s.K,
+                            accumulate_din);
+      cpu_.matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), s.M, s.N,
+                           s.K, accumulate_din);
+      EXPECT_TRUE(close(back(d_din, din.size()), din, kReduction)) << "din";
+      EXPECT_TRUE(close(back(d_dw, dw.size()), dw, kReduction)) << "dw (accumulated)";
+    }
+    // Null din or dw: the other is still computed.
+    auto dw = normal(rng, size_t(s.N) * s.K);
+    float* d_dw = dev(dw);
+    gpu_->matmul_backward(nullptr, d_dw, dev(dout), dev(in), dev(w), s.M, s.N, s.K, false);
+    cpu_.matmul_backward(nullptr, dw.data(), dout.data(), in.data(), w.data(), s.M, s.N, s.K,
+                         false);
+    EXPECT_TRUE(close(back(d_dw, dw.size()), dw, kReduction)) << "dw alone";
+  }
+}
+
+TEST_F(CudaOpsTest, GroupedMatmulForwardAndBackward) {
+  Rng rng(102);
+  const int N = 24, K = 41;
+  // Five groups, one of them empty, one of a single row.
+  const std::vector<int32_t> offsets = {0, 9, 9, 10, 31, 44};
+  const int E = int(offsets.size()) - 1, R = offsets.back();
+  const auto in = normal(rng, size_t(R) * K), w = normal(rng, size_t(E) * N * K);
+  auto out = std::vector<float>(size_t(R) * N);
+  float* d_out = poisoned(out.size());
+  const int32_t* d_off = dev(offsets);
+  gpu_->grouped_matmul_forward(d_out, dev(in), dev(w), d_off, E, N, K);
+  cpu_.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets.data(), E, N, K);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction));
+
+  const auto dout = normal(rng, size_t(R) * N);
+  for (bool accumulate_din : {false, true}) {
+    auto din = normal(rng, size_t(R) * K), dw = normal(rng, size_t(E) * N * K);
+    float* d_din = accumulate_din ? dev(din) : poisoned(din.size());
+    float* d_dw = dev(dw);
+    gpu_->grouped_matmul_backward(d_din, d_dw, dev(dout), dev(in), dev(w), d_off, E, N, K,
+                                  accumulate_din);
+    cpu_.grouped_matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(),
+                                 offsets.data(), E, N, K, accumulate_din);
+    EXPECT_TRUE(close(back(d_din, din.size()), din, kReduction));
+    EXPECT_TRUE(close(back(d_dw, dw.size()), dw, kReduction));
+  }
+}
+
+// ---------------------------------------------------------------- embedding, norm, RoPE
+
+TEST_F(CudaOpsTest, Embedding) {
+  Rng rng(103);
+  const int V = 50, D = 37, N = 23;
+  const auto table = normal(rng, size_t(V) * D);
+  const auto tokens = ints(rng, N, 0, 9);  // few distinct ids: many repeats to sum
+  std::vector<float> out(size_t(N) * D);
+  float* d_out = poisoned(out.size());
+  const int32_t* d_tokens = dev(tokens);
+  gpu_->embedding_forward(d_out, d_tokens, dev(table), N, D);
+  cpu_.embedding_forward(out.data(), tokens.data(), table.data(), N, D);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kExact));
+
+  const auto dout = normal(rng, size_t(N) * D);
+  auto dtable = normal(rng, size_t(V) * D);
+  float* d_dtable = dev(dtable);
+  gpu_->embedding_backward(d_dtable, dev(dout), d_tokens, N, D, V);
+  cpu_.embedding_backward(dtable.data(), dout.data(), tokens.data(), N, D, V);
+  // Same summation order (tokens in order per column) as the CPU: bitwise.
+  EXPECT_TRUE(close(back(d_dtable, dtable.size()), dtable, kExact));
+}
+
+TEST_F(CudaOpsTest, RmsNorm) {
+  Rng rng(104);
+  for (const auto& [N, D] : {std::pair{19, 77}, std::pair{3, 1024}, std::pair{1, 1}}) {
+    SCOPED_TRACE(testing::Message() << "N=" << N << " D=" << D);
+    const auto in = normal(rng, size_t(N) * D, 3.0);
+    const auto weight = normal(rng, D);
+    std::vector<float> out(size_t(N) * D), rstd(N);
+    float* d_out = poisoned(out.size());
+    float* d_rstd = poisoned(rstd.size());
+    const float* d_in = dev(in);
+    const float* d_weight = dev(weight);
+    gpu_->rmsnorm_forward(d_out, d_rstd, d_in, d_weight, N, D, 1e-5);
+    cpu_.rmsnorm_forward(out.data(), rstd.data(), in.data(), weight.data(), N, D, 1e-5);
+    EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction));
+    EXPECT_TRUE(close(back(d_rstd, rstd.size()), rstd, kReduction));
+
+    const auto dout = normal(rng, size_t(N) * D);
+    auto din = normal(rng, size_t(N) * D), dweight = normal(rng, D);
+    float* d_din = dev(din);
+    float* d_dweight = dev(dweight);
+    gpu_->rmsnorm_backward(d_din, d_dweight, dev(dout), d_in, d_weight, dev(rstd), N, D);
+    cpu_.rmsnorm_backward(din.data(), dweight.data(), dout.data(), in.data(), weight.data(),
+                          rstd.data(), N, D);
+    EXPECT_TRUE(close(back(d_din, din.size()), din, kReduction)) << "din (accumulated)";
+    EXPECT_TRUE(close(back(d_dweight, dweight.size()), dweight, kReduction)) << "dweight";
+  }
+}
+
+TEST_F(CudaOpsTest, Rope) {
+  Rng rng(105);
+  for (const auto& [H, hd] : {std::pair{3, 16}, std::pair{2, 64}, std::pair{1, 2}}) {
+    SCOPED_TRACE(testing::Message() << "H=" << H << " hd=" << hd);
+    const int N = 11;
+    const auto positions = ints(rng, N, 0, 4000);
+    auto x = normal(rng, size_t(N) * H * hd);
+    float* d_x = dev(x);
+    const int32_t* d_pos = dev(positions);
+    gpu_->rope_forward(d_x, d_pos, N, H, hd, 10000.0);
+    cpu_.rope_forward(x.data(), positions.data(), N, H, hd, 10000.0);
+    EXPECT_TRUE(close(back(d_x, x.size()), x, kElementwise)) << "forward";
+    gpu_->rope_backward(d_x, d_pos, N, H, hd, 500000.0);
+    cpu_.rope_backward(x.data(), positions.data(), N, H, hd, 500000.0);
+    EXPECT_TRUE(close(back(d_x, x.size()), x, kElementwise)) << "backward";
+  }
+}
+
+// ---------------------------------------------------------------- attention
+
+struct AttnCase {
+  int batch, n_new, capacity, heads, kv_heads, head_dim;
+  bool training;  // capacity == n_new and start == 0
+};
+
+std::string attn_case_name(const AttnCase& c) {
+  return "b" + std::to_string(c.batch) + "_t" + std::to_string(c.n_new) + "_s" +
+         std::to_string(c.capacity) + "_h" + std::to_string(c.heads) + "_kv" +
+         std::to_string(c.kv_heads) + "_hd" + std::to_string(c.head_dim) +
+         (c.training ? "_train" : "_cache");
+}
+// gtest prints parameters by name, not as raw bytes (whose padding would vary).
+void PrintTo(const AttnCase& c, std::ostream* os) { *os << attn_case_name(c); }
+
+class CudaAttentionTest : public CudaOpsTest, public testing::WithParamInterface<AttnCase> {};
+
+TEST_P(CudaAttentionTest, ForwardMatchesCpu) {
+  const AttnCase c = GetParam();
+  Rng rng(106 + c.n_new * 7 + c.head_dim);
+  std::vector<int32_t> start(c.batch, 0);
+  if (!c.training) {
+    for (int32_t& s : start) s = int32_t(rng.uniform_int(0, c.capacity - c.n_new));
+  }
+  const size_t q_n = size_t(c.batch) * c.n_new * c.heads * c.head_dim;
+  const size_t kv_n = size_t(c.batch) * c.capacity * c.kv_heads * c.head_dim;
+  const auto q = normal(rng, q_n), k = normal(rng, kv_n), v = normal(rng, kv_n);
+  AttentionShape cpu_shape{c.batch, c.n_new, c.capacity, c.heads, c.kv_heads, c.head_dim,
+                           start.data()};
+  AttentionShape gpu_shape = cpu_shape;
+  gpu_shape.start = dev(start);
+  std::vector<float> out(q_n), lse(size_t(c.batch) * c.heads * c.n_new);
+  float* d_out = poisoned(out.size());
+  float* d_lse = poisoned(lse.size());
+  const float *d_q = dev(q), *d_k = dev(k), *d_v = dev(v);
+  gpu_->attention_forward(d_out, d_lse, d_q, d_k, d_v, gpu_shape);
+  cpu_.attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), cpu_shape);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "out";
+  EXPECT_TRUE(close(back(d_lse, lse.size()), lse, kReduction)) << "lse";
+  // lse may be null (inference).
+  float* d_out2 = poisoned(out.size());
+  gpu_->attention_forward(d_out2, nullptr, d_q, d_k, d_v, gpu_shape);
+  EXPECT_TRUE(close(back(d_out2, out.size()), back(d_out, out.size()), kExact));
+
+  // Backward (recomputes the probabilities from lse); dk, dv cover the whole capacity.
+  const auto dout = normal(rng, q_n);
+  std::vector<float> dq(q_n), dk(kv_n), dv(kv_n);
+  float* d_dq = poisoned(q_n);
+  float* d_dk = poisoned(kv_n);
+  float* d_dv = poisoned(kv_n);
+  gpu_->attention_backward(d_dq, d_dk, d_dv, dev(dout), d_out, d_lse, d_q, d_k, d_v, gpu_shape);
+  cpu_.attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(),
+                          q.data(), k.data(), v.data(), cpu_shape);
+  EXPECT_TRUE(close(back(d_dq, q_n), dq, kReduction)) << "dq";
+  EXPECT_TRUE(close(back(d_dk, kv_n), dk, kReduction)) << "dk";
+  EXPECT_TRUE(close(back(d_dv, kv_n), dv, kReduction)) << "dv";
+
+  // Run to run: the same bits (no atomics, fixed order).
+  float* d_dq2 = poisoned(q_n);
+  float* d_dk2 = poisoned(kv_n);
+  float* d_dv2 = poisoned(kv_n);
+  gpu_->attention_backward(d_dq2, d_dk2, d_dv2, dev(dout), d_out, d_lse, d_q, d_k, d_v,
+                           gpu_shape);
+  EXPECT_TRUE(close(back(d_dq2, q_n), back(d_dq, q_n), kExact));
+  EXPECT_TRUE(close(back(d_dk2, kv_n), back(d_dk, kv_n), kExact));
+  EXPECT_TRUE(close(back(d_dv2, kv_n), back(d_dv, kv_n), kExact));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionTest,
+    testing::Values(AttnCase{2, 37, 37, 4, 2, 16, true},     // training, GQA
+                    AttnCase{1, 150, 150, 3, 1, 24, true},   // more keys than one 128-key chunk
+                    AttnCase{2, 9, 9, 2, 2, 200, true},      // head_dim over 128 threads
+                    AttnCase{3, 1, 300, 4, 4, 64, false},    // decode: one new token, cache 300
+                    AttnCase{2, 5, 140, 8, 2, 32, false}),  // chunked prefill into a cache
+    [](const testing::TestParamInfo<AttnCase>& p) { return attn_case_name(p.param); });
+
+TEST_F(CudaOpsTest, KvCacheWrite) {
+  Rng rng(107);
+  const int B = 3, T = 4, S = 20, Hkv = 2, hd = 8;
+  const auto start = std::vector<int32_t>{0, 16, 7};
+  const size_t row = size_t(Hkv) * hd;
+  const auto kv = normal(rng, size_t(B) * T * row);
+  auto cache = normal(rng, size_t(B) * S * row);  // untouched positions must stay as they were
+  float* d_cache = dev(cache);
+  AttentionShape shape{B, T, S, 4, Hkv, hd, start.data()};
+  AttentionShape gpu_shape = shape;
+  gpu_shape.start = dev(start);
+  gpu_->kv_cache_write(d_cache, dev(kv), gpu_shape);
+  cpu_.kv_cache_write(cache.data(), kv.data(), shape);
+  EXPECT_TRUE(close(back(d_cache, cache.size()), cache, kExact));
+}
+
+TEST_F(CudaOpsTest, KvCacheOverflowIsFatal) {
+  // Re-executed rather than forked: a forked child cannot use the parent's CUDA context.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto start = std::vector<int32_t>{18};
+  AttentionShape shape{1, 4, 20, 1, 1, 8, nullptr};
+  EXPECT_DEATH(
+      {
+        CudaOps<float> ops;
+        void* cache = ops.alloc_bytes(sizeof(float) * 20 * 8);
+        void* kv = ops.alloc_bytes(sizeof(float) * 4 * 8);
+        void* s = ops.alloc_bytes(sizeof(int32_t));
+        ops.copy_from_host(s, start.data(), sizeof(int32_t));
+        shape.start = static_cast<const int32_t*>(s);
+        ops.kv_cache_write(static_cast<float*>(cache), static_cast<const float*>(kv), shape);
+      },
+      "KV cache overflow");
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+TEST_F(CudaOpsTest, SwigluWithAndWithoutClamping) {
+  Rng rng(108);
+  const int64_t n = 10007;
+  // Scale 6: a few percent of the values lie beyond the limit of 10 on each path.
+  const auto gate = normal(rng, n, 6.0), up = normal(rng, n, 6.0), dh = normal(rng, n);
+  for (bool enabled : {true, false}) {
+    SCOPED_TRACE(testing::Message() << "clamping " << enabled);
+    SwigluClampConfig clamp;
+    clamp.enabled = enabled;
+    std::vector<float> h(n), dgate(n), dup(n);
+    float* d_h = poisoned(n);
+    const float *d_gate = dev(gate), *d_up = dev(up);
+    const ClampCounts g = gpu_->swiglu_forward(d_h, d_gate, d_up, n, clamp);
+    const ClampCounts c = cpu_.swiglu_forward(h.data(), gate.data(), up.data(), n, clamp);
+    EXPECT_EQ(g.gate, c.gate);
+    EXPECT_EQ(g.linear, c.linear);
+    EXPECT_EQ(g.total, c.total);
+    if (enabled) {
+      EXPECT_GT(c.gate, 0);
+      EXPECT_GT(c.linear, 0);
+    }
+    EXPECT_TRUE(close(back(d_h, n), h, kElementwise));
+    float* d_dgate = poisoned(n);
+    float* d_dup = poisoned(n);
+    gpu_->swiglu_backward(d_dgate, d_dup, dev(dh), d_gate, d_up, n, clamp);
+    cpu_.swiglu_backward(dgate.data(), dup.data(), dh.data(), gate.data(), up.data(), n, clamp);
+    EXPECT_TRUE(close(back(d_dgate, n), dgate, kElementwise));
+    EXPECT_TRUE(close(back(d_dup, n), dup, kElementwise));
+  }
+}
+
+// ---------------------------------------------------------------- MoE
+
+// Router logits without near-ties: token t's experts get logits from a random permutation of
+// well-separated levels (score gaps >= ~0.01), and the bias is far smaller than the gaps, so
+// both backends must pick the same experts.
+std::vector<float> untied_logits(Rng& rng, int N, int E) {
+  std::vector<float> logits(size_t(N) * E);
+  std::vector<int> perm(E);
+  for (int t = 0; t < N; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int i = E - 1; i > 0; --i) std::swap(perm[i], perm[rng.uniform_int(0, i)]);
+    for (int e = 0; e < E; ++e) {
+      logits[size_t(t) * E + e] = float((perm[e] - E / 2) * (4.0 / E) + 0.001 * rng.uniform());
+    }
+  }
+  return logits;
+}
+
+struct HostRouting {
+  int N, K, E;
+  std::vector<int32_t> ids, offsets, sorted_token, sorted_choice, slot;
+  HostRouting(int n, int k, int e)
+      : N(n), K(k), E(e), ids(size_t(n) * k), offsets(e + 1), sorted_token(size_t(n) * k),
+        sorted_choice(size_t(n) * k), slot(size_t(n) * k) {}
+  MoeRouting view() {
+    return MoeRouting{N, K, E, ids.data(), offsets.data(), sorted_token.data(),
+                      sorted_choice.data(), slot.data()};
+  }
+};
+
+class CudaRouterTest : public CudaOpsTest {
+ protected:
+  // A device routing; `from` (when given) is copied in, else the arrays are poisoned (-1).
+  MoeRouting device_routing(const HostRouting& shape, const HostRouting* from = nullptr) {
+    const HostRouting& src = from ? *from : shape;
+    auto fill = [&](const std::vector<int32_t>& v) {
+      return dev(from ? v : std::vector<int32_t>(v.size(), -1));
+    };
+    return MoeRouting{shape.N, shape.K, shape.E, fill(src.ids), fill(src.offsets),
+                      fill(src.sorted_token), fill(src.sorted_choice), fill(src.slot)};
+  }
+  void expect_same_routing(const MoeRouting& d, const HostRouting& h) {
+    EXPECT_TRUE(same(back(d.expert_ids, h.ids.size()), h.ids)) << "expert_ids";
+    EXPECT_TRUE(same(back(d.offsets, h.offsets.size()), h.offsets)) << "offsets";
+    EXPECT_TRUE(same(back(d.sorted_token, h.sorted_token.size()), h.sorted_token))
+        << "sorted_token";
+    EXPECT_TRUE(same(back(d.sorted_choice, h.sorted_choice.size()), h.sorted_choice))
+        << "sorted_choice";
+    EXPECT_TRUE(same(back(d.slot, h.slot.size()), h.slot)) << "slot";
+  }
+};
+
+TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
+  Rng rng(109);
+  struct Case { int N, E, K; bool bias; double route_scale; };
+  for (const Case c : {Case{37, 16, 4, true, 2.5}, Case{1, 8, 1, false, 1.0},
+                       Case{300, 64, 6, true, 1.0}, Case{5, 3, 3, true, 1.0}}) {
+    SCOPED_TRACE(testing::Message() << "N=" << c.N << " E=" << c.E << " K=" << c.K);
+    const auto logits = untied_logits(rng, c.N, c.E);
+    std::vector<float> bias(c.E);
+    for (float& b : bias) b = c.bias ? float(0.002 * (rng.uniform() - 0.5)) : 0.0f;
+    HostRouting h(c.N, c.K, c.E);
+    MoeRouting hr = h.view();
+    std::vector<float> scores(size_t(c.N) * c.E), gates(size_t(c.N) * c.K);
+    cpu_.router_forward(scores.data(), gates.data(), hr, logits.data(),
+                        c.bias ? bias.data() : nullptr, c.route_scale, false);
+    MoeRouting dr = device_routing(h);
+    float* d_scores = poisoned(scores.size());
+    float* d_gates = poisoned(gates.size());
+    gpu_->router_forward(d_scores, d_gates, dr, dev(logits), c.bias ? dev(bias) : nullptr,
+                         c.route_scale, false);
+    EXPECT_TRUE(close(back(d_scores, scores.size()), scores, kElementwise)) << "scores";
+    EXPECT_TRUE(close(back(d_gates, gates.size()), gates, kElementwise)) << "gates";
+    expect_same_routing(dr, h);
+  }
+}
+
+TEST_F(CudaRouterTest, ReplayKeepsTheGivenExperts) {
+  Rng rng(110);
+  const int N = 29, E = 12, K = 3;
+  const auto logits = normal(rng, size_t(N) * E);
+  HostRouting h(N, K, E);
+  // Random distinct experts per token (ties or not: replay does not select).
+  for (int t = 0; t < N; ++t) {
+    std::vector<int> perm(E);
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int i = E - 1; i > 0; --i) std::swap(perm[i], perm[rng.uniform_int(0, i)]);
+    for (int j = 0; j < K; ++j) h.ids[size_t(t) * K + j] = perm[j];
+  }
+  MoeRouting dr = device_routing(h);
+  gpu_->copy_from_host(dr.expert_ids, h.ids.data(), sizeof(int32_t) * h.ids.size());
+  MoeRouting hr = h.view();
+  std::vector<float> scores(size_t(N) * E), gates(size_t(N) * K);
+  cpu_.router_forward(scores.data(), gates.data(), hr, logits.data(), nullptr, 1.0, true);
+  float* d_scores = poisoned(scores.size());
+  float* d_gates = poisoned(gates.size());
+  gpu_->router_forward(d_scores, d_gates, dr, dev(logits), nullptr, 1.0, true);
+  EXPECT_TRUE(close(back(d_gates, gates.size()), gates, kElementwise));
+  expect_same_routing(dr, h);
+}
+
+// A replayed trace naming expert 7 of 4.
+void route_replay_out_of_range() {
+  const std::vector<int32_t> ids = {0, 7};
+  CudaOps<float> ops;
+  auto* buf = static_cast<int32_t*>(ops.alloc_bytes(sizeof(int32_t) * 16));
+  auto* f = static_cast<float*>(ops.alloc_bytes(sizeof(float) * 16));
+  ops.copy_from_host(buf, ids.data(), sizeof(int32_t) * 2);
+  MoeRouting r{2, 1, 4, buf, buf + 2, buf + 8, buf + 10, buf + 12};
+  ops.router_forward(f, f + 8, r, f, nullptr, 1.0, true);
+}
+
+TEST_F(CudaRouterTest, ReplayedIdOutOfRangeIsFatal) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(route_replay_out_of_range(), "expert ids out of range");
+}
+
+class CudaMoeTest : public CudaRouterTest {
+ protected:
+  // A CPU-made routing of N tokens (top-k of E), and its device copy.
+  void route(int N, int E, int K, uint64_t seed) {
+    Rng rng(seed);
+    host_ = std::make_unique<HostRouting>(N, K, E);
+    MoeRouting hr = host_->view();
+    scores_.resize(size_t(N) * E);
+    gates_.resize(size_t(N) * K);
+    cpu_.router_forward(scores_.data(), gates_.data(), hr, untied_logits(rng, N, E).data(),
+                        nullptr, 1.0, false);
+    device_ = device_routing(*host_, host_.get());
+  }
+  std::unique_ptr<HostRouting> host_;
+  MoeRouting device_{};
+  std::vector<float> scores_, gates_;
+};
+
+TEST_F(CudaMoeTest, RouterBackward) {
+  Rng rng(111);
+  route(41, 10, 3, 1111);
+  const auto dgates = normal(rng, gates_.size());
+  std::vector<float> dlogits(scores_.size());
+  float* d_dlogits = poisoned(dlogits.size());
+  gpu_->router_backward(d_dlogits, dev(dgates), dev(scores_), dev(gates_), device_, 1.7);
+  cpu_.router_backward(dlogits.data(), dgates.data(), scores_.data(), gates_.data(),
+                       host_->view(), 1.7);
+  EXPECT_TRUE(close(back(d_dlogits, dlogits.size()), dlogits, kElementwise));
+}
+
+TEST_F(CudaMoeTest, SequenceBalanceLoss) {
+  Rng rng(112);
+  const int seq_len = 16, n_seq = 3;
+  route(seq_len * n_seq, 8, 2, 1212);
+  auto dlogits = normal(rng, scores_.size());  // the loss's gradient accumulates into it
+  float* d_dlogits = dev(dlogits);
+  const double g = gpu_->seq_balance_loss(d_dlogits, dev(scores_), device_, seq_len, 0.01, 3.0);
+  const double c = cpu_.seq_balance_loss(dlogits.data(), scores_.data(), host_->view(), seq_len,
+                                         0.01, 3.0);
+  // Double sums in the CPU's order on both sides.
+  EXPECT_TRUE(close_double(g, c, 1e-12));
+  EXPECT_GT(c, 0);
+  EXPECT_TRUE(close(back(d_dlogits, dlogits.size()), dlogits, kElementwise));
+}
+
+TEST_F(CudaMoeTest, DispatchAndCombine) {
+  Rng rng(113);
+  const int N = 33, E = 7, K = 2, D = 37;
+  route(N, E, K, 1313);
+  const int64_t R = int64_t(N) * K;
+  const auto x = normal(rng, size_t(N) * D);
+  std::vector<float> xe(size_t(R) * D);
+  float* d_xe = poisoned(xe.size());
+  gpu_->moe_dispatch_forward(d_xe, dev(x), device_, D);
+  cpu_.moe_dispatch_forward(xe.data(), x.data(), host_->view(), D);
+  EXPECT_TRUE(close(back(d_xe, xe.size()), xe, kExact)) << "dispatch forward";
+
+  const auto dxe = normal(rng, xe.size());
+  auto dx = normal(rng, x.size());
+  float* d_dx = dev(dx);
+  gpu_->moe_dispatch_backward(d_dx, dev(dxe), device_, D);
+  cpu_.moe_dispatch_backward(dx.data(), dxe.data(), host_->view(), D);
+  EXPECT_TRUE(close(back(d_dx, dx.size()), dx, kExact)) << "dispatch backward (CPU order)";
+
+  const auto ye = normal(rng, xe.size());
+  auto out = normal(rng, x.size());
+  float* d_out = dev(out);
+  const float* d_ye = dev(ye);
+  const float* d_gates = dev(gates_);
+  gpu_->moe_combine_forward(d_out, d_ye, d_gates, device_, D);
+  cpu_.moe_combine_forward(out.data(), ye.data(), gates_.data(), host_->view(), D);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kElementwise)) << "combine forward";
+
+  const auto dout = normal(rng, x.size());
+  std::vector<float> dye(xe.size()), dgates(gates_.size());
+  float* d_dye = poisoned(dye.size());
+  float* d_dgates = poisoned(dgates.size());
+  gpu_->moe_combine_backward(d_dye, d_dgates, dev(dout), d_ye, d_gates, device_, D);
+  cpu_.moe_combine_backward(dye.data(), dgates.data(), dout.data(), ye.data(), gates_.data(),
+                            host_->view(), D);
+  EXPECT_TRUE(close(back(d_dye, dye.size()), dye, kExact)) << "dye (one multiply)";
+  EXPECT_TRUE(close(back(d_dgates, dgates.size()), dgates, kReduction)) << "dgates";
+}
+
+// ---------------------------------------------------------------- loss
+
+TEST_F(CudaOpsTest, CrossEntropy) {
+  Rng rng(114);
+  for (const auto& [N, V] : {std::pair{13, 1000}, std::pair{4, 50257}, std::pair{1, 3}}) {
+    SCOPED_TRACE(testing::Message() << "N=" << N << " V=" << V);
+    const auto logits = normal(rng, size_t(N) * V, 4.0);
+    const auto targets = ints(rng, N, 0, V - 1);
+    std::vector<float> weights(N);
+    for (int i = 0; i < N; ++i) weights[i] = i % 5 == 2 ? 0.0f : float(rng.uniform() + 0.5);
+    std::vector<float> dlogits(logits.size());
+    float* d_dlogits = poisoned(dlogits.size());
+    const float* d_logits = dev(logits);
+    const double g = gpu_->cross_entropy_forward_backward(d_dlogits, d_logits, dev(targets),
+                                                          dev(weights), N, V);
+    const double c = cpu_.cross_entropy_forward_backward(dlogits.data(), logits.data(),
+                                                         targets.data(), weights.data(), N, V);
+    // Per row: a float log-sum-exp over V terms; then a double sum over rows.
+    EXPECT_TRUE(close_double(g, c, 1e-6));
+    EXPECT_TRUE(close(back(d_dlogits, dlogits.size()), dlogits, kReduction));
+    // dlogits may alias logits.
+    float* d_alias = dev(logits);
+    const double g2 = gpu_->cross_entropy_forward_backward(d_alias, d_alias, dev(targets),
+                                                           dev(weights), N, V);
+    EXPECT_EQ(g2, g);
+    EXPECT_TRUE(close(back(d_alias, dlogits.size()), back(d_dlogits, dlogits.size()), kExact));
+  }
+}
+
+TEST_F(CudaOpsTest, LogSoftmaxGather) {
+  Rng rng(115);
+  const int N = 17, V = 3001;
+  const auto logits = normal(rng, size_t(N) * V, 3.0);
+  const auto targets = ints(rng, N, 0, V - 1);
+  for (double temperature : {1.0, 0.7}) {
+    std::vector<float> lp(N);
+    float* d_lp = poisoned(N);
+    gpu_->log_softmax_gather(d_lp, dev(logits), dev(targets), N, V, temperature);
+    cpu_.log_softmax_gather(lp.data(), logits.data(), targets.data(), N, V, temperature);
+    EXPECT_TRUE(close(back(d_lp, N), lp, kReduction)) << "temperature " << temperature;
+  }
+}
+
+// ---------------------------------------------------------------- FP4
+
+// Normal values with outliers and exact zeros, so blocks saturate and scales vary.
+std::vector<float> fp4_input(Rng& rng, int64_t n) {
+  std::vector<float> x(n);
+  for (float& v : x) {
+    v = float(rng.normal());
+    const int64_t r = rng.uniform_int(0, 29);
+    if (r == 0) v *= 40.0f;
+    if (r == 1) v = 0.0f;
+  }
+  return x;
+}
+
+TEST_F(CudaOpsTest, Fp4FakeQuantizeIsBitIdentical) {
+  Rng rng(116);
+  for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
+    SCOPED_TRACE(fp4_format_name(format));
+    const int64_t rows = 24, cols = 96;
+    const auto in = fp4_input(rng, rows * cols);
+    std::vector<float> out(in.size());
+    std::vector<uint8_t> sat(in.size());
+    float* d_out = poisoned(out.size());
+    uint8_t* d_sat = dev(std::vector<uint8_t>(in.size(), 7));
+    const float* d_in = dev(in);
+    gpu_->fp4_fake_quantize(d_out, d_sat, d_in, rows, cols, format);
+    cpu_.fp4_fake_quantize(out.data(), sat.data(), in.data(), rows, cols, format);
+    EXPECT_TRUE(close(back(d_out, out.size()), out, kExact));
+    EXPECT_TRUE(same(back(d_sat, sat.size()), sat));
+    EXPECT_GT(std::accumulate(sat.begin(), sat.end(), 0), 0) << "no value saturated";
+    // In place, without the mask.
+    float* d_inplace = dev(in);
+    gpu_->fp4_fake_quantize(d_inplace, nullptr, d_inplace, rows, cols, format);
+    EXPECT_TRUE(close(back(d_inplace, out.size()), out, kExact)) << "in place";
+  }
+}
+
+TEST_F(CudaOpsTest, Fp4Matmuls) {
+  Rng rng(117);
+  for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
+    SCOPED_TRACE(fp4_format_name(format));
+    const int64_t N = 70, K = 64;
+    const int M = 5;
+    const Fp4Tensor w = fp4_quantize(fp4_input(rng, N * K).data(), N, K, format, "w");
+    PackedFp4Matrix cpu_w{format, N, K, w.codes.data(), w.scales.data(), w.global_scale};
+    PackedFp4Matrix gpu_w = cpu_w;
+    gpu_w.codes = dev(w.codes);
+    gpu_w.scales = dev(w.scales);
+    const auto in = normal(rng, size_t(M) * K);
+    for (bool accumulate : {false, true}) {
+      auto out = normal(rng, size_t(M) * N);
+      float* d_out = dev(out);
+      gpu_->fp4_matmul_forward(d_out, dev(in), gpu_w, M, accumulate);
+      cpu_.fp4_matmul_forward(out.data(), in.data(), cpu_w, M, accumulate);
+      EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "accumulate " << accumulate;
+    }
+    // Grouped: 5 experts of 14 rows each, one without tokens.
+    const std::vector<int32_t> offsets = {0, 3, 3, 11, 12, 20};
+    const int R = offsets.back();
+    const auto xin = normal(rng, size_t(R) * K);
+    std::vector<float> out(size_t(R) * (N / 5));
+    float* d_out = poisoned(out.size());
+    gpu_->fp4_grouped_matmul_forward(d_out, dev(xin), gpu_w, dev(offsets), 5);
+    cpu_.fp4_grouped_matmul_forward(out.data(), xin.data(), cpu_w, offsets.data(), 5);
+    EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "grouped";
+  }
+}
+
+// ---------------------------------------------------------------- elementwise and reductions
+
+TEST_F(CudaOpsTest, ElementwiseOps) {
+  Rng rng(118);
+  const int64_t n = 100003;
+  auto x = normal(rng, n);
+  float* d_x = dev(x);
+  float* d_y = poisoned(n);
+  gpu_->copy(d_y, d_x, n);
+  EXPECT_TRUE(close(back(d_y, n), x, kExact)) << "copy";
+
+  gpu_->scale_inplace(d_x, 0.37, n);
+  cpu_.scale_inplace(x.data(), 0.37, n);
+  EXPECT_TRUE(close(back(d_x, n), x, kExact)) << "scale";
+
+  gpu_->fill(d_x, 2.5f, n - 1);
+  cpu_.fill(x.data(), 2.5f, n - 1);
+  EXPECT_TRUE(close(back(d_x, n), x, kExact)) << "fill (last element untouched)";
+
+  std::vector<uint8_t> mask(n);
+  for (auto& m : mask) m = rng.uniform() < 0.3 ? 1 : 0;
+  auto g = normal(rng, n);
+  float* d_g = dev(g);
+  gpu_->zero_where(d_g, dev(mask), n);
+  cpu_.zero_where(g.data(), mask.data(), n);
+  EXPECT_TRUE(close(back(d_g, n), g, kExact)) << "zero_where";
+}
+
+TEST_F(CudaOpsTest, SumSquares) {
+  Rng rng(119);
+  for (int64_t n : {int64_t(1), int64_t(1000), int64_t(1000003)}) {
+    const auto x = normal(rng, n, 3.0);
+    // Squares of floats are exact in double; only the double summation order differs.
+    EXPECT_TRUE(close_double(gpu_->sum_squares(dev(x), n), cpu_.sum_squares(x.data(), n), 1e-12))
+        << "n=" << n;
+  }
+}
+
+TEST_F(CudaOpsTest, AdamW) {
+  Rng rng(120);
+  const int64_t n = 10001;
+  auto param = normal(rng, n), m = normal(rng, n, 0.1), grad = normal(rng, n);
+  std::vector<float> v(n);
+  for (float& x : v) x = float(rng.uniform() * 0.1);
+  float *d_param = dev(param), *d_m = dev(m), *d_v = dev(v);
+  const float* d_grad = dev(grad);
+  for (int64_t step : {1, 2, 3}) {
+    AdamWHyper h;
+    h.lr = 1e-3;
+    h.weight_decay = 0.1;
+    h.step = step;
+    gpu_->adamw_step(d_param, d_grad, d_m, d_v, n, h);
+    cpu_.adamw_step(param.data(), grad.data(), m.data(), v.data(), n, h);
+  }
+  EXPECT_TRUE(close(back(d_param, n), param, kElementwise)) << "param";
+  EXPECT_TRUE(close(back(d_m, n), m, kElementwise)) << "m";
+  EXPECT_TRUE(close(back(d_v, n), v, kElementwise)) << "v";
+}
+
+// The comparison itself must be able to fail: a perturbed result is caught at each tolerance.
+TEST(CudaOpsTolerance, DetectsDifferences) {
+  std::vector<float> want = {1.0f, -2.0f, 3.0f, 0.0f};
+  std::vector<float> got = want;
+  EXPECT_TRUE(close(got, want, kExact));
+  got[2] = std::nextafter(3.0f, 4.0f);
+  EXPECT_FALSE(close(got, want, kExact));
+  EXPECT_TRUE(close(got, want, kElementwise));
+  got[2] = 3.001f;
+  EXPECT_FALSE(close(got, want, kReduction));
+  got[2] = kNaN;
+  EXPECT_FALSE(close(got, want, kReduction));
+}
+
+}  // namespace
+}  // namespace rlhf
