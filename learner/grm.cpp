@@ -113,6 +113,7 @@ GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir,
   }
   summary.pointwise_records = int64_t(data.pointwise.size());
   summary.pairwise_records = int64_t(data.pairwise.size());
+  require_cpu_device(config, "train-grm");
   cpu_set_threads(config.runtime.threads);
   const TaskSuite suite(config.tasks);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);

@@ -35,6 +35,7 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
     : config_(std::move(config)), workdir_(std::move(workdir)), sampler_(sampler),
       scorer_(scorer), tokenizer_(make_tokenizer(config_.model.tokenizer)),
       suite_(config_.tasks) {
+  require_cpu_device(config_, "the RL learner");
   cpu_set_threads(config_.runtime.threads);
   const RlConfig& rl = config_.rl;
   if (rl.policy.empty()) fail("rl.policy: required: the SFT policy checkpoint RL starts from");

@@ -176,8 +176,11 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   run.rl = read_rl(rl);
   YamlSection runtime = top.section("runtime");
   run.runtime.threads = runtime.get("threads", run.runtime.threads);
+  run.runtime.device = runtime.get("device", run.runtime.device);
   runtime.finish();
   if (run.runtime.threads < 0) fail("runtime.threads: must be >= 0 (0 is every core)");
+  if (run.runtime.device != "cpu" && run.runtime.device != "cuda")
+    fail("runtime.device: '{}' is not a backend (cpu or cuda)", run.runtime.device);
   top.finish();
   const auto tokenizer = make_tokenizer(run.model.tokenizer);
   model_config_set_vocab(run.model, *tokenizer);
@@ -205,6 +208,14 @@ RunConfig RunConfig::load_string(const std::string& yaml, const std::string& wha
     return read_run(yaml_load_string(yaml, what), yaml);
   } catch (const Error& e) {
     fail("{}: {}", what, e.what());
+  }
+}
+
+void require_cpu_device(const RunConfig& config, const std::string& command) {
+  if (config.runtime.device != "cpu") {
+    fail("runtime.device: {} runs on the cpu backend only so far; `rlhf sft` is the command "
+         "that runs on '{}' (docs/cuda.md)",
+         command, config.runtime.device);
   }
 }
 

@@ -81,7 +81,8 @@ struct RlConfig {
 };
 
 struct RuntimeConfig {
-  int threads = 0;  // 0: every core
+  int threads = 0;             // 0: every core
+  std::string device = "cpu";  // the backend: cpu, or cuda (kernels/backend.h)
 };
 
 struct RunConfig {
@@ -100,5 +101,9 @@ struct RunConfig {
   static RunConfig load_file(const std::string& path);
   static RunConfig load_string(const std::string& yaml, const std::string& what);
 };
+
+// Commands that run on the CPU backend only so far (everything but `rlhf sft`) call this:
+// rlhf::Error naming the command when runtime.device is not "cpu", rather than ignoring it.
+void require_cpu_device(const RunConfig& config, const std::string& command);
 
 }  // namespace rlhf

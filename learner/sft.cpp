@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "common/progress.h"
+#include "kernels/backend.h"
 #include "model/checkpoint.h"
 #include "model/generate.h"
 
@@ -131,6 +132,7 @@ PolicyEvaluation evaluate_policy(Transformer<float>& model, const Tokenizer& tok
 
 SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOptions options)
     : config_(std::move(config)), workdir_(std::move(workdir)),
+      ops_(make_float_ops(config_.runtime.device)),
       tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks),
       spike_detector_(config_.stability.spike), routing_(config_.stability.anticipatory) {
   cpu_set_threads(config_.runtime.threads);
@@ -147,16 +149,16 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
   fs::create_directories(dir);
   // Activations sized for both training batches and the evaluation's decode batches.
   model_ = std::make_unique<Transformer<float>>(
-      ops_, config_.model, std::max(config_.sft.batch_size, config_.sft.eval_batch),
+      *ops_, config_.model, std::max(config_.sft.batch_size, config_.sft.eval_batch),
       config_.model.max_seq_len);
-  optimizer_ = std::make_unique<AdamW<float>>(ops_, model_->layout(), config_.sft.optimizer);
+  optimizer_ = std::make_unique<AdamW<float>>(*ops_, model_->layout(), config_.sft.optimizer);
   data_ = options.data ? options.data
                        : std::make_shared<DemonstrationSource>(suite_, *tokenizer_);
   data_rng_.reseed(mix_seed(config_.sft.seed, 0xDA7A));
   if (resume) {
     const TrainingState state =
         resume_training(checkpoint.string(), config_.source, (dir / "config.yaml").string(),
-                        *model_, *optimizer_, ops_);
+                        *model_, *optimizer_, *ops_);
     step_ = state.step;
     data_position_ = state.data_position;
     data_rng_.deserialize(state.rng_state);
@@ -394,7 +396,7 @@ PackedPolicyReport SftTrainer::evaluate_packed_export() {
   report.format = fp4_format_name(config_.fp4.format);
   report.path = (fs::path(workdir_) / "policy-fp4.safetensors").string();
   checkpoint_save_packed(report.path, *model_, tokenizer_->name(), config_.fp4.format);
-  const auto packed = checkpoint_load_model(report.path, ops_, config_.sft.eval_batch);
+  const auto packed = checkpoint_load_model(report.path, *ops_, config_.sft.eval_batch);
   spdlog::info("evaluating the packed {} export {}", report.format, report.path);
   report.greedy = evaluate_policy(*packed, *tokenizer_, suite_, config_.sft.eval_examples,
                                   config_.sft.eval_batch, config_.sampling, true);

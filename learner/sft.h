@@ -182,7 +182,7 @@ class SftTrainer {
 
   RunConfig config_;
   std::string workdir_;
-  CpuOps<float> ops_;
+  std::unique_ptr<Ops<float>> ops_;  // runtime.device (kernels/backend.h)
   std::unique_ptr<Tokenizer> tokenizer_;
   TaskSuite suite_;
   std::unique_ptr<Transformer<float>> model_;

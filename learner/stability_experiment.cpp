@@ -67,6 +67,7 @@ double max_loss_excursion(const std::vector<double>& losses, int window) {
 
 AnticipatoryOverhead measure_anticipatory_overhead(const RunConfig& config, int rounds) {
   RLHF_CHECK(rounds > 0, "overhead rounds must be positive");
+  require_cpu_device(config, "exp stability");
   cpu_set_threads(config.runtime.threads);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);
   const TaskSuite suite(config.tasks);

@@ -53,6 +53,7 @@ double measure_sgemm_flops(int n, int repeats) {
 
 void bench_train(const CommonOptions& common, int steps, int warmup) {
   const RunConfig config = load_config(common);
+  require_cpu_device(config, "bench train");
   cpu_set_threads(config.runtime.threads);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);
   const TaskSuite suite(config.tasks);
@@ -111,6 +112,7 @@ void bench_train(const CommonOptions& common, int steps, int warmup) {
 
 void bench_generate(const CommonOptions& common, int new_tokens) {
   const RunConfig config = load_config(common);
+  require_cpu_device(config, "bench generate");
   cpu_set_threads(config.runtime.threads);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);
   const TaskSuite suite(config.tasks);

@@ -105,6 +105,7 @@ struct EvalSetup {
            s.k, s.k);
     }
     if (s.judge.empty()) fail("--judge: give a judge checkpoint or '{}'", kGroundTruth);
+    require_cpu_device(config, "eval winrate / ratings");
     cpu_set_threads(s.threads > 0 ? s.threads : config.runtime.threads);
 
     // Prompts: the held-out split of the config's task suite, or a file.

@@ -98,6 +98,7 @@ void print_eval(const std::string& name, const std::string& path, const GrmEvalR
 void eval_grm(const EvalGrmOptions& o) {
   const auto start = Clock::now();
   const RunConfig config = load_config(o.common);
+  require_cpu_device(config, "eval grm");
   cpu_set_threads(o.threads > 0 ? o.threads : config.runtime.threads);
   const TaskSuite suite(config.tasks);
   const GrmEvalResult judge = evaluate_checkpoint(o.judge, suite, o.eval);
