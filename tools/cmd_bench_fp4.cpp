@@ -155,7 +155,7 @@ std::optional<Sm90Fp4MoeConfig> parse_config(const std::string& text) {
   Sm90Fp4MoeConfig c;
   int tokens = 0, rows = 0;
   if (std::sscanf(text.c_str(), "decode/%d/%d", &tokens, &rows) == 2 &&
-      (tokens == 8 || tokens == 16) && (rows == 1 || rows == 2 || rows == 4 || rows == 8)) {
+      (tokens == 8 || tokens == 16) && rows >= 1 && rows <= 8) {
     c.kernel = Sm90Fp4MoeKernel::decode;
     c.tokens_per_tile = tokens;
     c.row_tiles_per_block = rows;
@@ -167,7 +167,7 @@ std::optional<Sm90Fp4MoeConfig> parse_config(const std::string& text) {
     c.row_tiles_per_block = 2;
     return c;
   }
-  fail("bench fp4: --config '{}' is not auto, decode/8|16/1|2|4|8 or prefill/128|256", text);
+  fail("bench fp4: --config '{}' is not auto, decode/8|16/1..8 or prefill/128|256", text);
 }
 
 std::string config_name(const Sm90Fp4MoeConfig& c) {
@@ -217,11 +217,14 @@ struct BenchWeights {
   }
 };
 
-// max |a - b| over max |b|, a and b bf16 bits.
+// max |a - b| over max |b|, a and b bf16 bits; infinite if a holds a NaN (y is poisoned with
+// NaN before the fp4 runs: an element they never wrote).
 double max_rel_diff(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
   double diff = 0.0, scale = 0.0;
   for (size_t i = 0; i < a.size(); ++i) {
-    diff = std::max(diff, std::fabs(double(bf16_float(a[i])) - double(bf16_float(b[i]))));
+    const double d = std::fabs(double(bf16_float(a[i])) - double(bf16_float(b[i])));
+    if (std::isnan(d)) return INFINITY;
+    diff = std::max(diff, d);
     scale = std::max(scale, std::fabs(double(bf16_float(b[i]))));
   }
   return scale > 0.0 ? diff / scale : diff;
@@ -254,16 +257,21 @@ void bench_fp4_add_options(CLI::App& command, BenchFp4Options& o) {
   command.add_option("--reps", o.reps, "timed graph replays per measurement (median)")
       ->capture_default_str();
   command.add_option("--seed", o.seed, "weights and activations seed")->capture_default_str();
-  command.add_option("--config", o.config,
-                     "auto (the heuristic) or a forced kernel: decode/TOKENS/ROW_TILES "
-                     "(8|16, 1|2|4|8) or prefill/TOKENS (128|256)")
+  command.add_option("--config", o.configs,
+                     "auto (the heuristic) or forced kernels, each measured: "
+                     "decode/TOKENS/ROW_TILES (8|16, 1..8) or prefill/TOKENS (128|256)")
       ->capture_default_str();
+  command.add_flag("--no-pdl", o.no_pdl,
+                   "launch the decode kernel without programmatic dependent launch (each launch "
+                   "then starts only after the previous one has ended)");
   command.add_flag("--json", o.json, "print a JSON summary as the last line");
 }
 
 nlohmann::json bench_fp4_run(const BenchFp4Options& o) {
   check_options(o);
-  const std::optional<Sm90Fp4MoeConfig> forced = parse_config(o.config);
+  std::vector<std::optional<Sm90Fp4MoeConfig>> configs;
+  for (const std::string& c : o.configs) configs.push_back(parse_config(c));
+  if (configs.empty()) configs.push_back(std::nullopt);
   std::vector<Shape> shapes;
   for (const std::string& s : o.shapes) shapes.push_back(parse_shape(s));
   std::vector<Fp4Format> formats;
@@ -339,18 +347,33 @@ nlohmann::json bench_fp4_run(const BenchFp4Options& o) {
         p.y = y_fp4.ptr;
         p.out_type = MoeOutType::bf16;
         p.active_experts_hint = o.active;
-        const Sm90Fp4MoeConfig config =
-            forced ? *forced : sm90_fp4_moe_choose_config(p, prop.multiProcessorCount);
-
-        const double fp4_us = timer.median_us(launches, [&](int i) {
-          Sm90Fp4MoeParams q = p;
-          q.weights = w.fp4[static_cast<size_t>(i % w.sets)]->ptr;
-          if (forced) {
-            sm90_fp4_moe_grouped_launch(q, config, stream);
-          } else {
-            sm90_fp4_moe_grouped(q, stream);
-          }
-        });
+        p.programmatic_launch = !o.no_pdl;
+        // The fp4 kernels first, then cuBLAS (the first version's order: the compute-bound
+        // prefill rows run measurably slower right after the cuBLAS runs, which heat the GPU).
+        struct Fp4Run {
+          std::string kernel;
+          double us;
+          std::vector<uint16_t> y;
+        };
+        std::vector<Fp4Run> fp4_runs;
+        for (const std::optional<Sm90Fp4MoeConfig>& forced : configs) {
+          const Sm90Fp4MoeConfig config =
+              forced ? *forced : sm90_fp4_moe_choose_config(p, prop.multiProcessorCount);
+          CUDA_CHECK(cudaMemset(y_fp4.ptr, 0xff, static_cast<size_t>(m * s.n) * 2));
+          const double fp4_us = timer.median_us(launches, [&](int i) {
+            Sm90Fp4MoeParams q = p;
+            q.weights = w.fp4[static_cast<size_t>(i % w.sets)]->ptr;
+            if (forced) {
+              sm90_fp4_moe_grouped_launch(q, config, stream);
+            } else {
+              sm90_fp4_moe_grouped(q, stream);
+            }
+          });
+          CUDA_CHECK(cudaStreamSynchronize(stream));
+          std::vector<uint16_t> a(static_cast<size_t>(m * s.n));
+          CUDA_CHECK(cudaMemcpy(a.data(), y_fp4.ptr, a.size() * 2, cudaMemcpyDeviceToHost));
+          fp4_runs.push_back({config_name(config), fp4_us, std::move(a)});
+        }
         const float one = 1.0f, zero = 0.0f;
         const int n = static_cast<int>(s.n), k = static_cast<int>(s.k);
         const double loop_us = timer.median_us(launches, [&](int i) {
@@ -371,37 +394,38 @@ nlohmann::json bench_fp4_run(const BenchFp4Options& o) {
               o.active, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         });
         CUDA_CHECK(cudaStreamSynchronize(stream));
-        std::vector<uint16_t> a(static_cast<size_t>(m * s.n)), b(a.size());
-        CUDA_CHECK(cudaMemcpy(a.data(), y_fp4.ptr, a.size() * 2, cudaMemcpyDeviceToHost));
+        std::vector<uint16_t> b(static_cast<size_t>(m * s.n));
         CUDA_CHECK(cudaMemcpy(b.data(), y_ref.ptr, b.size() * 2, cudaMemcpyDeviceToHost));
-        const double diff = max_rel_diff(a, b);
-
         const double base_us = std::min(loop_us, batched_us);
-        const double flops = 2.0 * double(m) * double(s.n) * double(s.k);
-        const double gbps = packed_bytes / fp4_us * 1e-3;
-        std::printf("%-8s %-6s %5d %6lld %-15s %9.1f %8.0f %8.1f %10.1f %10.1f %7.2fx %9.1e\n",
-                    s.name.c_str(), fp4_format_name(format), t, static_cast<long long>(m),
-                    config_name(config).c_str(), fp4_us, gbps, flops / fp4_us * 1e-6, loop_us,
-                    batched_us, base_us / fp4_us, diff);
-        std::fflush(stdout);
-        rows.push_back({{"shape", s.name},
-                        {"n", s.n},
-                        {"k", s.k},
-                        {"format", fp4_format_name(format)},
-                        {"tokens_per_expert", t},
-                        {"rows", m},
-                        {"kernel", config_name(config)},
-                        {"weight_sets", w.sets},
-                        {"fp4_us", fp4_us},
-                        {"packed_weight_bytes", packed_bytes},
-                        {"fp4_packed_gbps", gbps},
-                        {"fp4_tflops", flops / fp4_us * 1e-6},
-                        {"cublas_loop_us", loop_us},
-                        {"cublas_strided_batched_us", batched_us},
-                        {"bf16_baseline_us", base_us},
-                        {"bf16_tflops", flops / base_us * 1e-6},
-                        {"speedup_vs_bf16", base_us / fp4_us},
-                        {"max_rel_diff_vs_cublas", diff}});
+
+        for (const Fp4Run& run : fp4_runs) {
+          const double fp4_us = run.us, diff = max_rel_diff(run.y, b);
+          const double flops = 2.0 * double(m) * double(s.n) * double(s.k);
+          const double gbps = packed_bytes / fp4_us * 1e-3;
+          std::printf("%-8s %-6s %5d %6lld %-15s %9.1f %8.0f %8.1f %10.1f %10.1f %7.2fx %9.1e\n",
+                      s.name.c_str(), fp4_format_name(format), t, static_cast<long long>(m),
+                      run.kernel.c_str(), fp4_us, gbps, flops / fp4_us * 1e-6, loop_us,
+                      batched_us, base_us / fp4_us, diff);
+          std::fflush(stdout);
+          rows.push_back({{"shape", s.name},
+                          {"n", s.n},
+                          {"k", s.k},
+                          {"format", fp4_format_name(format)},
+                          {"tokens_per_expert", t},
+                          {"rows", m},
+                          {"kernel", run.kernel},
+                          {"weight_sets", w.sets},
+                          {"fp4_us", fp4_us},
+                          {"packed_weight_bytes", packed_bytes},
+                          {"fp4_packed_gbps", gbps},
+                          {"fp4_tflops", flops / fp4_us * 1e-6},
+                          {"cublas_loop_us", loop_us},
+                          {"cublas_strided_batched_us", batched_us},
+                          {"bf16_baseline_us", base_us},
+                          {"bf16_tflops", flops / base_us * 1e-6},
+                          {"speedup_vs_bf16", base_us / fp4_us},
+                          {"max_rel_diff_vs_cublas", diff}});
+        }
       }
     }
   }
@@ -421,7 +445,8 @@ nlohmann::json bench_fp4_run(const BenchFp4Options& o) {
           {"active_experts", o.active},
           {"warmup", o.warmup},
           {"reps", o.reps},
-          {"config", o.config},
+          {"configs", o.configs},
+          {"programmatic_dependent_launch", !o.no_pdl},
           {"timing", "median over CUDA-event-timed graph replays of the mean launch time; each "
                      "graph cycles through weight copies totalling over 3x the L2"},
           {"baseline", "faster of a cublasGemmEx loop and one cublasGemmStridedBatchedEx, BF16 "

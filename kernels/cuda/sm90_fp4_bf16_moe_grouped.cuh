@@ -46,6 +46,9 @@ struct Sm90Fp4MoeParams {
   int32_t active_experts_hint = 0;      // host's estimate of the experts with rows, for the
                                         //   heuristic only (0: min(E, total_rows)); any value
                                         //   gives the right result, a close one the fast kernel
+  bool programmatic_launch = true;      // decode with 8-token tiles: launch as a programmatic
+                                        //   dependent of the previous kernel in the stream (its
+                                        //   launch overlaps that kernel's end; same results)
 };
 
 enum class Sm90Fp4MoeKernel : uint8_t {
@@ -58,8 +61,9 @@ enum class Sm90Fp4MoeKernel : uint8_t {
 struct Sm90Fp4MoeConfig {
   Sm90Fp4MoeKernel kernel = Sm90Fp4MoeKernel::decode;
   int tokens_per_tile = 8;      // decode: 8 or 16 rows of x per tile; prefill: 128 or 256
-  int row_tiles_per_block = 1;  // decode: 64-row tiles per block (1, 2, 4, 8); the block's other
-                                //   warps split k: 8 / row_tiles_per_block slices. prefill: 2
+  int row_tiles_per_block = 1;  // decode: 64-row tiles per block (1 to 8); the block's other
+                                //   warps split k: 8 / row_tiles_per_block slices (rounded
+                                //   down; the warps past the last whole slice idle). prefill: 2
 };
 
 // The heuristic: decode when the average active expert (active_experts_hint, else

@@ -151,6 +151,7 @@ class DeviceMoe {
                      cudaMemcpyHostToDevice) == cudaSuccess;
   }
   bool ok() const { return ok_; }
+  const Sm90Fp4MoeParams& params() const { return params_; }
 
   // Runs the kernel (the checked entry point if config is null) and returns y as floats, or
   // an empty vector after a failed expectation.
@@ -271,8 +272,10 @@ TEST(Fp4MoeGrouped, DecodeShapesMatchCpu) {
   const struct {
     int64_t n, k;
   } shapes[] = {{64, 64}, {192, 320}, {320, 1088}, {128, 576}};
-  const std::vector<Sm90Fp4MoeConfig> configs = {decode_config(8, 1), decode_config(16, 2),
-                                                 decode_config(8, 8), decode_config(16, 4)};
+  // Row tiles per block that do not divide the warps (7, 3, 5) leave warps idle.
+  const std::vector<Sm90Fp4MoeConfig> configs = {
+      decode_config(8, 1), decode_config(16, 2), decode_config(8, 8), decode_config(16, 4),
+      decode_config(8, 7), decode_config(16, 3), decode_config(8, 5)};
   uint64_t seed = 100;
   for (Fp4Format format : kFormats) {
     for (const auto& s : shapes) {
@@ -347,6 +350,46 @@ TEST(Fp4MoeGrouped, OneHotActivationsReturnEveryWeight) {
       EXPECT_EQ(bad, 0);
     }
   }
+}
+
+// Programmatic dependent launch: a second launch that reads the first one's output as its x
+// (n == k) must see all of it. Two back-to-back launches in one stream against the same two run
+// with a device synchronization between them: the same bits.
+TEST(Fp4MoeGrouped, ChainedLaunchesSeeThePreviousOutput) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 1024, k = 1024;
+  Rng rng(800);
+  const std::vector<int> rows = random_rows(rng, 40, 16);
+  const MoeProblem prob = random_problem(801, Fp4Format::mxfp4, n, k, rows);
+  DeviceMoe dev(prob);
+  ASSERT_TRUE(dev.ok());
+  const size_t elems = static_cast<size_t>(prob.rows() * n);
+  DeviceBuffer<uint16_t> y1(elems), y2(elems);
+  ASSERT_TRUE(y1.ptr != nullptr && y2.ptr != nullptr);
+  Sm90Fp4MoeParams first = dev.params();
+  first.y = y1.ptr;
+  first.active_experts_hint = 40;
+  Sm90Fp4MoeParams second = first;
+  second.x = reinterpret_cast<const __nv_bfloat16*>(y1.ptr);
+  second.y = y2.ptr;
+  std::vector<uint16_t> chained(elems), separate(elems);
+  for (bool sync_between : {false, true}) {
+    CUDA_OK(cudaMemset(y1.ptr, 0xff, elems * 2));
+    CUDA_OK(cudaMemset(y2.ptr, 0xff, elems * 2));
+    CUDA_OK(cudaDeviceSynchronize());
+    sm90_fp4_moe_grouped(first, nullptr);
+    if (sync_between) {
+      CUDA_OK(cudaDeviceSynchronize());
+    }
+    sm90_fp4_moe_grouped(second, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t>& out = sync_between ? separate : chained;
+    CUDA_OK(cudaMemcpy(out.data(), y2.ptr, elems * 2, cudaMemcpyDeviceToHost));
+  }
+  EXPECT_EQ(std::memcmp(chained.data(), separate.data(), elems * 2), 0);
+  int64_t nan = 0;
+  for (uint16_t v : separate) nan += (v & 0x7fffu) > 0x7f80u;
+  EXPECT_EQ(nan, 0) << "unwritten elements";
 }
 
 // Many experts, most of them empty, up to the scheduler's bound.
