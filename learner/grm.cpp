@@ -73,6 +73,8 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.first_index = uint64_t(1) << 41;
   options.policy_samples = g.policy.empty() ? 0 : g.policy_samples;
   options.pairwise_fraction = g.pairwise_fraction;
+  options.mirror_pairs = g.mirror_pairs;
+  options.tie_pair_fraction = g.tie_pair_fraction;
   options.reasoning = g.reasoning;
   options.with_reference = g.with_reference;
   options.seed = g.seed;

@@ -88,6 +88,8 @@ GrmConfig read_grm(YamlSection& s) {
   c.prompts = s.get("prompts", c.prompts);
   c.policy_samples = s.get("policy_samples", c.policy_samples);
   c.pairwise_fraction = s.get("pairwise_fraction", c.pairwise_fraction);
+  c.mirror_pairs = s.get("mirror_pairs", c.mirror_pairs);
+  c.tie_pair_fraction = s.get("tie_pair_fraction", c.tie_pair_fraction);
   c.judge_fraction = s.get("judge_fraction", c.judge_fraction);
   c.reasoning = s.get("reasoning", c.reasoning);
   c.with_reference = s.get("with_reference", c.with_reference);
@@ -96,6 +98,9 @@ GrmConfig read_grm(YamlSection& s) {
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
   if (c.policy_samples < 0 || c.policy_samples > 16) {
     fail("{}: must be in 0..16, got {}", s.key_path("policy_samples"), c.policy_samples);
+  }
+  if (!(c.tie_pair_fraction >= 0 && c.tie_pair_fraction <= 1)) {
+    fail("{}: must be in [0, 1], got {}", s.key_path("tie_pair_fraction"), c.tie_pair_fraction);
   }
   if (!(c.pairwise_fraction >= 0 && c.pairwise_fraction <= 1)) {
     fail("{}: must be in [0, 1], got {}", s.key_path("pairwise_fraction"), c.pairwise_fraction);

@@ -54,6 +54,8 @@ struct GrmConfig {
   int prompts = 3000;              // training-split prompts the built data covers
   int policy_samples = 2;          // policy samples judged per prompt
   double pairwise_fraction = 0.5;  // share of prompts that also give a pairwise record
+  bool mirror_pairs = false;       // each pairwise record in both orders (scored_data.h)
+  double tie_pair_fraction = 0.0;  // share of prompts that also give an identical pair, tie
   double judge_fraction = 0.6;     // share of training sequences that are judge examples
   bool reasoning = true;           // false: train to give the verdict without reasoning
   bool with_reference = false;     // show the reference answer in judge prompts

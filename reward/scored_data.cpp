@@ -191,6 +191,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     }
   }
   Rng rng(mix_seed(options.seed, 0xDA7A));
+  Rng tie_rng(mix_seed(options.seed, 0x71E));
   ScoredData data;
   for (size_t i = 0; i < examples.size(); ++i) {
     const TaskExample& ex = examples[i];
@@ -204,6 +205,24 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       data.pointwise.push_back({ex.prompt, c, reference,
                                 options.reasoning ? grade_reasoning(ex, c, grades.back()) : "",
                                 judge_score_from_grade(grades.back().score)});
+    }
+    // Each side's comparison up to its first comma keeps the sequence short enough for a
+    // small context ("3 of 5 letters in place", without ", length 4 instead of 5").
+    auto brief = [&](size_t c) {
+      const std::string full = comparison_of(ex, grades[c]);
+      return full.substr(0, full.find(','));
+    };
+    auto pair_reasoning = [&](size_t a, size_t b) {
+      return options.reasoning ? "expected " + ex.reference + "; A " +
+                                     escape_judged_text(candidates[a]) + ": " + brief(a) +
+                                     "; B " + escape_judged_text(candidates[b]) + ": " + brief(b)
+                               : std::string();
+    };
+    // Its own random stream, so turning this on leaves every other record as it was.
+    if (options.tie_pair_fraction > 0 && tie_rng.uniform() < options.tie_pair_fraction) {
+      const size_t c = size_t(tie_rng.uniform_int(0, int64_t(candidates.size()) - 1));
+      data.pairwise.push_back({ex.prompt, candidates[c], candidates[c], reference,
+                               pair_reasoning(c, c), Verdict::kTie});
     }
     if (rng.uniform() < options.pairwise_fraction) {
       // Two different responses (policy samples often equal the reference, so a few draws);
@@ -221,17 +240,15 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       const size_t a = flip ? second : first, b = flip ? first : second;
       const double sa = grades[a].score, sb = grades[b].score;
       const Verdict verdict = sa > sb ? Verdict::kA : sa < sb ? Verdict::kB : Verdict::kTie;
-      // Each side's comparison up to its first comma keeps the sequence short enough for
-      // a small context ("3 of 5 letters in place", without ", length 4 instead of 5").
-      auto brief = [&](size_t c) {
-        const std::string full = comparison_of(ex, grades[c]);
-        return full.substr(0, full.find(','));
-      };
-      const std::string reasoning = "expected " + ex.reference + "; A " +
-                                    escape_judged_text(candidates[a]) + ": " + brief(a) + "; B " +
-                                    escape_judged_text(candidates[b]) + ": " + brief(b);
-      data.pairwise.push_back({ex.prompt, candidates[a], candidates[b], reference,
-                               options.reasoning ? reasoning : "", verdict});
+      data.pairwise.push_back(
+          {ex.prompt, candidates[a], candidates[b], reference, pair_reasoning(a, b), verdict});
+      if (options.mirror_pairs) {
+        const Verdict mirrored = verdict == Verdict::kA   ? Verdict::kB
+                                 : verdict == Verdict::kB ? Verdict::kA
+                                                          : Verdict::kTie;
+        data.pairwise.push_back(
+            {ex.prompt, candidates[b], candidates[a], reference, pair_reasoning(b, a), mirrored});
+      }
     }
   }
   return data;

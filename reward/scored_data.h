@@ -65,6 +65,12 @@ struct JudgeDataOptions {
   uint64_t first_index = 0;
   int policy_samples = 2;          // samples per prompt from the policy (0: none)
   double pairwise_fraction = 0.5;  // share of prompts that also yield a pairwise record
+  // Each pairwise record also in the other order (B first, the verdict mirrored), so the data
+  // itself says that the order does not matter.
+  bool mirror_pairs = false;
+  // Share of prompts that also yield a pair of two identical responses with the verdict tie:
+  // without them a judge never sees a tie to give, and names a position instead.
+  double tie_pair_fraction = 0.0;
   bool reasoning = true;           // false: empty reasoning (the no-reasoning ablation)
   bool with_reference = false;     // put the reference answer into the judge prompt
   uint64_t seed = 1;

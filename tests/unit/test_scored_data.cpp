@@ -122,6 +122,49 @@ TEST(JudgeData, BuilderGradesEveryResponseAndExplainsIt) {
   }
 }
 
+TEST(JudgeData, MirroredPairsAndTiePairsAreOptInAndConsistent) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  JudgeDataOptions options;
+  options.prompts = 100;
+  options.pairwise_fraction = 1.0;
+  const ScoredData plain = build_judge_data(suite, Split::kTrain, nullptr, options);
+  options.mirror_pairs = true;
+  options.tie_pair_fraction = 0.5;
+  const ScoredData both = build_judge_data(suite, Split::kTrain, nullptr, options);
+  // The pointwise records do not change, and every plain pair is still there, followed by its
+  // mirror image: B first, the verdict swapped, the reasoning's A and B swapped.
+  ASSERT_EQ(both.pointwise.size(), plain.pointwise.size());
+  size_t at = 0, ties = 0;
+  for (const PairwiseExample& p : plain.pairwise) {
+    while (at < both.pairwise.size() && both.pairwise[at].response_a == both.pairwise[at].response_b) {
+      ++ties;
+      ++at;
+    }
+    ASSERT_LT(at + 1, both.pairwise.size());
+    const PairwiseExample& same = both.pairwise[at];
+    const PairwiseExample& mirror = both.pairwise[at + 1];
+    EXPECT_EQ(same.response_a, p.response_a);
+    EXPECT_EQ(same.verdict, p.verdict);
+    EXPECT_EQ(mirror.response_a, p.response_b);
+    EXPECT_EQ(mirror.response_b, p.response_a);
+    const Verdict expected = p.verdict == Verdict::kA   ? Verdict::kB
+                             : p.verdict == Verdict::kB ? Verdict::kA
+                                                        : Verdict::kTie;
+    EXPECT_EQ(mirror.verdict, expected);
+    EXPECT_NE(mirror.reasoning.find("; A " + escape_judged_text(p.response_b) + ": "),
+              std::string::npos)
+        << mirror.reasoning;
+    at += 2;
+  }
+  for (; at < both.pairwise.size(); ++at) ties += both.pairwise[at].response_a == both.pairwise[at].response_b;
+  // Identical pairs, about half the prompts, always a tie.
+  EXPECT_GT(ties, 30u);
+  EXPECT_LT(ties, 70u);
+  for (const PairwiseExample& p : both.pairwise) {
+    if (p.response_a == p.response_b) EXPECT_EQ(p.verdict, Verdict::kTie) << p.prompt;
+  }
+}
+
 TEST(JudgeData, ScoreScale) {
   EXPECT_EQ(judge_score_from_grade(0.0), 1);
   EXPECT_EQ(judge_score_from_grade(0.4), 1);
