@@ -29,7 +29,7 @@ from model import KVCache, ReferenceModel  # noqa: E402
 # float32: max |d logprob| over every position and vocabulary entry, and no routing flip. Two
 # float32 implementations with different summation orders (OpenBLAS vs MKL/cuBLAS, our
 # polynomial exp vs libm) differ by a few ulp per op; over 3-4 layers, |logit| up to 13 and a
-# 262-way softmax, the CPU reference measured up to 1.5e-5 (docs/torch_reference.md). 5e-5
+# 262-way softmax, the reference measured up to 1.7e-5 (docs/torch_reference.md). 5e-5
 # leaves ~3x for other libraries, while a +1e-2 change to one element of one expert's w_down
 # in the last layer already moves the logprobs by 1.1e-4.
 # bfloat16 (8 significant bits, 4e-3 relative per rounding) is a sanity bound only: the
