@@ -66,7 +66,9 @@ std::vector<std::vector<int32_t>> read_sequences(const std::string& path,
            max_seq_len);
     }
     for (int32_t id : tokens) {
-      if (id < 0 || id >= vocab) fail("{}: token {} is outside the vocabulary 0..{}", where, id, vocab - 1);
+      if (id < 0 || id >= vocab) {
+        fail("{}: token {} is outside the vocabulary 0..{}", where, id, vocab - 1);
+      }
     }
     sequences.push_back(std::move(tokens));
   }
@@ -116,7 +118,8 @@ void register_logits(CLI::App& app) {
       if (T > 1) ops.log_softmax_gather(logprobs.data(), logits, tokens.data() + 1, T - 1, V, 1.0);
       nlohmann::json logit_rows = nlohmann::json::array();
       for (int t = 0; t < T; ++t) {
-        logit_rows.push_back(std::vector<float>(logits + size_t(t) * V, logits + size_t(t + 1) * V));
+        const float* row = logits + size_t(t) * V;
+        logit_rows.push_back(std::vector<float>(row, row + V));
       }
       // [moe layer][position][k]: the experts our forward chose, so a mismatch in the other
       // implementation can be told apart as a routing flip rather than an arithmetic error.
