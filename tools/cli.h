@@ -44,6 +44,7 @@ void register_sft(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_inspect(CLI::App& app);
+void register_logits(CLI::App& app);  // logits for fixed sequences (parity checks)
 void register_demo(CLI::App& app);
 void register_exp(CLI::App& app);
 void register_serve(CLI::App& app);

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   rlhf::cli::register_generate(app);
   rlhf::cli::register_bench(app);
   rlhf::cli::register_inspect(app);
+  rlhf::cli::register_logits(app);
   rlhf::cli::register_exp(app);
   rlhf::cli::register_serve(app);
   rlhf::cli::register_grm(app);

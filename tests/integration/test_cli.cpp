@@ -157,6 +157,60 @@ TEST(Cli, TruncatedCheckpointIsAClearError) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
 }
 
+// `rlhf logits` feeds the PyTorch parity check (tools/torch_reference/): the logits of every
+// position, the next-token logprobs consistent with them, the experts chosen, and a bad record
+// named by file and line.
+TEST(Cli, LogitsWritesLogitsLogprobsAndRouting) {
+  const fs::path dir = scratch("logits");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const fs::path workdir = dir / "run";
+  ASSERT_EQ(run("sft --config " + config.string() + " --workdir " + workdir.string()).exit_code, 0);
+  const fs::path sequences = dir / "sequences.jsonl";
+  std::ofstream(sequences) << "{\"prompt\": \"12+3=\", \"response\": \"15\"}\n\n"
+                              "{\"tokens\": [256, 65, 66, 257]}\n{\"prompt\": \"ab\"}\n";
+  const fs::path out_file = dir / "logits.json";
+  const std::string policy = (workdir / "policy.safetensors").string();
+  const Result r = run("logits --json --checkpoint " + policy + " --sequences " +
+                       sequences.string() + " --out " + out_file.string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(last_line(r.out))["sequences"], 3);
+  std::ifstream in(out_file);
+  const auto file = nlohmann::json::parse(in);
+  ASSERT_EQ(file["sequences"].size(), 3u);
+  const int V = file["vocab_size"];
+  EXPECT_EQ(V, 262);
+  // bos, prompt-marker, 5 bytes, response-marker, 2 bytes, eos; raw ids; a prompt alone.
+  const std::vector<size_t> lengths = {11, 4, 5};
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    const auto& seq = file["sequences"][s];
+    const size_t T = lengths[s];
+    ASSERT_EQ(seq["tokens"].size(), T);
+    ASSERT_EQ(seq["logits"].size(), T);
+    ASSERT_EQ(seq["logprobs"].size(), T - 1);
+    ASSERT_EQ(seq["expert_ids"].size(), 1u);  // kTinyConfig: 2 layers, the first dense
+    ASSERT_EQ(seq["expert_ids"][0].size(), T);
+    for (size_t t = 0; t + 1 < T; ++t) {
+      const auto& row = seq["logits"][t];
+      ASSERT_EQ(row.size(), size_t(V));
+      double max_logit = -1e30, sum = 0;
+      for (const auto& x : row) max_logit = std::max(max_logit, x.get<double>());
+      for (const auto& x : row) sum += std::exp(x.get<double>() - max_logit);
+      const double expected = row[seq["tokens"][t + 1].get<int>()].get<double>() - max_logit -
+                              std::log(sum);
+      EXPECT_NEAR(seq["logprobs"][t].get<double>(), expected, 1e-5) << s << " " << t;
+    }
+  }
+  EXPECT_EQ(file["sequences"][1]["tokens"], nlohmann::json({256, 65, 66, 257}));
+
+  std::ofstream(sequences) << "{\"tokens\": [256, 65]}\n{\"tokens\": [256, 999]}\n";
+  const Result bad = run("logits --checkpoint " + policy + " --sequences " + sequences.string() +
+                         " --out " + out_file.string());
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find(sequences.string() + ":2: token 999 is outside the vocabulary"),
+            std::string::npos)
+      << bad.err;
+}
+
 TEST(Cli, BenchTrainReportsUtilization) {
   const fs::path dir = scratch("bench");
   const fs::path config = write_config(dir, kTinyConfig);
