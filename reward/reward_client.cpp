@@ -1,5 +1,6 @@
 #include "reward/reward_client.h"
 
+#include <algorithm>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -52,27 +53,41 @@ RewardClient::RewardClient(std::string address, RewardClientOptions options)
 
 RewardClient::~RewardClient() = default;
 
-v1::ScoreResponse RewardClient::score(const v1::ScoreRequest& request) {
-  v1::ScoreResponse joined;
-  const int limit = impl_->options_.max_items_per_call;
+namespace {
+
+// Sends a batch request (ScoreRequest, CompareBatchRequest) in parts of at most `limit` items
+// and joins the parts' results in order. Each part judges its items with its own seed stream
+// (seed + index of its first item): a split request answers like separate requests would,
+// deterministically. An empty request goes out as is, so the server's INVALID_ARGUMENT
+// reaches the caller.
+template <typename Request, typename Response, typename Call>
+Response call_in_parts(const Request& request, int limit, Call call) {
+  Response joined;
   for (int first = 0; first < request.items_size() || first == 0; first += limit) {
-    // An empty request goes out as is, so the server's INVALID_ARGUMENT reaches the caller.
-    v1::ScoreRequest part = request;
+    Request part = request;
     part.clear_items();
     for (int i = first; i < std::min(request.items_size(), first + limit); ++i)
       *part.add_items() = request.items(i);
-    // Each part judges its items with its own seed stream: a split request answers like
-    // separate requests would, deterministically.
     part.set_seed(request.seed() + uint64_t(first));
-    v1::ScoreResponse response;
-    impl_->with_retries("Score", [&](grpc::ClientContext& context) {
-      response.Clear();
-      return impl_->stub_->Score(&context, part, &response);
-    });
+    Response response = call(part);
     for (auto& result : *response.mutable_results()) *joined.add_results() = std::move(result);
     if (request.items_size() == 0) break;
   }
   return joined;
+}
+
+}  // namespace
+
+v1::ScoreResponse RewardClient::score(const v1::ScoreRequest& request) {
+  return call_in_parts<v1::ScoreRequest, v1::ScoreResponse>(
+      request, impl_->options_.max_items_per_call, [&](const v1::ScoreRequest& part) {
+        v1::ScoreResponse response;
+        impl_->with_retries("Score", [&](grpc::ClientContext& context) {
+          response.Clear();
+          return impl_->stub_->Score(&context, part, &response);
+        });
+        return response;
+      });
 }
 
 v1::CompareResponse RewardClient::compare(const v1::CompareRequest& request) {
@@ -85,24 +100,15 @@ v1::CompareResponse RewardClient::compare(const v1::CompareRequest& request) {
 }
 
 v1::CompareBatchResponse RewardClient::compare_batch(const v1::CompareBatchRequest& request) {
-  v1::CompareBatchResponse joined;
-  const int limit = impl_->options_.max_items_per_call;
-  for (int first = 0; first < request.items_size() || first == 0; first += limit) {
-    // Split like score(): each part with its own seed stream, an empty request sent as is.
-    v1::CompareBatchRequest part = request;
-    part.clear_items();
-    for (int i = first; i < std::min(request.items_size(), first + limit); ++i)
-      *part.add_items() = request.items(i);
-    part.set_seed(request.seed() + uint64_t(first));
-    v1::CompareBatchResponse response;
-    impl_->with_retries("CompareBatch", [&](grpc::ClientContext& context) {
-      response.Clear();
-      return impl_->stub_->CompareBatch(&context, part, &response);
-    });
-    for (auto& result : *response.mutable_results()) *joined.add_results() = std::move(result);
-    if (request.items_size() == 0) break;
-  }
-  return joined;
+  return call_in_parts<v1::CompareBatchRequest, v1::CompareBatchResponse>(
+      request, impl_->options_.max_items_per_call, [&](const v1::CompareBatchRequest& part) {
+        v1::CompareBatchResponse response;
+        impl_->with_retries("CompareBatch", [&](grpc::ClientContext& context) {
+          response.Clear();
+          return impl_->stub_->CompareBatch(&context, part, &response);
+        });
+        return response;
+      });
 }
 
 bool RewardClient::reachable(std::chrono::milliseconds timeout) {

@@ -186,20 +186,12 @@ std::vector<JudgeRequest> judge_requests_from(const v1::ScoreRequest& request, c
   return requests;
 }
 
-// `field` prefixes the names in error messages ("" for Compare, "items[3]." for CompareBatch).
 template <typename PairMessage>  // v1::CompareRequest or v1::CompareItem
 PairwiseRequest pairwise_request_from(const PairMessage& pair, const std::string& field,
                                       const Judge& judge, const RewardServiceLimits& limits) {
-  check_text(field + "prompt", pair.prompt(), true, limits);
-  check_text(field + "response_a", pair.response_a(), true, limits);
-  check_text(field + "response_b", pair.response_b(), true, limits);
-  check_text(field + "reference", pair.reference(), false, limits);
   PairwiseRequest r{pair.prompt(), pair.response_a(), pair.response_b(),
                     optional_text(pair.has_reference(), pair.reference())};
-  // Swapping A and B (both_orders) does not change the length.
-  check_fits_context(field + "prompt + response_a + response_b + reference",
-                     pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference),
-                     judge);
+  check_pairwise_request(r, field, judge, limits);
   return r;
 }
 
@@ -348,6 +340,18 @@ const RewardServiceLimits& checked_limits(const RewardServiceLimits& limits) {
 }
 
 }  // namespace
+
+void check_pairwise_request(const PairwiseRequest& r, const std::string& field,
+                            const Judge& judge, const RewardServiceLimits& limits) {
+  check_text(field + "prompt", r.prompt, true, limits);
+  check_text(field + "response_a", r.response_a, true, limits);
+  check_text(field + "response_b", r.response_b, true, limits);
+  check_text(field + "reference", r.reference.value_or(""), false, limits);
+  // Swapping A and B (both_orders) does not change the length.
+  check_fits_context(field + "prompt + response_a + response_b + reference",
+                     pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference),
+                     judge);
+}
 
 class RewardServer::Impl {
  public:

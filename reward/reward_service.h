@@ -20,6 +20,14 @@ struct RewardServiceLimits {
   int max_queued_requests = 256;  // waiting for the judge; beyond it RESOURCE_EXHAUSTED
 };
 
+// The checks a Compare or CompareBatch pair gets before it is queued for the judge: non-empty
+// prompt and responses, every text within limits.max_text_bytes, and a judge prompt that fits
+// the judge model's context. rlhf::Error naming the field, prefixed by `field` ("" for Compare,
+// "items[3]." for CompareBatch). Callers that batch pairs use it to keep one bad pair from
+// failing a whole request.
+void check_pairwise_request(const PairwiseRequest& request, const std::string& field,
+                            const Judge& judge, const RewardServiceLimits& limits);
+
 class RewardServer {
  public:
   // Starts serving at once. `listen_address` is host:port; port 0 picks a free port (see

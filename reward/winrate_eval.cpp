@@ -335,9 +335,10 @@ WinrateReport winrate_report(const std::string& eval_id,
   report.overall = win_rate(outcomes, resamples, seed);
   report.lc_win_rate =
       preference.empty() ? 0.5 : length_controlled_win_rate(preference, length_difference);
-  uint64_t task_seed = seed;
+  uint64_t task_index = 0;  // each task's bootstrap draws from a stream of its own
   for (const auto& [task, task_outcomes] : by_task) {
-    report.per_task.push_back({task, win_rate(task_outcomes, resamples, mix_seed(++task_seed, 7))});
+    report.per_task.push_back(
+        {task, win_rate(task_outcomes, resamples, mix_seed(seed + ++task_index, 7))});
   }
   return report;
 }
@@ -383,8 +384,8 @@ RatingsReport bradley_terry_ratings(int n_models, const std::vector<PairRecords>
     const std::vector<double> t = bradley_terry(n_models, drawn, 0.5, 10000, 1e-9);
     for (int m = 0; m < n_models; ++m) samples[size_t(m)].push_back(1000 + elo * t[size_t(m)]);
   }
-  report.ci_low.assign(size_t(n_models), report.rating.front());
-  report.ci_high = report.ci_low;
+  report.ci_low.resize(size_t(n_models));
+  report.ci_high.resize(size_t(n_models));
   for (int m = 0; m < n_models; ++m) {
     if (samples[size_t(m)].empty()) {
       report.ci_low[size_t(m)] = report.ci_high[size_t(m)] = report.rating[size_t(m)];

@@ -539,6 +539,21 @@ Message parse_value(const std::string& path, Family family, std::string_view key
   return message;
 }
 
+// The record under one key; nullopt when the key is absent.
+template <typename Message>
+std::optional<Message> read_record(rocksdb::DB* db, rocksdb::ColumnFamilyHandle* handle,
+                                   const std::string& path, Family family,
+                                   const std::string& key) {
+  std::string value;
+  const rocksdb::Status status = db->Get(rocksdb::ReadOptions(), handle, key, &value);
+  if (status.IsNotFound()) return std::nullopt;
+  if (!status.ok()) {
+    fail("rollout store '{}': reading {}: {}", path, describe_key(family, key),
+         status_text(status));
+  }
+  return parse_value<Message>(path, family, key, value);
+}
+
 void check_iterator(const std::string& path, Family family, const rocksdb::Iterator& it) {
   if (!it.status().ok()) {
     fail("rollout store '{}': reading {}: {}", path, kFamilyNames[family],
@@ -628,15 +643,8 @@ void RolloutStore::for_each_scored(const std::string& run_id,
 std::optional<v1::Prompt> RolloutStore::read_prompt(const std::string& run_id,
                                                     uint64_t prompt_index) const {
   check_id(run_id, "run_id");
-  const std::string key = prompt_key(run_id, prompt_index);
-  std::string value;
-  const rocksdb::Status status = db_->Get(rocksdb::ReadOptions(), families_[kPrompts], key, &value);
-  if (status.IsNotFound()) return std::nullopt;
-  if (!status.ok()) {
-    fail("rollout store '{}': reading {}: {}", path_, describe_key(kPrompts, key),
-         status_text(status));
-  }
-  return parse_value<v1::Prompt>(path_, kPrompts, key, value);
+  return read_record<v1::Prompt>(db_.get(), families_[kPrompts], path_, kPrompts,
+                                 prompt_key(run_id, prompt_index));
 }
 
 void RolloutStore::for_each_prompt(const std::string& run_id,
@@ -650,28 +658,14 @@ void RolloutStore::for_each_prompt(const std::string& run_id,
 
 std::optional<v1::LearnerCursor> RolloutStore::cursor(const std::string& run_id) const {
   check_id(run_id, "run_id");
-  const std::string key = kCursorPrefix + run_id;
-  std::string value;
-  const rocksdb::Status status = db_->Get(rocksdb::ReadOptions(), families_[kMeta], key, &value);
-  if (status.IsNotFound()) return std::nullopt;
-  if (!status.ok()) {
-    fail("rollout store '{}': reading {}: {}", path_, describe_key(kMeta, key),
-         status_text(status));
-  }
-  return parse_value<v1::LearnerCursor>(path_, kMeta, key, value);
+  return read_record<v1::LearnerCursor>(db_.get(), families_[kMeta], path_, kMeta,
+                                        kCursorPrefix + run_id);
 }
 
 std::optional<v1::EvalSpec> RolloutStore::eval_spec(const std::string& eval_id) const {
   check_id(eval_id, "eval_id");
-  const std::string key = kEvalSpecPrefix + eval_id;
-  std::string value;
-  const rocksdb::Status status = db_->Get(rocksdb::ReadOptions(), families_[kMeta], key, &value);
-  if (status.IsNotFound()) return std::nullopt;
-  if (!status.ok()) {
-    fail("rollout store '{}': reading {}: {}", path_, describe_key(kMeta, key),
-         status_text(status));
-  }
-  return parse_value<v1::EvalSpec>(path_, kMeta, key, value);
+  return read_record<v1::EvalSpec>(db_.get(), families_[kMeta], path_, kMeta,
+                                   kEvalSpecPrefix + eval_id);
 }
 
 void RolloutStore::for_each_cursor(const std::function<void(const v1::LearnerCursor&)>& fn) const {

@@ -19,7 +19,6 @@
 #include "model/checkpoint.h"
 #include "model/tokenizer.h"
 #include "reward/judge.h"
-#include "reward/judge_format.h"
 #include "reward/reward_client.h"
 #include "reward/reward_service.h"
 #include "reward/winrate_eval.h"
@@ -66,22 +65,18 @@ struct LocalJudge {
         judge(*model, *tokenizer, kMaxBatch), server(judge, "127.0.0.1:0", limits),
         client(fmt::format("127.0.0.1:{}", server.port())) {}
 
-  // The checks the service makes before judging, so that one pair that would fail them is
+  // The service's own checks, made before sending, so that one pair that would fail them is
   // INVALID on its own instead of failing its whole batch.
   bool fits(const EvalPair& pair, bool with_reference) const {
-    const size_t limit = size_t(limits.max_text_bytes);
-    if (pair.example.prompt.size() > limit || pair.response_a.size() > limit ||
-        pair.response_b.size() > limit || (with_reference && pair.example.reference.size() > limit))
-      return false;
     const std::optional<std::string> reference =
         with_reference ? std::optional<std::string>(pair.example.reference) : std::nullopt;
-    const size_t tokens =
-        format_prompt(*tokenizer,
-                      pairwise_judge_prompt(pair.example.prompt, pair.response_a,
-                                            pair.response_b, reference),
-                      SpecialToken::kJudge)
-            .size();
-    return tokens < size_t(model->config().max_seq_len);
+    try {
+      check_pairwise_request({pair.example.prompt, pair.response_a, pair.response_b, reference},
+                             "", judge, limits);
+      return true;
+    } catch (const Error&) {
+      return false;
+    }
   }
 };
 

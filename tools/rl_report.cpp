@@ -7,29 +7,31 @@
 
 namespace rlhf::cli {
 
+namespace {
+
+// Accuracy and mean score of the start and the RL policy on the same prompts, and the gain.
+void print_before_after(const std::string& title, const PolicyEvaluation& before,
+                        const PolicyEvaluation& after, double mean_score_diff_stderr) {
+  std::cout << fmt::format("{:<31} accuracy  mean score\n", title);
+  std::cout << fmt::format("  start policy (SFT)            {:>8.3f}  {:>10.3f}\n",
+                           before.accuracy, before.mean_score);
+  std::cout << fmt::format("  RL policy                     {:>8.3f}  {:>10.3f}\n", after.accuracy,
+                           after.mean_score);
+  std::cout << fmt::format("  gain                          {:>+8.3f}  {:>+10.3f} (paired std. error "
+                           "{:.3f})\n",
+                           after.accuracy - before.accuracy, after.mean_score - before.mean_score,
+                           mean_score_diff_stderr);
+}
+
+}  // namespace
+
 void print_rl_summary(const RlSummary& s) {
   std::cout << fmt::format("RL run '{}': {} steps, {} scored rollouts in {}\n", s.run_id, s.steps,
                            s.rollouts_stored, s.store_path);
-  std::cout << fmt::format("held-out ({} prompts, greedy)   accuracy  mean score\n",
-                           s.eval_examples);
-  std::cout << fmt::format("  start policy (SFT)            {:>8.3f}  {:>10.3f}\n",
-                           s.before.accuracy, s.before.mean_score);
-  std::cout << fmt::format("  RL policy                     {:>8.3f}  {:>10.3f}\n",
-                           s.after.accuracy, s.after.mean_score);
-  std::cout << fmt::format("  gain                          {:>+8.3f}  {:>+10.3f} (paired std. error "
-                           "{:.3f})\n",
-                           s.after.accuracy - s.before.accuracy,
-                           s.after.mean_score - s.before.mean_score, s.mean_score_diff_stderr);
-  std::cout << fmt::format("held-out, sampled (T = 1)       accuracy  mean score\n");
-  std::cout << fmt::format("  start policy (SFT)            {:>8.3f}  {:>10.3f}\n",
-                           s.before_sampled.accuracy, s.before_sampled.mean_score);
-  std::cout << fmt::format("  RL policy                     {:>8.3f}  {:>10.3f}\n",
-                           s.after_sampled.accuracy, s.after_sampled.mean_score);
-  std::cout << fmt::format("  gain                          {:>+8.3f}  {:>+10.3f} (paired std. error "
-                           "{:.3f})\n",
-                           s.after_sampled.accuracy - s.before_sampled.accuracy,
-                           s.after_sampled.mean_score - s.before_sampled.mean_score,
-                           s.sampled_mean_score_diff_stderr);
+  print_before_after(fmt::format("held-out ({} prompts, greedy)", s.eval_examples), s.before,
+                     s.after, s.mean_score_diff_stderr);
+  print_before_after("held-out, sampled (T = 1)", s.before_sampled, s.after_sampled,
+                     s.sampled_mean_score_diff_stderr);
   std::cout << "task        SFT score  RL score   (greedy)\n";
   std::map<std::string, double> before;
   for (const auto& t : s.before.per_task) before[t.task] = t.mean_score;

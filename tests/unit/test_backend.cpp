@@ -6,18 +6,10 @@
 #include "common/error.h"
 #include "kernels/backend.h"
 #include "learner/run_config.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 TEST(Backend, CpuIsAlwaysThereAndAnUnknownNameIsAnError) {
   EXPECT_STREQ(make_float_ops("cpu")->name(), "cpu");

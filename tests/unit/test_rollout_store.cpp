@@ -22,6 +22,7 @@
 
 #include "common/error.h"
 #include "rollout/rollout_store.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -76,15 +77,6 @@ v1::ScoredRollout make_scored(const std::string& run, uint64_t version, uint64_t
 
 bool same(const google::protobuf::Message& a, const google::protobuf::Message& b) {
   return google::protobuf::util::MessageDifferencer::Equals(a, b);
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 struct Key {
