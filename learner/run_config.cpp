@@ -1,6 +1,7 @@
 #include "learner/run_config.h"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -9,6 +10,8 @@
 #include "model/tokenizer.h"
 
 namespace rlhf {
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -186,6 +189,10 @@ RunConfig read_run(const YAML::Node& root, std::string source) {
   if (run.runtime.threads < 0) fail("runtime.threads: must be >= 0 (0 is every core)");
   if (run.runtime.device != "cpu" && run.runtime.device != "cuda")
     fail("runtime.device: '{}' is not a backend (cpu or cuda)", run.runtime.device);
+  YamlSection demo = top.section("demo");
+  run.demo.grm_config = demo.get("grm_config", run.demo.grm_config);
+  run.demo.rl_config = demo.get("rl_config", run.demo.rl_config);
+  demo.finish();
   top.finish();
   const auto tokenizer = make_tokenizer(run.model.tokenizer);
   model_config_set_vocab(run.model, *tokenizer);
@@ -202,7 +209,14 @@ RunConfig RunConfig::load_file(const std::string& path) {
   std::stringstream text;
   text << in.rdbuf();
   try {
-    return read_run(root, text.str());
+    RunConfig run = read_run(root, text.str());
+    // Stage configs named relative to this file, so `--config configs/demo-gpu.yaml` works from
+    // any working directory.
+    const fs::path dir = fs::path(path).parent_path();
+    for (std::string* stage : {&run.demo.grm_config, &run.demo.rl_config}) {
+      if (!stage->empty() && fs::path(*stage).is_relative()) *stage = (dir / *stage).string();
+    }
+    return run;
   } catch (const Error& e) {
     fail("config '{}': {}", path, e.what());
   }

@@ -7,7 +7,9 @@
 //   fp4:      FP4 expert format and quantization-aware training
 //   stability: spike detection and anticipatory routing (learner/stability.h)
 //   grm:      generative reward model training data (`rlhf train-grm`, learner/grm.h)
-//   runtime:  threads
+//   rl:       the RL loop (learner/rl_trainer.h)
+//   runtime:  threads and device
+//   demo:     the other stages' configs when this file is `rlhf demo --config`
 // Every section is read strictly: an unknown key or a bad value is an error naming its path.
 #include <cstdint>
 #include <string>
@@ -87,6 +89,14 @@ struct RuntimeConfig {
   std::string device = "cpu";  // the backend: cpu, or cuda (kernels/backend.h)
 };
 
+// `demo:` the judge and RL stages' configs of `rlhf demo` when this file is its --config, so one
+// file names a whole demo (configs/demo-gpu.yaml). Relative paths are resolved against the
+// directory of the file they appear in; "" = the embedded stage config.
+struct DemoConfig {
+  std::string grm_config;
+  std::string rl_config;
+};
+
 struct RunConfig {
   ModelConfig model;
   TaskSuiteConfig tasks;
@@ -97,6 +107,7 @@ struct RunConfig {
   GrmConfig grm;
   RlConfig rl;
   RuntimeConfig runtime;
+  DemoConfig demo;
   std::string source;  // the YAML text it was read from
 
   // Reads and validates; vocab_size is filled in from the tokenizer.

@@ -60,10 +60,14 @@ void run_demo(const DemoOptions& o) {
   const auto start = Clock::now();
   // Every config is read (and validated) before anything in the workdir is touched.
   RunConfig sft_config = load_config(o.common);
-  RunConfig grm_config =
-      load_stage_config(o.grm_config, embedded_grm_config(), "embedded configs/demo-grm.yaml");
-  RunConfig rl_config =
-      load_stage_config(o.rl_config, embedded_rl_config(), "embedded configs/rl.yaml");
+  // A stage's config: the command line's, else the one the SFT config's `demo:` section names,
+  // else the embedded default.
+  RunConfig grm_config = load_stage_config(
+      o.grm_config.empty() ? sft_config.demo.grm_config : o.grm_config, embedded_grm_config(),
+      "embedded configs/demo-grm.yaml");
+  RunConfig rl_config = load_stage_config(
+      o.rl_config.empty() ? sft_config.demo.rl_config : o.rl_config, embedded_rl_config(),
+      "embedded configs/rl.yaml");
   const fs::path dir(o.workdir);
   const fs::path grm_dir = dir / "grm";
   const fs::path rl_dir = dir / "rl";
@@ -176,9 +180,11 @@ void register_demo(CLI::App& app) {
               "through the services, held-out evaluation");
   add_common_options(*cmd, o->common);
   cmd->add_option("--grm-config", o->grm_config,
-                  "config of the judge stage (default: embedded configs/demo-grm.yaml)");
+                  "config of the judge stage (default: the --config file's "
+                  "demo.grm_config, else the embedded configs/demo-grm.yaml)");
   cmd->add_option("--rl-config", o->rl_config,
-                  "config of the RL stage (default: embedded configs/rl.yaml)");
+                  "config of the RL stage (default: the --config file's "
+                  "demo.rl_config, else the embedded configs/rl.yaml)");
   cmd->add_option("--workdir", o->workdir, "directory for all stages' files")
       ->capture_default_str();
   cmd->add_option("--actors", o->actors, "actor processes in the RL stage")

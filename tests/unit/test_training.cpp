@@ -230,6 +230,23 @@ TEST(RunConfig, BadValuesAndUnknownKeysNameTheKey) {
   EXPECT_NE(error_of("model: {d_model: abc}").find("model.d_model"), std::string::npos);
   EXPECT_NE(error_of("model: [1, 2").find("YAML"), std::string::npos);
   EXPECT_EQ(error_of(kTinyRun), "");
+  EXPECT_NE(error_of("demo: {grm: x.yaml}").find("demo.grm"), std::string::npos);
+}
+
+// `demo:` names the other stages' configs relative to the file it is in, so
+// `rlhf demo --config configs/demo-gpu.yaml` finds them from any working directory; absolute
+// paths stay as they are, and a config without the section leaves both empty.
+TEST(RunConfig, DemoStageConfigsResolveAgainstTheFilesDirectory) {
+  const fs::path dir = fresh_dir("demo_section");
+  fs::create_directories(dir / "configs");
+  const fs::path file = dir / "configs" / "demo-x.yaml";
+  std::ofstream(file) << kTinyRun << "\ndemo: {grm_config: stage/grm.yaml, rl_config: /abs/rl.yaml}\n";
+  const RunConfig run = RunConfig::load_file(file.string());
+  EXPECT_EQ(run.demo.grm_config, (dir / "configs" / "stage" / "grm.yaml").string());
+  EXPECT_EQ(run.demo.rl_config, "/abs/rl.yaml");
+  const RunConfig plain = RunConfig::load_string(kTinyRun, "tiny");
+  EXPECT_EQ(plain.demo.grm_config, "");
+  EXPECT_EQ(plain.demo.rl_config, "");
 }
 
 }  // namespace
