@@ -30,7 +30,14 @@ size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
 }  // namespace
 
 template <typename T>
-CudaOps<T>::CudaOps() {
+struct CudaOps<T>::GroupedCallArrays {
+  std::vector<cublasOperation_t> trans_first, trans_second;
+  std::vector<float> alpha, beta;
+  std::vector<int> lda, ldb, ldc, size;
+};
+
+template <typename T>
+CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
   cublasHandle_t handle = nullptr;
   CUBLAS_CHECK(cublasCreate(&handle));
   cublas_ = handle;
@@ -44,6 +51,8 @@ template <typename T>
 CudaOps<T>::~CudaOps() {
   // Unchecked: a destructor may run while an exception unwinds, and must not abort then.
   if (scratch_) cudaFree(scratch_);
+  if (grouped_staging_) cudaFreeHost(grouped_staging_);
+  if (grouped_device_) cudaFree(grouped_device_);
   if (cublas_) cublasDestroy(cublas_);
 }
 
@@ -78,6 +87,53 @@ void CudaOps<T>::gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* 
   CUBLAS_CHECK(cublasSgemm(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                            trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb, A, lda,
                            &beta, C, ldc));
+}
+
+template <typename T>
+void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda,
+                              int ldb, float beta, int ldc, int staging_slot) {
+  const size_t count = p.m.size();
+  if (count == 0) return;
+  if (count > grouped_capacity_) {
+    CUDA_CHECK(cudaDeviceSynchronize());  // queued copies may still read the old arrays
+    if (grouped_staging_) CUDA_CHECK(cudaFreeHost(grouped_staging_));
+    if (grouped_device_) CUDA_CHECK(cudaFree(grouped_device_));
+    grouped_capacity_ = std::max<size_t>(count, 64);
+    const size_t bytes = 6 * grouped_capacity_ * sizeof(void*);
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&grouped_staging_), bytes));
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&grouped_device_), bytes));
+  }
+  // The staging is rewritten while an earlier asynchronous copy out of it may be pending only
+  // if no synchronizing call came between. Every grouped op starts with host_offsets(), a
+  // synchronous copy on the same (legacy) stream, which waits for earlier copies; within one
+  // op the two products use different slots.
+  void** staging = grouped_staging_ + size_t(staging_slot) * 3 * grouped_capacity_;
+  void** device = grouped_device_ + size_t(staging_slot) * 3 * grouped_capacity_;
+  // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so B comes first and M, N swap.
+  for (size_t g = 0; g < count; ++g) {
+    staging[g] = const_cast<T*>(p.b[g]);
+    staging[grouped_capacity_ + g] = const_cast<T*>(p.a[g]);
+    staging[2 * grouped_capacity_ + g] = p.c[g];
+  }
+  CUDA_CHECK(cudaMemcpyAsync(device, staging, 3 * grouped_capacity_ * sizeof(void*),
+                             cudaMemcpyHostToDevice, kStream));
+  GroupedCallArrays& arrays = *grouped_call_;
+  arrays.trans_first.assign(count, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  arrays.trans_second.assign(count, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  arrays.alpha.assign(count, 1.0f);
+  arrays.beta.assign(count, beta);
+  arrays.lda.assign(count, ldb);
+  arrays.ldb.assign(count, lda);
+  arrays.ldc.assign(count, ldc);
+  arrays.size.assign(count, 1);
+  CUBLAS_CHECK(cublasSgemmGroupedBatched(
+      cublas_, arrays.trans_first.data(), arrays.trans_second.data(),
+      p.n.data(), p.m.data(), p.k.data(), arrays.alpha.data(),
+      reinterpret_cast<const float* const*>(device), arrays.lda.data(),
+      reinterpret_cast<const float* const*>(device + grouped_capacity_),
+      arrays.ldb.data(), arrays.beta.data(),
+      reinterpret_cast<float* const*>(device + 2 * grouped_capacity_),
+      arrays.ldc.data(), int(count), arrays.size.data()));
 }
 
 // ---------------------------------------------------------------- memory
@@ -126,16 +182,22 @@ void CudaOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, cons
   if (dw && N > 0) gemm(true, false, N, K, M, dout, N, in, K, 1.0f, dw, K);
 }
 
+// One cuBLAS call per grouped product for all experts with rows, instead of one per expert: an
+// MoE layer of E experts issues 3 calls forward and 6 backward rather than 3E and 6E, which is
+// what bounded small-batch training (docs/cuda.md).
 template <typename T>
 void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
                                         int n_groups, int N, int K) {
   const int32_t* off = host_offsets(offsets, n_groups);
+  grouped_.clear();
   for (int e = 0; e < n_groups; ++e) {
     const int rows = off[e + 1] - off[e];
     if (rows == 0) continue;
-    matmul_forward(out + int64_t(off[e]) * N, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
-                   rows, N, K, false);
+    // out_e[rows, N] = in_e[rows, K] W_e^T
+    grouped_.add(rows, N, K, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
+                 out + int64_t(off[e]) * N);
   }
+  if (N > 0) grouped_gemm(false, true, grouped_, K, K, 0.0f, N, 0);
 }
 
 template <typename T>
@@ -143,14 +205,22 @@ void CudaOps<T>::grouped_matmul_backward(T* din, T* dw, const T* dout, const T* 
                                          const int32_t* offsets, int n_groups, int N, int K,
                                          bool accumulate_din) {
   const int32_t* off = host_offsets(offsets, n_groups);
+  if (K == 0) return;
+  grouped_.clear();
+  grouped_dw_.clear();
   for (int e = 0; e < n_groups; ++e) {
     const int rows = off[e + 1] - off[e];
     if (rows == 0) continue;
     const int64_t r0 = off[e];
-    matmul_backward(din ? din + r0 * K : nullptr, dw ? dw + int64_t(e) * N * K : nullptr,
-                    dout + r0 * N, in + r0 * K, w + int64_t(e) * N * K, rows, N, K,
-                    accumulate_din);
+    // din_e[rows, K] (+)= dout_e[rows, N] W_e[N, K]
+    if (din) grouped_.add(rows, K, N, dout + r0 * N, w + int64_t(e) * N * K, din + r0 * K);
+    // dW_e[N, K] += dout_e^T[N, rows] in_e[rows, K]
+    if (dw && N > 0) {
+      grouped_dw_.add(N, K, rows, dout + r0 * N, in + r0 * K, dw + int64_t(e) * N * K);
+    }
   }
+  grouped_gemm(false, false, grouped_, N, K, accumulate_din ? 1.0f : 0.0f, K, 0);
+  grouped_gemm(true, false, grouped_dw_, N, K, 1.0f, K, 1);
 }
 
 // ---------------------------------------------------------------- embedding, norm, RoPE
@@ -404,6 +474,9 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
   }
 }
 
+// Decodes the experts that have rows into scratch (whole experts, up to 16M values, 64 MB, at a
+// time) and multiplies each batch of them in one grouped cuBLAS call, so a decode step costs a
+// few launches per layer instead of two per active expert.
 template <typename T>
 void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
                                             const int32_t* offsets, int n_groups) {
@@ -411,16 +484,37 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
              w.rows, n_groups);
   const int64_t N = w.rows / n_groups, K = w.cols;
   const int block = fp4_block_size(w.format);
+  RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
+             block);
   const int32_t* off = host_offsets(offsets, n_groups);
+  if (N == 0) return;
+  constexpr int64_t kBatchValues = int64_t(1) << 24;
+  const int64_t experts_per_batch = std::max<int64_t>(1, kBatchValues / (N * K));
+  auto* decoded = static_cast<float*>(
+      scratch(sizeof(float) * size_t(std::min<int64_t>(experts_per_batch, n_groups) * N * K)));
+  int flushes = 0;
+  auto flush = [&] {
+    if (grouped_.m.empty()) return;
+    // Two staging slots alternate; a third batch must wait until the first one's pointer copy
+    // has run (grouped_gemm's comment).
+    if (flushes >= 2) CUDA_CHECK(cudaStreamSynchronize(kStream));
+    grouped_gemm(false, true, grouped_, int(K), int(K), 0.0f, int(N), flushes % 2);
+    ++flushes;
+    grouped_.clear();
+  };
+  grouped_.clear();
   for (int g = 0; g < n_groups; ++g) {
     const int rows = off[g + 1] - off[g];
     if (rows == 0) continue;  // an expert with no tokens costs nothing
-    PackedFp4Matrix expert = w;
-    expert.rows = N;
-    expert.codes = w.codes + g * N * (K / 2);
-    expert.scales = w.scales + g * N * (K / block);
-    fp4_matmul_forward(out + int64_t(off[g]) * N, in + int64_t(off[g]) * K, expert, rows, false);
+    // The previous batch's product reads the scratch; it is queued before this decode.
+    if (int64_t(grouped_.m.size()) == experts_per_batch) flush();
+    float* slot = decoded + int64_t(grouped_.m.size()) * N * K;
+    cuda::fp4_dequantize_rows(slot, w.codes + g * N * (K / 2), w.scales + g * N * (K / block),
+                              w.global_scale, N, K, w.format, kStream);
+    grouped_.add(rows, int(N), int(K), in + int64_t(off[g]) * K, slot,
+                 out + int64_t(off[g]) * N);
   }
+  flush();
 }
 
 // ---------------------------------------------------------------- elementwise

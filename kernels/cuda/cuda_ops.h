@@ -27,6 +27,7 @@
 // Not thread-safe: one instance per model, like CpuOps.
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels/ops.h"
@@ -125,6 +126,22 @@ class CudaOps final : public Ops<T> {
   // Row-major C[M,N] = alpha op(A) op(B) + beta C through column-major SGEMM.
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* A, int lda, const T* B,
             int ldb, float beta, T* C, int ldc);
+  // One grouped product: row-major C_g[M_g, N_g] = op(A_g) op(B_g) + beta C_g for every
+  // problem g queued in grouped_, all in one cublasSgemmGroupedBatched call. lda/ldb/ldc are
+  // shared. The pointer arrays reach the device through pinned staging; see the .cpp for why
+  // reusing the staging is safe.
+  struct GroupedProblems {
+    std::vector<int> m, n, k;
+    std::vector<const T*> a, b;
+    std::vector<T*> c;
+    void clear() { m.clear(), n.clear(), k.clear(), a.clear(), b.clear(), c.clear(); }
+    void add(int m_, int n_, int k_, const T* a_, const T* b_, T* c_) {
+      m.push_back(m_), n.push_back(n_), k.push_back(k_), a.push_back(a_), b.push_back(b_),
+          c.push_back(c_);
+    }
+  };
+  void grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda, int ldb,
+                    float beta, int ldc, int staging_slot);
   // Device scratch of at least `bytes`, valid until the next call of scratch(); grows only.
   void* scratch(size_t bytes);
   // offsets[n_groups + 1] (device) read back into host_offsets_.
@@ -134,6 +151,14 @@ class CudaOps final : public Ops<T> {
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
   std::vector<int32_t> host_offsets_;  // host_offsets()'s copy
+  GroupedProblems grouped_, grouped_dw_;  // the problems of one grouped GEMM (two in backward)
+  // Pointer arrays of grouped_gemm: pinned host staging and their device copy, two slots (a
+  // backward issues the din and dw products back to back) of 3 arrays of grouped_capacity_.
+  struct GroupedCallArrays;  // the per-group cuBLAS arguments (cuBLAS types: in the .cpp)
+  std::unique_ptr<GroupedCallArrays> grouped_call_;
+  void** grouped_staging_ = nullptr;
+  void** grouped_device_ = nullptr;
+  size_t grouped_capacity_ = 0;
   std::vector<int32_t> host_index_;    // small index arrays read back (start, expert counts)
   std::vector<double> host_values_;    // per-row or per-block partial results read back
 };
