@@ -51,6 +51,7 @@ template <typename T>
 CudaOps<T>::~CudaOps() {
   // Unchecked: a destructor may run while an exception unwinds, and must not abort then.
   if (scratch_) cudaFree(scratch_);
+  for (CUevent_st* event : grouped_events_) cudaEventDestroy(event);
   if (grouped_staging_) cudaFreeHost(grouped_staging_);
   if (grouped_device_) cudaFree(grouped_device_);
   if (cublas_) cublasDestroy(cublas_);
@@ -72,10 +73,23 @@ void* CudaOps<T>::scratch(size_t bytes) {
 
 template <typename T>
 const int32_t* CudaOps<T>::host_offsets(const int32_t* offsets, int n_groups) {
+  const auto known = offsets_mirror_.find(offsets);
+  if (known != offsets_mirror_.end() && known->second.size() == size_t(n_groups) + 1) {
+    return known->second.data();
+  }
   host_offsets_.resize(size_t(n_groups) + 1);
   CUDA_CHECK(cudaMemcpy(host_offsets_.data(), offsets, sizeof(int32_t) * (n_groups + 1),
                         cudaMemcpyDeviceToHost));
   return host_offsets_.data();
+}
+
+template <typename T>
+void CudaOps<T>::forget_offsets(const void* ptr, size_t bytes) {
+  const auto* begin = static_cast<const char*>(ptr);
+  std::erase_if(offsets_mirror_, [&](const auto& entry) {
+    const auto* p = reinterpret_cast<const char*>(entry.first);
+    return p + sizeof(int32_t) * entry.second.size() > begin && p < begin + bytes;
+  });
 }
 
 template <typename T>
@@ -91,7 +105,7 @@ void CudaOps<T>::gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* 
 
 template <typename T>
 void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda,
-                              int ldb, float beta, int ldc, int staging_slot) {
+                              int ldb, float beta, int ldc) {
   const size_t count = p.m.size();
   if (count == 0) return;
   if (count > grouped_capacity_) {
@@ -99,16 +113,23 @@ void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems&
     if (grouped_staging_) CUDA_CHECK(cudaFreeHost(grouped_staging_));
     if (grouped_device_) CUDA_CHECK(cudaFree(grouped_device_));
     grouped_capacity_ = std::max<size_t>(count, 64);
-    const size_t bytes = 6 * grouped_capacity_ * sizeof(void*);
+    const size_t bytes = kGroupedSlots * 3 * grouped_capacity_ * sizeof(void*);
     CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&grouped_staging_), bytes));
     CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&grouped_device_), bytes));
   }
-  // The staging is rewritten while an earlier asynchronous copy out of it may be pending only
-  // if no synchronizing call came between. Every grouped op starts with host_offsets(), a
-  // synchronous copy on the same (legacy) stream, which waits for earlier copies; within one
-  // op the two products use different slots.
-  void** staging = grouped_staging_ + size_t(staging_slot) * 3 * grouped_capacity_;
-  void** device = grouped_device_ + size_t(staging_slot) * 3 * grouped_capacity_;
+  if (grouped_events_.empty()) {
+    grouped_events_.resize(kGroupedSlots);
+    for (auto& event : grouped_events_) {
+      CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventRecord(event, kStream));  // "done": nothing to wait for yet
+    }
+  }
+  const int slot = grouped_next_slot_;
+  grouped_next_slot_ = (grouped_next_slot_ + 1) % kGroupedSlots;
+  // The copy out of this slot kGroupedSlots calls ago must have run before it is rewritten.
+  CUDA_CHECK(cudaEventSynchronize(grouped_events_[slot]));
+  void** staging = grouped_staging_ + size_t(slot) * 3 * grouped_capacity_;
+  void** device = grouped_device_ + size_t(slot) * 3 * grouped_capacity_;
   // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so B comes first and M, N swap.
   for (size_t g = 0; g < count; ++g) {
     staging[g] = const_cast<T*>(p.b[g]);
@@ -117,6 +138,7 @@ void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems&
   }
   CUDA_CHECK(cudaMemcpyAsync(device, staging, 3 * grouped_capacity_ * sizeof(void*),
                              cudaMemcpyHostToDevice, kStream));
+  CUDA_CHECK(cudaEventRecord(grouped_events_[slot], kStream));
   GroupedCallArrays& arrays = *grouped_call_;
   arrays.trans_first.assign(count, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
   arrays.trans_second.assign(count, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
@@ -152,6 +174,7 @@ void* CudaOps<T>::alloc_bytes(size_t bytes) {
 
 template <typename T>
 void CudaOps<T>::free_bytes(void* ptr) {
+  offsets_mirror_.clear();
   if (ptr) CUDA_CHECK(cudaFree(ptr));
 }
 
@@ -162,6 +185,7 @@ void CudaOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
 
 template <typename T>
 void CudaOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
+  forget_offsets(dst, bytes);
   if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
 }
 
@@ -197,7 +221,7 @@ void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const i
     grouped_.add(rows, N, K, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
                  out + int64_t(off[e]) * N);
   }
-  if (N > 0) grouped_gemm(false, true, grouped_, K, K, 0.0f, N, 0);
+  if (N > 0) grouped_gemm(false, true, grouped_, K, K, 0.0f, N);
 }
 
 template <typename T>
@@ -219,8 +243,8 @@ void CudaOps<T>::grouped_matmul_backward(T* din, T* dw, const T* dout, const T* 
       grouped_dw_.add(N, K, rows, dout + r0 * N, in + r0 * K, dw + int64_t(e) * N * K);
     }
   }
-  grouped_gemm(false, false, grouped_, N, K, accumulate_din ? 1.0f : 0.0f, K, 0);
-  grouped_gemm(true, false, grouped_dw_, N, K, 1.0f, K, 1);
+  grouped_gemm(false, false, grouped_, N, K, accumulate_din ? 1.0f : 0.0f, K);
+  grouped_gemm(true, false, grouped_dw_, N, K, 1.0f, K);
 }
 
 // ---------------------------------------------------------------- embedding, norm, RoPE
@@ -348,6 +372,7 @@ void CudaOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* log
   }
   host_index_[E] = running;
   copy_from_host(r.offsets, host_index_.data(), sizeof(int32_t) * (size_t(E) + 1));
+  offsets_mirror_[r.offsets].assign(host_index_.begin(), host_index_.end());
   cuda::router_fill(r, kStream);
 }
 
@@ -492,14 +517,8 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   const int64_t experts_per_batch = std::max<int64_t>(1, kBatchValues / (N * K));
   auto* decoded = static_cast<float*>(
       scratch(sizeof(float) * size_t(std::min<int64_t>(experts_per_batch, n_groups) * N * K)));
-  int flushes = 0;
   auto flush = [&] {
-    if (grouped_.m.empty()) return;
-    // Two staging slots alternate; a third batch must wait until the first one's pointer copy
-    // has run (grouped_gemm's comment).
-    if (flushes >= 2) CUDA_CHECK(cudaStreamSynchronize(kStream));
-    grouped_gemm(false, true, grouped_, int(K), int(K), 0.0f, int(N), flushes % 2);
-    ++flushes;
+    grouped_gemm(false, true, grouped_, int(K), int(K), 0.0f, int(N));
     grouped_.clear();
   };
   grouped_.clear();
@@ -521,6 +540,7 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
 
 template <typename T>
 void CudaOps<T>::copy(T* dst, const T* src, int64_t n) {
+  forget_offsets(dst, sizeof(T) * size_t(n));
   if (n) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice,
                                kStream));
@@ -529,6 +549,7 @@ void CudaOps<T>::copy(T* dst, const T* src, int64_t n) {
 
 template <typename T>
 void CudaOps<T>::fill(T* x, T value, int64_t n) {
+  forget_offsets(x, sizeof(T) * size_t(n));
   cuda::fill(x, value, n, kStream);
 }
 

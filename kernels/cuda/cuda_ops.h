@@ -14,10 +14,11 @@
 // ops.h says), every kernel and cuBLAS call runs on the legacy default stream, in call order.
 // Ops that return a host value (swiglu_forward's counts, seq_balance_loss, cross-entropy,
 // sum_squares) wait for the device. So do a few that need host-side sizes from device data:
-// grouped GEMMs and fp4_grouped_matmul_forward read offsets[E+1] back to size one cuBLAS call
-// per expert; router_forward reads the per-expert counts back to check the ids and scan the
-// offsets; kv_cache_write reads start[B] back for the overflow check. Those waits are this
-// slice's price for simple code; a device-side grouped GEMM removes them later.
+// router_forward reads the per-expert counts back to check the ids and scan the offsets;
+// kv_cache_write reads start[B] back for the overflow check; the grouped GEMMs and
+// fp4_grouped_matmul_forward size their one grouped cuBLAS call from offsets[E+1], which
+// router_forward leaves mirrored on the host (read back only for offsets it did not write).
+// Those waits are this slice's price for simple code; a device-side grouped GEMM removes them.
 //
 // Determinism: no float atomics anywhere. Each sum runs in an order fixed by the launch shape,
 // so results repeat bit for bit from run to run on one GPU. Where the CPU reference sums
@@ -28,11 +29,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/ops.h"
 
 struct cublasContext;  // cuBLAS's handle type (cublasHandle_t) without its header
+struct CUevent_st;     // CUDA's event type (cudaEvent_t) without its header
 
 namespace rlhf {
 
@@ -127,9 +130,7 @@ class CudaOps final : public Ops<T> {
   void gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* A, int lda, const T* B,
             int ldb, float beta, T* C, int ldc);
   // One grouped product: row-major C_g[M_g, N_g] = op(A_g) op(B_g) + beta C_g for every
-  // problem g queued in grouped_, all in one cublasSgemmGroupedBatched call. lda/ldb/ldc are
-  // shared. The pointer arrays reach the device through pinned staging; see the .cpp for why
-  // reusing the staging is safe.
+  // problem g in `p`, all in one cublasSgemmGroupedBatched call. lda/ldb/ldc are shared.
   struct GroupedProblems {
     std::vector<int> m, n, k;
     std::vector<const T*> a, b;
@@ -141,24 +142,37 @@ class CudaOps final : public Ops<T> {
     }
   };
   void grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda, int ldb,
-                    float beta, int ldc, int staging_slot);
+                    float beta, int ldc);
   // Device scratch of at least `bytes`, valid until the next call of scratch(); grows only.
   void* scratch(size_t bytes);
-  // offsets[n_groups + 1] (device) read back into host_offsets_.
+  // offsets[n_groups + 1] (device) on the host: the mirror router_forward left, else read back
+  // into host_offsets_ (a wait for the device).
   const int32_t* host_offsets(const int32_t* offsets, int n_groups);
+  // Drops the offsets mirrors inside [ptr, ptr + bytes): that memory is being rewritten.
+  void forget_offsets(const void* ptr, size_t bytes);
 
   cublasContext* cublas_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
-  std::vector<int32_t> host_offsets_;  // host_offsets()'s copy
+  std::vector<int32_t> host_offsets_;  // host_offsets()'s copy when there is no mirror
+  // Host mirrors of the expert offsets router_forward wrote, keyed by device address.
+  // router_forward computes the offsets on the host anyway; keeping them lets the layer's
+  // grouped products size their cuBLAS calls without waiting for the device. A mirror is
+  // dropped when its memory may be rewritten by anything else: copy_from_host, copy or fill
+  // over it, and every free_bytes (freed addresses come back from cudaMalloc).
+  std::unordered_map<const int32_t*, std::vector<int32_t>> offsets_mirror_;
   GroupedProblems grouped_, grouped_dw_;  // the problems of one grouped GEMM (two in backward)
-  // Pointer arrays of grouped_gemm: pinned host staging and their device copy, two slots (a
-  // backward issues the din and dw products back to back) of 3 arrays of grouped_capacity_.
   struct GroupedCallArrays;  // the per-group cuBLAS arguments (cuBLAS types: in the .cpp)
   std::unique_ptr<GroupedCallArrays> grouped_call_;
+  // Pointer arrays of grouped_gemm reach the device through a ring of kGroupedSlots pinned
+  // staging slots (3 arrays of grouped_capacity_ each) with an event recorded after each slot's
+  // copy: a slot is rewritten only after its previous copy has run, without a device-wide wait.
+  static constexpr int kGroupedSlots = 8;
   void** grouped_staging_ = nullptr;
   void** grouped_device_ = nullptr;
   size_t grouped_capacity_ = 0;
+  std::vector<CUevent_st*> grouped_events_;  // cudaEvent_t per slot, created on first use
+  int grouped_next_slot_ = 0;
   std::vector<int32_t> host_index_;    // small index arrays read back (start, expert counts)
   std::vector<double> host_values_;    // per-row or per-block partial results read back
 };

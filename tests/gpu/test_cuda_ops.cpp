@@ -540,6 +540,40 @@ TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
   }
 }
 
+// The grouped products take their sizes from the host mirror router_forward keeps of the
+// offsets it wrote (no read-back). Both directions must hold: after router_forward, a grouped
+// product over those offsets equals the CPU's over the CPU router's offsets; and after the
+// same device buffer is overwritten by copy_from_host, the product follows the new offsets,
+// not the stale mirror (a product over the old ones would multiply most rows by other experts).
+TEST_F(CudaRouterTest, GroupedProductsFollowTheRoutersOffsetsAndLaterRewrites) {
+  Rng rng(121);
+  const int N = 40, E = 8, K = 2, D = 24, F = 16;
+  const auto logits = untied_logits(rng, N, E);
+  HostRouting h(N, K, E);
+  MoeRouting hr = h.view();
+  std::vector<float> scores(size_t(N) * E), gates(size_t(N) * K);
+  cpu_.router_forward(scores.data(), gates.data(), hr, logits.data(), nullptr, 1.0, false);
+  MoeRouting dr = device_routing(h);
+  gpu_->router_forward(poisoned(scores.size()), poisoned(gates.size()), dr, dev(logits), nullptr,
+                       1.0, false);
+  const auto x = normal(rng, size_t(N) * K * D), w = normal(rng, size_t(E) * F * D);
+  std::vector<float> out(size_t(N) * K * F);
+  float* d_out = poisoned(out.size());
+  gpu_->grouped_matmul_forward(d_out, dev(x), dev(w), dr.offsets, E, F, D);
+  cpu_.grouped_matmul_forward(out.data(), x.data(), w.data(), h.offsets.data(), E, F, D);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "offsets from the router";
+
+  // Every row to the last expert: a different split of the same rows.
+  std::vector<int32_t> rewritten(E + 1, 0);
+  rewritten[E] = N * K;
+  ASSERT_NE(rewritten, h.offsets) << "the rewrite must change the offsets";
+  gpu_->copy_from_host(dr.offsets, rewritten.data(), sizeof(int32_t) * rewritten.size());
+  d_out = poisoned(out.size());
+  gpu_->grouped_matmul_forward(d_out, dev(x), dev(w), dr.offsets, E, F, D);
+  cpu_.grouped_matmul_forward(out.data(), x.data(), w.data(), rewritten.data(), E, F, D);
+  EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "offsets rewritten";
+}
+
 TEST_F(CudaRouterTest, ReplayKeepsTheGivenExperts) {
   Rng rng(110);
   const int N = 29, E = 12, K = 3;
