@@ -12,7 +12,7 @@
 #include "common/error.h"
 #include "common/utf8.h"
 #include "common/rng.h"
-#include "kernels/cpu/cpu_ops.h"
+#include "kernels/backend.h"
 
 namespace rlhf {
 
@@ -112,7 +112,8 @@ ActorEngine::ActorEngine(const std::string& checkpoint_path, ActorEngineOptions 
     fail("actor: max_round_sequences must be >= 1, got {}", options_.max_round_sequences);
   }
   if (!options_.make_ops) {
-    options_.make_ops = [] { return std::unique_ptr<Ops<float>>(new CpuOps<float>()); };
+    check_float_backend(options_.device);  // before the checkpoint: the clearer error first
+    options_.make_ops = [device = options_.device] { return make_float_ops(device); };
   }
   const CheckpointContents info = checkpoint_read_info(checkpoint_path);
   config_ = info.config;

@@ -53,9 +53,12 @@ struct ActorEngineOptions {
   std::optional<Fp4Format> expert_format = Fp4Format::mxfp4;
   // The version of the checkpoint the engine starts from (0: the initial policy).
   uint64_t initial_version = 0;
-  // The backend each loaded policy runs on. Ops are not thread-safe (kernels/cpu/cpu_ops.h), and
-  // a new version is loaded while the old one generates, so every policy gets its own.
-  std::function<std::unique_ptr<Ops<float>>()> make_ops;  // empty: CpuOps<float>
+  // The backend every loaded policy runs on, as runtime.device names it ("cpu" or "cuda";
+  // kernels/backend.h). Ops are not thread-safe (kernels/cpu/cpu_ops.h), and a new version is
+  // loaded while the old one generates, so every policy gets its own instance.
+  std::string device = "cpu";
+  // Makes those instances; empty: make_float_ops(device). Set only to inject a backend.
+  std::function<std::unique_ptr<Ops<float>>()> make_ops;
 };
 
 // The size limits of one Generate request (ActorServiceLimits carries the service's).

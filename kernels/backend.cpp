@@ -13,8 +13,8 @@ namespace rlhf {
 
 bool cuda_backend_built() { return RLHF_HAVE_CUDA != 0; }
 
-std::unique_ptr<Ops<float>> make_float_ops(const std::string& device) {
-  if (device == "cpu") return std::make_unique<CpuOps<float>>();
+void check_float_backend(const std::string& device) {
+  if (device == "cpu") return;
   if (device != "cuda") fail("runtime.device: '{}' is not a backend (cpu or cuda)", device);
 #if RLHF_HAVE_CUDA
   // CudaOps' constructor treats a missing device as fatal; ask first, so a machine without a
@@ -25,11 +25,18 @@ std::unique_ptr<Ops<float>> make_float_ops(const std::string& device) {
     fail("runtime.device: cuda, but no CUDA device is visible ({})",
          status != cudaSuccess ? cudaGetErrorString(status) : "0 devices");
   }
-  return std::make_unique<CudaOps<float>>();
 #else
   fail("runtime.device: cuda, but this binary was built without the CUDA backend (configure "
        "with -DRLHF_CUDA=ON on a machine with the CUDA toolkit)");
 #endif
+}
+
+std::unique_ptr<Ops<float>> make_float_ops(const std::string& device) {
+  check_float_backend(device);  // past it, a CPU-only build has device == "cpu"
+#if RLHF_HAVE_CUDA
+  if (device == "cuda") return std::make_unique<CudaOps<float>>();
+#endif
+  return std::make_unique<CpuOps<float>>();
 }
 
 }  // namespace rlhf

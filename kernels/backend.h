@@ -17,4 +17,8 @@ bool cuda_backend_built();
 // where no CUDA device is visible.
 std::unique_ptr<Ops<float>> make_float_ops(const std::string& device);
 
+// make_float_ops' checks alone, creating nothing: for a command that builds its models later
+// and should stop before it has done anything else.
+void check_float_backend(const std::string& device);
+
 }  // namespace rlhf

@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "common/rng.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "model/checkpoint.h"
 #include "model/generate.h"
@@ -78,14 +79,15 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.reasoning = g.reasoning;
   options.with_reference = g.with_reference;
   options.seed = g.seed;
-  CpuOps<float> ops;
+  std::unique_ptr<Ops<float>> ops;  // before the policy, which frees its buffers through it
   std::unique_ptr<Transformer<float>> policy;
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Generator> generator;
   if (!g.policy.empty() && options.policy_samples > 0) {
     const CheckpointContents info = checkpoint_read_info(g.policy);
     tokenizer = make_tokenizer(info.tokenizer);
-    policy = checkpoint_load_model(g.policy, ops, config.sft.eval_batch);
+    ops = make_float_ops(config.runtime.device);
+    policy = checkpoint_load_model(g.policy, *ops, config.sft.eval_batch);
     generator = std::make_unique<Generator>(*policy, *tokenizer, config.sft.eval_batch);
     spdlog::info("sampling {} responses per prompt from {} for {} prompts",
                  options.policy_samples, g.policy, options.prompts);
@@ -97,6 +99,9 @@ ScoredData make_grm_data(const RunConfig& config) {
 }
 
 GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir, bool resume) {
+  // Sampling the judge data and training both run on runtime.device: a device that cannot run
+  // stops the command before either starts.
+  check_float_backend(config.runtime.device);
   GrmRunSummary summary;
   const fs::path dir(workdir);
   summary.data_path = (dir / "scored.jsonl").string();
@@ -115,7 +120,6 @@ GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir,
   }
   summary.pointwise_records = int64_t(data.pointwise.size());
   summary.pairwise_records = int64_t(data.pairwise.size());
-  require_cpu_device(config, "train-grm");
   cpu_set_threads(config.runtime.threads);
   const TaskSuite suite(config.tasks);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);

@@ -13,6 +13,9 @@
 #include "common/error.h"
 #include "common/progress.h"
 #include "common/rng.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "learner/rl_gradients.h"
 #include "learner/rl_objective.h"
 #include "model/checkpoint.h"
 
@@ -33,9 +36,8 @@ double seconds_since(Clock::time_point start) {
 RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
                      RolloutSampler& sampler, RolloutScorer& scorer, std::string store_path)
     : config_(std::move(config)), workdir_(std::move(workdir)), sampler_(sampler),
-      scorer_(scorer), tokenizer_(make_tokenizer(config_.model.tokenizer)),
-      suite_(config_.tasks) {
-  require_cpu_device(config_, "the RL learner");
+      scorer_(scorer), ops_(make_float_ops(config_.runtime.device)),
+      tokenizer_(make_tokenizer(config_.model.tokenizer)), suite_(config_.tasks) {
   cpu_set_threads(config_.runtime.threads);
   const RlConfig& rl = config_.rl;
   if (rl.policy.empty()) fail("rl.policy: required: the SFT policy checkpoint RL starts from");
@@ -76,9 +78,9 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
   const int rollouts_per_step = rl.prompts_per_step * rl.samples_per_prompt;
   max_batch_ = std::min(rollouts_per_step, 128);
   const int model_batch = std::max(max_batch_, config_.sft.eval_batch);
-  policy_ = std::make_unique<Transformer<float>>(ops_, config_.model, model_batch,
+  policy_ = std::make_unique<Transformer<float>>(*ops_, config_.model, model_batch,
                                                  config_.model.max_seq_len);
-  reference_ = std::make_unique<Transformer<float>>(ops_, config_.model, model_batch,
+  reference_ = std::make_unique<Transformer<float>>(*ops_, config_.model, model_batch,
                                                     config_.model.max_seq_len);
   checkpoint_load_weights(rl.policy, *reference_);
   checkpoint_load_weights(rl.policy, *policy_);
@@ -89,7 +91,7 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
     policy_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
     reference_->set_qat(config_.fp4.format, config_.fp4.clipped_ste);
   }
-  optimizer_ = std::make_unique<AdamW<float>>(ops_, policy_->layout(), rl.optimizer);
+  optimizer_ = std::make_unique<AdamW<float>>(*ops_, policy_->layout(), rl.optimizer);
 
   store_path_ = store_path.empty() ? (dir / "store").string() : store_path;
   store_ = RolloutStore::open(store_path_, RolloutStore::Mode::kReadWrite);
@@ -97,7 +99,7 @@ RlTrainer::RlTrainer(RunConfig config, std::string workdir, bool resume,
 
   if (resume) {
     step_ = resume_training(checkpoint.string(), config_.source, (dir / "config.yaml").string(),
-                            *policy_, *optimizer_, ops_)
+                            *policy_, *optimizer_, *ops_)
                 .step;
     // The cursor is written right after the checkpoint; a crash between the two leaves it one
     // checkpoint behind, never ahead.
@@ -128,7 +130,6 @@ RlTrainer::~RlTrainer() = default;
 void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMetrics& m) {
   const RlConfig& rl = config_.rl;
   const int n = rl.samples_per_prompt;
-  const int V = config_.model.vocab_size;
 
   // Rewards and advantages, group by group, over the members that have a reward and are
   // fresh enough; the others get no weight at all.
@@ -195,90 +196,34 @@ void RlTrainer::train_on(const std::vector<v1::ScoredRollout>& scored, RlStepMet
   m.judge_invalid_rate = scored.empty() ? 0 : double(invalid) / double(scored.size());
   m.response_tokens = scored.empty() ? 0 : length_sum / double(scored.size());
 
-  std::vector<size_t> rows;
-  int64_t total_tokens = 0;
+  // The trainable rollouts, as views into `scored`.
+  std::vector<RlRollout> rollouts;
   for (size_t i = 0; i < scored.size(); ++i) {
     if (!trainable[i]) continue;
-    rows.push_back(i);
-    total_tokens += scored[i].rollout().response_tokens_size();
+    const v1::Rollout& ro = scored[i].rollout();
+    rollouts.push_back(
+        {std::span<const int32_t>(ro.prompt_tokens().data(), size_t(ro.prompt_tokens_size())),
+         std::span<const int32_t>(ro.response_tokens().data(), size_t(ro.response_tokens_size())),
+         std::span<const float>(ro.logprobs().data(), size_t(ro.logprobs_size())), advantage[i]});
   }
   const auto t0 = Clock::now();
-  policy_->zero_grads();
-  double loss = 0, kl_sum = 0, entropy_sum = 0, mismatch_sum = 0;
-  int64_t clipped = 0, tokens = 0;
-  for (size_t chunk = 0; chunk < rows.size() && total_tokens > 0; chunk += size_t(max_batch_)) {
-    const size_t count = std::min(rows.size() - chunk, size_t(max_batch_));
-    // Inputs are prompt + response without the last token; the target at position t is token
-    // t + 1, so response token j is predicted at position prompt_size - 1 + j.
-    int T = 0;
-    for (size_t r = 0; r < count; ++r) {
-      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
-      T = std::max(T, ro.prompt_tokens_size() + ro.response_tokens_size() - 1);
-    }
-    TokenBatch batch;
-    batch.batch = int(count);
-    batch.seq_len = T;
-    const int32_t pad = tokenizer_->special(SpecialToken::kPad);
-    batch.tokens.assign(count * size_t(T), pad);
-    batch.targets.assign(count * size_t(T), pad);
-    batch.weights.assign(count * size_t(T), 0.0f);
-    for (size_t r = 0; r < count; ++r) {
-      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
-      std::vector<int32_t> seq(ro.prompt_tokens().begin(), ro.prompt_tokens().end());
-      seq.insert(seq.end(), ro.response_tokens().begin(), ro.response_tokens().end());
-      for (size_t t = 0; t + 1 < seq.size(); ++t) {
-        batch.tokens[r * size_t(T) + t] = seq[t];
-        batch.targets[r * size_t(T) + t] = seq[t + 1];
-      }
-    }
-    // log p under the reference, then under the policy (whose logits stay valid until its
-    // next forward, which is the forward_backward below).
-    std::vector<double> ref_logp(count * size_t(T), 0.0);
-    const float* ref_logits = reference_->forward(batch.tokens.data(), int(count), T);
-    for (size_t r = 0; r < count; ++r) {
-      const v1::Rollout& ro = scored[rows[chunk + r]].rollout();
-      const size_t first = size_t(ro.prompt_tokens_size() - 1);
-      for (int j = 0; j < ro.response_tokens_size(); ++j) {
-        const size_t pos = r * size_t(T) + first + size_t(j);
-        ref_logp[pos] = token_logprob(std::span<const float>(ref_logits + pos * size_t(V), size_t(V)),
-                                      batch.targets[pos]).logprob;
-      }
-    }
-    const float* logits = policy_->forward(batch.tokens.data(), int(count), T);
-    for (size_t r = 0; r < count; ++r) {
-      const size_t row = rows[chunk + r];
-      const v1::Rollout& ro = scored[row].rollout();
-      const size_t first = size_t(ro.prompt_tokens_size() - 1);
-      for (int j = 0; j < ro.response_tokens_size(); ++j) {
-        const size_t pos = r * size_t(T) + first + size_t(j);
-        const TokenLogprob lp = token_logprob(
-            std::span<const float>(logits + pos * size_t(V), size_t(V)), batch.targets[pos]);
-        const RlTokenTerm term = rl_token_term(advantage[row], lp.logprob, ro.logprobs(j),
-                                               ref_logp[pos], rl.objective);
-        batch.weights[pos] = float(term.weight / double(total_tokens));
-        loss += term.loss / double(total_tokens);
-        kl_sum += term.kl;
-        entropy_sum += lp.entropy;
-        const double mismatch = std::abs(lp.logprob - ro.logprobs(j));
-        mismatch_sum += mismatch;
-        m.logprob_mismatch_max = std::max(m.logprob_mismatch_max, mismatch);
-        clipped += term.clipped;
-        ++tokens;
-      }
-    }
-    policy_->forward_backward(batch);
-  }
-  if (tokens > 0) {
-    m.kl = kl_sum / double(tokens);
-    m.entropy = entropy_sum / double(tokens);
-    m.logprob_mismatch = mismatch_sum / double(tokens);
-    m.clip_fraction = double(clipped) / double(tokens);
-    m.loss = loss;
+  const RlGradientStats g =
+      rl_accumulate_gradients(*policy_, *reference_, rollouts, max_batch_,
+                              tokenizer_->special(SpecialToken::kPad), rl.objective);
+  if (g.tokens > 0) {
+    const double tokens = double(g.tokens);
+    m.loss = g.loss;
+    m.kl = g.kl_sum / tokens;
+    m.entropy = g.entropy_sum / tokens;
+    m.logprob_mismatch = g.mismatch_sum / tokens;
+    m.logprob_mismatch_max = g.mismatch_max;
+    m.clip_fraction = double(g.clipped) / tokens;
     m.grad_norm = optimizer_->grad_norm(policy_->grads());
-    if (!std::isfinite(loss) || !std::isfinite(m.grad_norm)) {
+    if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
       fail("RL diverged: step {} has a non-finite loss ({}) or gradient norm ({}); the update "
            "was not applied (last checkpoint: {})",
-           step_ + 1, loss, m.grad_norm, (fs::path(workdir_) / "checkpoint.safetensors").string());
+           step_ + 1, m.loss, m.grad_norm,
+           (fs::path(workdir_) / "checkpoint.safetensors").string());
     }
     optimizer_->step(policy_->params(), policy_->grads(), step_, rl.steps, m.grad_norm);
     policy_->params_changed();

@@ -5,8 +5,11 @@
 //   --RolloutScorer::score-->  the judge's score and reasoning per rollout
 //   --RolloutStore::write_step-->  one WriteBatch in RocksDB (prompts, rollouts, judgments)
 //   --> GRPO advantages --> PPO-clipped token loss + k3 KL to the frozen start policy
-//       (learner/rl_objective.h), importance ratios against the actor's own logprobs
+//       (learner/rl_objective.h), importance ratios against the actor's own logprobs; its
+//       value and gradient come from rl_accumulate_gradients (learner/rl_gradients.h)
 //   --> AdamW (QAT as configured) --> version v + 1 --RolloutSampler::publish--> every actor
+//
+// The policy and the reference run on runtime.device (kernels/backend.h).
 //
 // Nothing is lost or done twice across a crash: the checkpoint (weights, moments, step) is
 // written atomically and the store's cursor right after it; a restarted learner continues
@@ -30,7 +33,7 @@
 #include <vector>
 
 #include "actor/weight_transfer.h"
-#include "kernels/cpu/cpu_ops.h"
+#include "kernels/ops.h"
 #include "learner/collector.h"
 #include "learner/optimizer.h"
 #include "learner/run_config.h"
@@ -138,7 +141,7 @@ class RlTrainer {
   std::string run_id_;
   RolloutSampler& sampler_;
   RolloutScorer& scorer_;
-  CpuOps<float> ops_;
+  std::unique_ptr<Ops<float>> ops_;  // runtime.device's; before the models, which free through it
   std::unique_ptr<Tokenizer> tokenizer_;
   TaskSuite suite_;
   std::unique_ptr<Transformer<float>> policy_;

@@ -439,13 +439,12 @@ LogprobMismatch logprob_mismatch(Transformer<float>& reference, Transformer<floa
     const int n = int(seq.size()) - 1;  // position i predicts seq[i + 1]
     const int first = first_target[s] - 1;
     if (n <= first || n <= 0) continue;
-    const std::vector<int32_t> targets(seq.begin() + 1, seq.end());
-    for (auto* pair : {&a, &b}) pair->assign(size_t(n), 0.0f);
+    const std::span<const int32_t> targets(seq.data() + 1, size_t(n));
     for (int side = 0; side < 2; ++side) {
       Transformer<float>& model = side == 0 ? reference : other;
       const float* logits = model.forward(seq.data(), 1, n);
-      model.ops().log_softmax_gather(side == 0 ? a.data() : b.data(), logits, targets.data(), n,
-                                     model.config().vocab_size, 1.0);
+      (side == 0 ? a : b) =
+          gather_logprobs(model.ops(), logits, targets, model.config().vocab_size);
     }
     for (int i = first; i < n; ++i) {
       const double d = std::abs(double(a[i]) - double(b[i]));

@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/rng.h"
 #include "common/yaml_reader.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/sft.h"
 #include "learner/stability.h"
@@ -67,14 +68,13 @@ double max_loss_excursion(const std::vector<double>& losses, int window) {
 
 AnticipatoryOverhead measure_anticipatory_overhead(const RunConfig& config, int rounds) {
   RLHF_CHECK(rounds > 0, "overhead rounds must be positive");
-  require_cpu_device(config, "exp stability");
   cpu_set_threads(config.runtime.threads);
   const auto tokenizer = make_tokenizer(config.model.tokenizer);
   const TaskSuite suite(config.tasks);
-  CpuOps<float> ops;
-  Transformer<float> model(ops, config.model, config.sft.batch_size, config.model.max_seq_len);
+  const std::unique_ptr<Ops<float>> ops = make_float_ops(config.runtime.device);
+  Transformer<float> model(*ops, config.model, config.sft.batch_size, config.model.max_seq_len);
   model.init_random(mix_seed(config.sft.seed, 0x1417));
-  AdamW<float> optimizer(ops, model.layout(), config.sft.optimizer);
+  AdamW<float> optimizer(*ops, model.layout(), config.sft.optimizer);
   const int lag = config.stability.anticipatory.lag;
   AnticipatoryRouting<float> none({AnticipatoryMode::kOff, lag, 1});
   AnticipatoryRouting<float> idle({AnticipatoryMode::kOnSpike, lag, 1});  // no spike: stays off
@@ -99,6 +99,10 @@ AnticipatoryOverhead measure_anticipatory_overhead(const RunConfig& config, int 
       optimizer.step(model.params(), model.grads(), step, (warmup + rounds) * 3);
       model.params_changed();
       model.update_router_bias();
+      // A read from the backend waits for everything queued before it (ops run in call
+      // order), so on a GPU the time below is the whole step and not just its launches.
+      float fence = 0;
+      ops->copy_to_host(&fence, model.params(), sizeof(fence));
       ++step;
       if (round >= warmup) {
         const double dt =

@@ -24,6 +24,19 @@ std::vector<int32_t> Generation::processed_tokens() const {
   return seq;
 }
 
+std::vector<float> gather_logprobs(Ops<float>& ops, const float* logits,
+                                   std::span<const int32_t> targets, int vocab,
+                                   double temperature) {
+  const int64_t n = int64_t(targets.size());
+  if (n == 0) return {};
+  Buffer<int32_t, Ops<float>> device_targets(ops, n);
+  Buffer<float, Ops<float>> device_logprobs(ops, n);
+  device_targets.from_host(targets.data(), n);
+  ops.log_softmax_gather(device_logprobs.data(), logits, device_targets.data(), int(n), vocab,
+                         temperature);
+  return device_logprobs.to_host();
+}
+
 // ---------------------------------------------------------------- sampling
 
 int32_t TokenSampler::sample(std::span<const float> logits, const SamplingParams& params,
@@ -218,10 +231,19 @@ void Generator::generate_chunk(std::span<Generation> out, size_t first_index,
   }
   const float* logits =
       model_.forward(step_tokens_.data(), B, L, &cache, step_start_.data(), &step_trace_);
+  // The logits live in the backend's memory; the sampler reads them on the host. Only each
+  // prompt's last row is needed, one copy per sequence (the rows are not contiguous).
+  host_logits_.resize(size_t(max_batch_) * vocab_);
+  const size_t row_bytes = sizeof(float) * size_t(vocab_);
+  for (int b = 0; b < B; ++b) {
+    const int prompt = int(out[b].prompt_tokens.size());
+    ops.copy_to_host(host_logits_.data() + int64_t(b) * vocab_,
+                     logits + (int64_t(b) * L + prompt - 1) * vocab_, row_bytes);
+  }
   for (int b = 0; b < B; ++b) {
     const int prompt = int(out[b].prompt_tokens.size());
     for (int t = 0; t < prompt; ++t) stage_routing(seqs_[b], b * L + t);
-    take_token(seqs_[b], logits + (int64_t(b) * L + prompt - 1) * vocab_, params);
+    take_token(seqs_[b], host_logits_.data() + int64_t(b) * vocab_, params);
   }
 
   // Decode. Active sequences occupy cache slots 0..n_active-1; a finished one is replaced by
@@ -264,10 +286,12 @@ void Generator::generate_chunk(std::span<Generation> out, size_t first_index,
     }
     logits = model_.forward(step_tokens_.data(), n_active, 1, &cache, step_start_.data(),
                             &step_trace_);
+    // Every row of a decode step is needed: one copy for the step.
+    ops.copy_to_host(host_logits_.data(), logits, row_bytes * size_t(n_active));
     for (int i = 0; i < n_active; ++i) {
       Sequence& s = seqs_[slot_seq_[i]];
       stage_routing(s, i);
-      take_token(s, logits + int64_t(i) * vocab_, params);
+      take_token(s, host_logits_.data() + int64_t(i) * vocab_, params);
     }
     compact();
   }
@@ -278,11 +302,11 @@ void Generator::generate_chunk(std::span<Generation> out, size_t first_index,
   }
 }
 
-void Generator::take_token(Sequence& seq, const float* logits, const SamplingParams& params) {
-  logits_row_.resize(size_t(vocab_));
-  model_.ops().copy_to_host(logits_row_.data(), logits, sizeof(float) * size_t(vocab_));
+void Generator::take_token(Sequence& seq, const float* host_logits,
+                           const SamplingParams& params) {
   double logprob = 0;
-  const int32_t token = sampler_.sample(logits_row_, params, seq.rng, &logprob);
+  const int32_t token = sampler_.sample(std::span<const float>(host_logits, size_t(vocab_)),
+                                        params, seq.rng, &logprob);
   Generation& g = *seq.out;
   g.tokens.push_back(token);
   g.logprobs.push_back(float(logprob));

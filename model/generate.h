@@ -57,6 +57,14 @@ struct Generation {
   std::vector<int32_t> processed_tokens() const;
 };
 
+// Teacher-forced log-probabilities through the backend's log_softmax_gather:
+// result[i] = log softmax(logits[i] / temperature)[targets[i]], i < targets.size(). `logits`
+// [n, V] is in the backend's memory (a forward's output); `targets` and the result are on the
+// host. The targets and the result pass through two small backend buffers allocated per call.
+std::vector<float> gather_logprobs(Ops<float>& ops, const float* logits,
+                                   std::span<const int32_t> targets, int vocab,
+                                   double temperature = 1.0);
+
 // Draws one token from a row of logits (host memory). Holds its scratch so sampling allocates
 // nothing after the first call with a given vocabulary size.
 //
@@ -108,8 +116,8 @@ class Generator {
 
   void generate_chunk(std::span<Generation> out, size_t first_index,
                       const SamplingParams& params, KvCache<float>& cache);
-  // Samples the next token of `seq` from a logits row and applies the stop rules.
-  void take_token(Sequence& seq, const float* logits, const SamplingParams& params);
+  // Samples the next token of `seq` from a logits row (host memory) and applies the stop rules.
+  void take_token(Sequence& seq, const float* host_logits, const SamplingParams& params);
   // Appends token `row` of the last forward's trace to seq's staged routing.
   void stage_routing(Sequence& seq, int row);
   void finish_routing(Sequence& seq);
@@ -127,7 +135,7 @@ class Generator {
   std::vector<int> slot_seq_;          // [active] decode slot -> sequence of the chunk
   std::vector<int32_t> step_tokens_;   // [chunk * longest prompt] forward input
   std::vector<int32_t> step_start_;    // [chunk] position of each slot's new token
-  std::vector<float> logits_row_;      // [V] one row of logits on the host
+  std::vector<float> host_logits_;     // [max_batch, V] the rows a step samples from, on the host
 };
 
 }  // namespace rlhf

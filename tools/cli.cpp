@@ -12,6 +12,12 @@ void add_common_options(CLI::App& command, CommonOptions& options) {
   command.add_flag("--json", options.json, "print a machine-readable summary as the last line");
 }
 
+void add_device_option(CLI::App& command, std::string& device) {
+  command.add_option("--device", device, "backend the model computes on (as runtime.device)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+}
+
 const char* embedded_demo_config() { return kEmbeddedDemoConfig; }
 const char* embedded_stability_config() { return kEmbeddedStabilityConfig; }
 const char* embedded_grm_config() { return kEmbeddedGrmConfig; }

@@ -20,6 +20,9 @@ struct CommonOptions {
 };
 
 void add_common_options(CLI::App& command, CommonOptions& options);
+// --device cpu|cuda (default cpu): the backend of a command that takes no --config, as
+// runtime.device is for those that do (kernels/backend.h).
+void add_device_option(CLI::App& command, std::string& device);
 // The config named by --config, or the embedded configs/demo.yaml when none is given.
 RunConfig load_config(const CommonOptions& options);
 // The embedded copies of configs/demo.yaml and configs/stability.yaml.

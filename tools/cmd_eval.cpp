@@ -15,6 +15,7 @@
 #include "actor/actor_service.h"
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "model/checkpoint.h"
 #include "model/tokenizer.h"
@@ -52,16 +53,16 @@ struct LocalActor {
 struct LocalJudge {
   static constexpr int kMaxBatch = 64;  // judge sequences decoded together
   std::unique_ptr<Tokenizer> tokenizer;
-  CpuOps<float> ops;
+  std::unique_ptr<Ops<float>> ops;  // before the model, which frees its buffers through it
   std::unique_ptr<Transformer<float>> model;
   Judge judge;
   RewardServiceLimits limits;
   RewardServer server;
   RewardClient client;
 
-  explicit LocalJudge(const std::string& checkpoint)
+  LocalJudge(const std::string& checkpoint, const std::string& device)
       : tokenizer(make_tokenizer(checkpoint_read_info(checkpoint).tokenizer)),
-        model(checkpoint_load_model(checkpoint, ops, kMaxBatch)),
+        ops(make_float_ops(device)), model(checkpoint_load_model(checkpoint, *ops, kMaxBatch)),
         judge(*model, *tokenizer, kMaxBatch), server(judge, "127.0.0.1:0", limits),
         client(fmt::format("127.0.0.1:{}", server.port())) {}
 
@@ -100,7 +101,7 @@ struct EvalSetup {
            s.k, s.k);
     }
     if (s.judge.empty()) fail("--judge: give a judge checkpoint or '{}'", kGroundTruth);
-    require_cpu_device(config, "eval winrate / ratings");
+    check_float_backend(config.runtime.device);  // before the store: nothing written yet
     cpu_set_threads(s.threads > 0 ? s.threads : config.runtime.threads);
 
     // Prompts: the held-out split of the config's task suite, or a file.
@@ -133,6 +134,7 @@ struct EvalSetup {
     base_spec.set_with_reference(s.with_reference);
 
     actor_options.max_batch = std::max(1, s.round_prompts);
+    actor_options.device = config.runtime.device;
     actor_options.expert_format =
         s.expert_format == "none" ? std::nullopt
                                   : std::optional<Fp4Format>(fp4_format_from_name(s.expert_format));
@@ -143,7 +145,7 @@ struct EvalSetup {
     } else {
       base_spec.set_judge(fs::absolute(s.judge).lexically_normal().string());
       base_spec.set_judge_crc32c(file_crc32c(s.judge));
-      local_judge = std::make_unique<LocalJudge>(s.judge);
+      local_judge = std::make_unique<LocalJudge>(s.judge, config.runtime.device);
       spdlog::info("eval: judge {} behind a reward service at 127.0.0.1:{}", s.judge,
                    local_judge->server.port());
       LocalJudge* lj = local_judge.get();

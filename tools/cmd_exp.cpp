@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "learner/stability_experiment.h"
 #include "tools/cli.h"
 
@@ -41,6 +42,7 @@ void run_stability(const StabilityOptions& o) {
       o.common.config.empty()
           ? RunConfig::load_string(embedded_stability_config(), "embedded stability config")
           : RunConfig::load_file(o.common.config);
+  check_float_backend(config.runtime.device);  // every arm runs on it: stop before the first
   fs::path workdir = o.workdir;
   if (workdir.empty()) {
     std::string pattern = (fs::temp_directory_path() / "rlhf-exp-stability-XXXXXX").string();

@@ -5,6 +5,7 @@
 #include <fmt/core.h>
 
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "model/checkpoint.h"
 #include "model/generate.h"
@@ -27,6 +28,7 @@ void register_generate(CLI::App& app) {
     int max_new_tokens = 24;
     uint64_t seed = 0;
     int batch = 32;
+    std::string device = "cpu";
     int threads = 0;
   };
   auto o = std::make_shared<Options>();
@@ -41,6 +43,7 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--max-new-tokens", o->max_new_tokens, "tokens to generate at most");
   cmd->add_option("--seed", o->seed, "sampling seed");
   cmd->add_option("--batch", o->batch, "prompts decoded together")->check(CLI::PositiveNumber);
+  add_device_option(*cmd, o->device);
   cmd->add_option("--threads", o->threads, "CPU threads (0 = every core)");
   cmd->callback([o] {
     if (o->prompts.empty() && o->prompts_file.empty()) {
@@ -49,9 +52,9 @@ void register_generate(CLI::App& app) {
     cpu_set_threads(o->threads);
     const CheckpointContents info = checkpoint_read_info(o->checkpoint);
     const auto tokenizer = make_tokenizer(info.tokenizer);
-    CpuOps<float> ops;
+    const std::unique_ptr<Ops<float>> ops = make_float_ops(o->device);
     // A packed policy decodes directly on its FP4 experts.
-    const auto loaded = checkpoint_load_model(o->checkpoint, ops, o->batch);
+    const auto loaded = checkpoint_load_model(o->checkpoint, *ops, o->batch);
     Transformer<float>& model = *loaded;
 
     std::vector<TaskExample> examples;

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "learner/grm.h"
 #include "model/checkpoint.h"
@@ -74,11 +75,11 @@ nlohmann::json eval_json(const GrmEvalResult& r) {
 }
 
 GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suite,
-                                  const GrmEvalOptions& options) {
+                                  const GrmEvalOptions& options, const std::string& device) {
   const CheckpointContents info = checkpoint_read_info(path);
   const auto tokenizer = make_tokenizer(info.tokenizer);
-  CpuOps<float> ops;
-  const auto model = checkpoint_load_model(path, ops, options.max_batch);
+  const std::unique_ptr<Ops<float>> ops = make_float_ops(device);
+  const auto model = checkpoint_load_model(path, *ops, options.max_batch);
   return evaluate_grm(*model, *tokenizer, suite, options);
 }
 
@@ -98,10 +99,10 @@ void print_eval(const std::string& name, const std::string& path, const GrmEvalR
 void eval_grm(const EvalGrmOptions& o) {
   const auto start = Clock::now();
   const RunConfig config = load_config(o.common);
-  require_cpu_device(config, "eval grm");
+  check_float_backend(config.runtime.device);
   cpu_set_threads(o.threads > 0 ? o.threads : config.runtime.threads);
   const TaskSuite suite(config.tasks);
-  const GrmEvalResult judge = evaluate_checkpoint(o.judge, suite, o.eval);
+  const GrmEvalResult judge = evaluate_checkpoint(o.judge, suite, o.eval, config.runtime.device);
   print_eval("judge", o.judge, judge);
   nlohmann::json out = eval_json(judge);
   out["command"] = "eval grm";
@@ -109,7 +110,8 @@ void eval_grm(const EvalGrmOptions& o) {
   out["with_reference"] = o.eval.with_reference;
   out["voting_k_beats_voting_1"] = judge.pairwise_accuracy_vote_k > judge.pairwise_accuracy;
   if (!o.ablation.empty()) {
-    const GrmEvalResult ablation = evaluate_checkpoint(o.ablation, suite, o.eval);
+    const GrmEvalResult ablation =
+        evaluate_checkpoint(o.ablation, suite, o.eval, config.runtime.device);
     print_eval("ablation", o.ablation, ablation);
     out["ablation"] = eval_json(ablation);
     out["ablation"]["judge"] = o.ablation;

@@ -11,8 +11,10 @@
 #include <fmt/core.h>
 
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "model/checkpoint.h"
+#include "model/generate.h"
 #include "model/tokenizer.h"
 #include "tools/cli.h"
 
@@ -84,6 +86,7 @@ void register_logits(CLI::App& app) {
     std::string checkpoint;
     std::string sequences;
     std::string out;
+    std::string device = "cpu";
     int threads = 0;
   };
   auto o = std::make_shared<Options>();
@@ -95,6 +98,7 @@ void register_logits(CLI::App& app) {
                   "JSONL: {\"tokens\": [...]} or {\"prompt\", \"response\"?} per line")
       ->required();
   cmd->add_option("--out", o->out, "JSON file to write")->required();
+  add_device_option(*cmd, o->device);
   cmd->add_option("--threads", o->threads, "CPU threads (0 = every core)");
   cmd->callback([o] {
     cpu_set_threads(o->threads);
@@ -103,22 +107,24 @@ void register_logits(CLI::App& app) {
     const int V = info.config.vocab_size;
     const auto sequences =
         read_sequences(o->sequences, *tokenizer, V, info.config.max_seq_len);
-    // CpuOps: every buffer below is host memory, so the logits pointer is read directly.
-    CpuOps<float> ops;
-    const auto model = checkpoint_load_model(o->checkpoint, ops, 1);
+    const std::unique_ptr<Ops<float>> ops = make_float_ops(o->device);
+    const auto model = checkpoint_load_model(o->checkpoint, *ops, 1);
 
     nlohmann::json rows = nlohmann::json::array();
     for (const std::vector<int32_t>& tokens : sequences) {
       const int T = int(tokens.size());
       RoutingTrace routing;
       const float* logits = model->forward(tokens.data(), 1, T, nullptr, nullptr, &routing);
-      // logprobs[i] = log softmax(logits[i])[tokens[i+1]], through the same op the learner
-      // scores responses with.
-      std::vector<float> logprobs(size_t(T - 1));
-      if (T > 1) ops.log_softmax_gather(logprobs.data(), logits, tokens.data() + 1, T - 1, V, 1.0);
+      // logprobs[i] = log softmax(logits[i])[tokens[i+1]], through the backend's
+      // log_softmax_gather.
+      const std::vector<float> logprobs = gather_logprobs(
+          *ops, logits, std::span<const int32_t>(tokens).subspan(1), V);
+      // The logits are in the backend's memory: one copy of all T rows.
+      std::vector<float> host_logits(size_t(T) * V);
+      ops->copy_to_host(host_logits.data(), logits, sizeof(float) * host_logits.size());
       nlohmann::json logit_rows = nlohmann::json::array();
       for (int t = 0; t < T; ++t) {
-        const float* row = logits + size_t(t) * V;
+        const float* row = host_logits.data() + size_t(t) * V;
         logit_rows.push_back(std::vector<float>(row, row + V));
       }
       // [moe layer][position][k]: the experts our forward chose, so a mismatch in the other

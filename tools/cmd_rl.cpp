@@ -19,6 +19,7 @@
 
 #include "common/error.h"
 #include "common/progress.h"
+#include "kernels/backend.h"
 #include "learner/actor_pool.h"
 #include "learner/collector.h"
 #include "learner/learner_service.h"
@@ -217,6 +218,7 @@ struct UpOptions {
 void up(const UpOptions& o) {
   const StopSignals stop_signals;
   const RunConfig config = load_config(o.common);  // validated before anything starts
+  check_float_backend(config.runtime.device);      // every process runs on it
   const std::string policy = o.policy.empty() ? config.rl.policy : o.policy;
   const std::string judge = o.judge.empty() ? config.rl.judge : o.judge;
   if (policy.empty()) fail("rl.policy (or --policy): the start policy is required");
@@ -294,11 +296,12 @@ void RlServiceProcesses::stop() {
 RlServiceProcesses start_rl_services(const RunConfig& config, const std::string& policy,
                                      const std::string& judge, int actors) {
   const std::string exe = self_executable();
+  const std::string& device = config.runtime.device;
   RlServiceProcesses services;
   if (config.rl.reward == "judge" || !judge.empty()) {
     services.processes.push_back(std::make_unique<ChildProcess>(
         "reward", std::vector<std::string>{exe, "serve", "reward", "--checkpoint", judge,
-                                           "--listen", "127.0.0.1:0"}));
+                                           "--listen", "127.0.0.1:0", "--device", device}));
     services.reward_address = services.processes.back()->wait_for_address(std::chrono::seconds(120));
   }
   const std::string expert_format =
@@ -307,7 +310,8 @@ RlServiceProcesses start_rl_services(const RunConfig& config, const std::string&
     services.processes.push_back(std::make_unique<ChildProcess>(
         fmt::format("actor-{}", i),
         std::vector<std::string>{exe, "serve", "actor", "--checkpoint", policy, "--listen",
-                                 "127.0.0.1:0", "--expert-format", expert_format}));
+                                 "127.0.0.1:0", "--expert-format", expert_format, "--device",
+                                 device}));
     services.actor_addresses.push_back(
         services.processes.back()->wait_for_address(std::chrono::seconds(120)));
   }

@@ -18,6 +18,7 @@
 #include "actor/actor_engine.h"
 #include "actor/actor_service.h"
 #include "common/error.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/fp4/fp4.h"
 #include "model/checkpoint.h"
@@ -51,6 +52,7 @@ void register_serve_reward(CLI::App& serve) {
     std::string checkpoint;
     std::string listen = "127.0.0.1:50051";
     int max_batch = 16;
+    std::string device = "cpu";
     int threads = 0;
   };
   auto o = std::make_shared<Options>();
@@ -63,6 +65,7 @@ void register_serve_reward(CLI::App& serve) {
   cmd->add_option("--max-batch", o->max_batch, "judge samples decoded together")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  add_device_option(*cmd, o->device);
   cmd->add_option("--threads", o->threads, "CPU threads (0 = every core)")
       ->check(CLI::NonNegativeNumber);
   cmd->callback([o] {
@@ -71,8 +74,8 @@ void register_serve_reward(CLI::App& serve) {
     cpu_set_threads(o->threads);
     const CheckpointContents info = checkpoint_read_info(o->checkpoint);
     const auto tokenizer = make_tokenizer(info.tokenizer);
-    CpuOps<float> ops;
-    const auto model = checkpoint_load_model(o->checkpoint, ops, o->max_batch);
+    const std::unique_ptr<Ops<float>> ops = make_float_ops(o->device);
+    const auto model = checkpoint_load_model(o->checkpoint, *ops, o->max_batch);
     Judge judge(*model, *tokenizer, o->max_batch);
     spdlog::info("judge: {} ({} layers, d_model {}, context {} tokens, tokenizer {})",
                  o->checkpoint, info.config.n_layers, info.config.d_model,
@@ -91,6 +94,7 @@ void register_serve_actor(CLI::App& serve) {
     int max_batch = 16;
     std::string learner;
     int learner_wait_s = 60;
+    std::string device = "cpu";
     int threads = 0;
   };
   auto o = std::make_shared<Options>();
@@ -109,6 +113,7 @@ void register_serve_actor(CLI::App& serve) {
   cmd->add_option("--max-batch", o->max_batch, "sequences decoded together")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  add_device_option(*cmd, o->device);
   cmd->add_option("--learner", o->learner,
                   "learner host:port: pull its current policy before serving (LearnerService."
                   "GetWeights), so a restarted actor catches up");
@@ -124,6 +129,7 @@ void register_serve_actor(CLI::App& serve) {
     cpu_set_threads(o->threads);
     ActorEngineOptions options;
     options.max_batch = o->max_batch;
+    options.device = o->device;
     options.expert_format = o->expert_format == "none"
                                 ? std::nullopt
                                 : std::optional<Fp4Format>(fp4_format_from_name(o->expert_format));

@@ -23,7 +23,8 @@ struct RlServiceProcesses {
 
 // Starts a reward service on `judge` (unless it is empty and the run uses ground-truth
 // rewards) and `actors` actors on `policy`, serving packed experts when the config trains
-// with QAT. Returns once every service has reported its address.
+// with QAT, all on the config's runtime.device. Returns once every service has reported its
+// address.
 RlServiceProcesses start_rl_services(const RunConfig& config, const std::string& policy,
                                      const std::string& judge, int actors);
 

@@ -14,6 +14,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/error.h"
+#include "kernels/backend.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -155,6 +158,60 @@ TEST(Cli, TruncatedCheckpointIsAClearError) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("truncated"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+}
+
+// Every command that builds a model takes its backend from runtime.device (or --device where
+// it has no config). Where `cuda` cannot run (a CPU-only build, or no visible GPU) each stops
+// at once with make_float_ops' one line, before it writes anything. Skipped on a machine where
+// `cuda` does run (the gpu-labelled tests cover that).
+TEST(Cli, DeviceCudaThatCannotRunIsOneClearLineInEveryCommand) {
+  std::string expected;
+  try {
+    rlhf::make_float_ops("cuda");
+  } catch (const rlhf::Error& e) {
+    expected = e.what();
+  }
+  if (expected.empty()) GTEST_SKIP() << "a CUDA device is visible here";
+  ASSERT_NE(expected.find("runtime.device: cuda"), std::string::npos) << expected;
+
+  const fs::path dir = scratch("device");
+  const fs::path cpu_config = write_config(dir, kTinyConfig);
+  const fs::path workdir = dir / "run";
+  ASSERT_EQ(run("sft --config " + cpu_config.string() + " --workdir " + workdir.string()).exit_code,
+            0);
+  const std::string policy = (workdir / "policy.safetensors").string();
+  const fs::path config = dir / "cuda.yaml";
+  std::ofstream(config) << std::string(kTinyConfig) + "  device: cuda\n";  // under runtime:
+  const fs::path sequences = dir / "sequences.jsonl";
+  std::ofstream(sequences) << "{\"prompt\": \"ab\"}\n";
+  const std::string c = " --config " + config.string();
+  auto out = [&](const char* name) { return (dir / name).string(); };
+  const std::vector<std::string> commands = {
+      "sft" + c + " --workdir " + out("sft"),
+      "train-grm" + c + " --workdir " + out("grm"),
+      "exp stability" + c + " --workdir " + out("exp") + " --out " + out("exp-out"),
+      "generate --device cuda --checkpoint " + policy + " --prompt hi",
+      "logits --device cuda --checkpoint " + policy + " --sequences " + sequences.string() +
+          " --out " + out("logits.json"),
+      "serve actor --device cuda --checkpoint " + policy + " --listen 127.0.0.1:0",
+      "serve reward --device cuda --checkpoint " + policy + " --listen 127.0.0.1:0",
+      "serve learner" + c + " --workdir " + out("learner") + " --policy " + policy +
+          " --actors 127.0.0.1:1 --reward 127.0.0.1:1 --listen 127.0.0.1:0",
+      "up" + c + " --workdir " + out("up") + " --policy " + policy + " --judge " + policy,
+      "eval grm" + c + " --judge " + policy + " --prompts 2",
+      "eval winrate" + c + " --a " + policy + " --b " + policy +
+          " --judge ground_truth --prompts 2 --workdir " + out("winrate"),
+  };
+  for (const std::string& command : commands) {
+    SCOPED_TRACE(command);
+    const Result r = run(command);
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("rlhf: error: " + expected), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+  }
+  for (const char* name : {"sft", "grm", "exp", "exp-out", "logits.json", "learner", "winrate"}) {
+    EXPECT_TRUE(!fs::exists(dir / name) || fs::is_empty(dir / name)) << name << " was written";
+  }
 }
 
 // `rlhf logits` feeds the PyTorch parity check (tools/torch_reference/): the logits of every
