@@ -73,11 +73,13 @@ void ChildProcess::read_stderr(int fd) {
     // One write per line keeps lines of different children from interleaving mid-line.
     const std::string forwarded = "[" + name_ + "] " + text + "\n";
     (void)!::write(STDERR_FILENO, forwarded.data(), forwarded.size());
+    std::lock_guard lock(mutex_);
+    tail_.push_back(text);
+    if (tail_.size() > kTailLines) tail_.pop_front();
     const size_t at = text.find("listening on ");
     if (at != std::string::npos) {
       std::string address = text.substr(at + 13);
       address = address.substr(0, address.find_first_of(" \t"));
-      std::lock_guard lock(mutex_);
       if (address_.empty()) address_ = address;
       changed_.notify_all();
     }
@@ -95,6 +97,13 @@ std::string ChildProcess::wait_for_address(std::chrono::seconds timeout) {
   if (!address_.empty()) return address_;
   if (stderr_closed_) fail("{} exited before it was listening (its log is above)", name_);
   fail("{} did not report a listening address within {} s", name_, timeout.count());
+}
+
+std::string ChildProcess::stderr_tail() {
+  std::lock_guard lock(mutex_);
+  std::string text;
+  for (const std::string& line : tail_) text += line + "\n";
+  return text;
 }
 
 void ChildProcess::terminate() {

@@ -1,11 +1,13 @@
 #pragma once
 // A service started by `rlhf up` (or `rlhf demo`) as a child process: its stderr is read line
 // by line, forwarded to ours with a name prefix, and watched for the "listening on ADDR" line
-// each `rlhf serve ...` command logs once it is bound.
+// each `rlhf serve ...` command logs once it is bound. Also a script a benchmark runs (the
+// PyTorch reference), whose last stderr lines go into the error when it fails.
 #include <sys/types.h>
 
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -34,6 +36,10 @@ class ChildProcess {
   int wait();
   pid_t pid() const { return pid_; }
   const std::string& name() const { return name_; }
+  // The last lines (at most kTailLines) the child wrote to stderr, newline-separated, without
+  // the name prefix. Complete once wait() has returned.
+  std::string stderr_tail();
+  static constexpr size_t kTailLines = 20;
 
  private:
   void read_stderr(int fd);
@@ -46,6 +52,7 @@ class ChildProcess {
   std::mutex mutex_;
   std::condition_variable changed_;
   std::string address_;
+  std::deque<std::string> tail_;
   bool stderr_closed_ = false;
 };
 
