@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -262,8 +262,9 @@ class Compiler:
             if mode == "on":
                 raise SystemExit(f"bench.py: --compile on, but {self.note}")
         if self.enabled():
-            # The MoE's per-expert pieces recompile per shape until dynamo marks them dynamic;
-            # the default limit of 8 graphs per function would drop them back to eager.
+            # Each batch size, prompt length and decode position can recompile until dynamo
+            # marks the dimension dynamic, and every MoE layer's graph break starts one more
+            # function; a low limit would drop some of them back to eager without a word.
             dynamo = importlib.import_module("torch._dynamo")
             for key in ("cache_size_limit", "recompile_limit"):
                 if hasattr(dynamo.config, key):
