@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -271,14 +272,153 @@ TEST(Cli, LogitsWritesLogitsLogprobsAndRouting) {
 TEST(Cli, BenchTrainReportsUtilization) {
   const fs::path dir = scratch("bench");
   const fs::path config = write_config(dir, kTinyConfig);
-  const Result r = run("bench train --json --steps 2 --warmup 1 --config " + config.string());
+  const Result r = run("bench train --json --steps 2 --warmup 1 --batch 4 --seq-len 16 --config " +
+                       config.string());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto out = nlohmann::json::parse(last_line(r.out));
+  EXPECT_EQ(out["device"], "cpu");
+  EXPECT_EQ(out["batch"], 4);
+  EXPECT_EQ(out["seq_len"], 16);
   EXPECT_GT(out["tokens_per_s"].get<double>(), 0.0);
-  EXPECT_GT(out["cpu_utilization"].get<double>(), 0.0);
-  EXPECT_LT(out["cpu_utilization"].get<double>(), 1.5);
+  EXPECT_GT(out["model_flops_per_step"].get<double>(), 0.0);
+  EXPECT_GT(out["sgemm_utilization"].get<double>(), 0.0);
+  EXPECT_LT(out["sgemm_utilization"].get<double>(), 1.5);
+  EXPECT_EQ(out["cpu_utilization"], out["sgemm_utilization"]);
+  EXPECT_FALSE(out.contains("mfu_bf16_peak")) << "the H100 peaks are for the GPU only";
+  EXPECT_FALSE(out.contains("torch")) << "no PyTorch without --torch-reference";
+
+  const Result long_seq = run("bench train --seq-len 41 --config " + config.string());
+  EXPECT_EQ(long_seq.exit_code, 1);
+  EXPECT_NE(long_seq.err.find("--seq-len 41 exceeds model.max_seq_len 40"), std::string::npos)
+      << long_seq.err;
 }
 
+// The roofline's byte count is pinned here for kTinyConfig (D 32, 2 layers of which 1 MoE with
+// 4 experts of width 32, top-2, one shared expert, kv_dim 16, vocabulary 262): every parameter
+// but the embedding table and the routed experts, plus the router bias, the batch's embedding
+// rows, the experts each step used, and K/V at the mean decode length.
+TEST(Cli, BenchGenerateReportsRooflinePerBatch) {
+  const fs::path dir = scratch("bench_generate");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const Result r = run("bench generate --json --batches 1 3 --prompt-len 5 --new-tokens 4 "
+                       "--config " + config.string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto out = nlohmann::json::parse(last_line(r.out));
+  EXPECT_EQ(out["prompt_len"], 5);
+  EXPECT_EQ(out["decode_steps"], 3);
+  EXPECT_GT(out["copy_bandwidth_bytes_per_s"].get<double>(), 0.0);
+  ASSERT_EQ(out["results"].size(), 2u);
+  const double D = 32, V = 262, E = 4, k = 2, Fe = 32, expert = 3 * Fe * D, kv_dim = 16;
+  const double params = out["params"].get<double>();
+  const double fixed = params - V * D - E * expert + E;  // + the router bias
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& row = out["results"][i];
+    const double b = i == 0 ? 1 : 3;
+    EXPECT_EQ(row["batch"].get<int>(), int(b));
+    for (const char* key : {"prefill_tokens_per_s", "decode_tokens_per_s", "ms_per_step",
+                            "floor_ms", "roofline_fraction"}) {
+      EXPECT_GT(row[key].get<double>(), 0.0) << key;
+    }
+    const double touched = row["experts_touched"].get<double>();
+    if (b == 1) {
+      EXPECT_EQ(touched, k) << "one token routes to exactly top_k experts";
+    }
+    EXPECT_GE(touched, k);
+    EXPECT_LE(touched, E);
+    EXPECT_NEAR(row["weight_bytes_per_step"].get<double>(), 4 * (fixed + b * D + touched * expert),
+                1e-6 * params);
+    // Decode steps s = 0, 1, 2 read positions 0..5+s: 7 on average, K and V, 2 layers.
+    EXPECT_DOUBLE_EQ(row["kv_bytes_per_step"].get<double>(), 4 * b * 2 * 2 * kv_dim * 7);
+    EXPECT_NEAR(row["roofline_fraction"].get<double>(),
+                row["floor_ms"].get<double>() / row["ms_per_step"].get<double>(), 1e-9);
+  }
+  EXPECT_DOUBLE_EQ(out["results"][1]["experts_touched_uniform"].get<double>(),
+                   E * (1 - std::pow(1 - k / E, 3)));
+
+  const Result too_long = run("bench generate --prompt-len 38 --new-tokens 4 --config " +
+                              config.string());
+  EXPECT_EQ(too_long.exit_code, 1);
+  EXPECT_NE(too_long.err.find("need 41 positions; model.max_seq_len is 40"), std::string::npos)
+      << too_long.err;
+}
+
+// configs/bench-gpu.yaml (216.7M parameters) loads and runs on the CPU backend at the smallest
+// shapes: one sequence, a 2-token prompt and one decode step.
+TEST(Cli, BenchGpuConfigRunsOnTheCpu) {
+  const std::string config = std::string(RLHF_SOURCE_DIR) + "/configs/bench-gpu.yaml";
+  const Result r = run("bench generate --json --device cpu --batches 1 --prompt-len 2 "
+                       "--new-tokens 2 --config " + config);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto out = nlohmann::json::parse(last_line(r.out));
+  EXPECT_EQ(out["device"], "cpu");
+  EXPECT_EQ(out["params"], 216675328);
+  EXPECT_EQ(out["results"][0]["experts_touched"], 4);
+}
+
+// Without torch the script fails; the error names it and shows the end of its stderr. A shell
+// script stands in for bench.py, so this runs where there is no Python.
+TEST(Cli, BenchTorchReferenceFailureShowsTheScriptsStderr) {
+  const fs::path dir = scratch("bench_torch_fail");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const fs::path script = dir / "crash.sh";
+  std::ofstream(script) << "echo 'ModuleNotFoundError: No module named torch' >&2\nexit 3\n";
+  const Result r = run("bench generate --batches 1 --prompt-len 3 --new-tokens 2 "
+                       "--torch-reference --python /bin/sh --torch-script " + script.string() +
+                       " --config " + config.string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("PyTorch reference " + script.string() + " (run with /bin/sh) exited "
+                       "with status 3"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("No module named torch"), std::string::npos) << r.err;
+
+  const Result no_python = run("bench train --torch-reference --python /nonexistent/python3 "
+                               "--config " + config.string());
+  EXPECT_EQ(no_python.exit_code, 1);
+  EXPECT_NE(no_python.err.find("--python '/nonexistent/python3' is not an executable file"),
+            std::string::npos)
+      << no_python.err;
+}
+
+// A Python that can import torch, or "" (then the PyTorch tests skip: CI has no torch).
+std::string python_with_torch() {
+  for (const std::string python : {"python3", "/usr/bin/python3"}) {
+    if (std::system((python + " -c 'import torch' > /dev/null 2>&1").c_str()) == 0) return python;
+  }
+  return "";
+}
+
+// The PyTorch reference in the same call (tools/torch_reference/bench.py): its numbers and the
+// ratios land in the JSON, and its model computed our checkpoint's function.
+TEST(Cli, BenchTorchReferenceInTheSameCallOrSkip) {
+  const std::string python = python_with_torch();
+  if (python.empty()) {
+    GTEST_SKIP() << "no python3 with torch here; the PyTorch reference is untested";
+  }
+  const fs::path dir = scratch("bench_torch");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const std::string torch = " --torch-reference --torch-compile off --python " + python;
+  const Result gen = run("bench generate --json --batches 2 --prompt-len 4 --new-tokens 3 "
+                         "--config " + config.string() + torch);
+  ASSERT_EQ(gen.exit_code, 0) << gen.err;
+  const auto g = nlohmann::json::parse(last_line(gen.out));
+  const auto& row = g["results"][0];
+  EXPECT_GT(row["torch_decode_tokens_per_s"].get<double>(), 0.0);
+  EXPECT_GT(row["decode_speedup_vs_torch"].get<double>(), 0.0);
+  EXPECT_GT(row["prefill_speedup_vs_torch"].get<double>(), 0.0);
+  EXPECT_EQ(g["torch"]["prompt_len"], 4);
+  EXPECT_EQ(g["torch"]["dtype"], "float32") << "the CPU comparison is FP32 against FP32";
+  EXPECT_LT(g["torch"]["parity"]["max_abs_logit_diff"].get<double>(), 1e-3);
+  EXPECT_NE(gen.err.find("[torch] bench.py:"), std::string::npos) << "its progress is forwarded";
+
+  const Result train = run("bench train --json --steps 1 --warmup 0 --batch 2 --seq-len 8 "
+                           "--config " + config.string() + torch);
+  ASSERT_EQ(train.exit_code, 0) << train.err;
+  const auto t = nlohmann::json::parse(last_line(train.out));
+  EXPECT_EQ(t["torch"]["batch"], 2);
+  EXPECT_EQ(t["torch"]["seq_len"], 8);
+  EXPECT_GT(t["speedup_vs_torch"].get<double>(), 0.0);
+}
 
 // The stability experiment end to end on a tiny config: four arms in their own work
 // directories (each with the config it actually ran), the table and the plot, and the --json
