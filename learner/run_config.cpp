@@ -230,12 +230,4 @@ RunConfig RunConfig::load_string(const std::string& yaml, const std::string& wha
   }
 }
 
-void require_cpu_device(const RunConfig& config, const std::string& command) {
-  if (config.runtime.device != "cpu") {
-    fail("runtime.device: {} runs on the cpu backend only so far, not on '{}' (docs/cuda.md "
-         "lists the commands that do)",
-         command, config.runtime.device);
-  }
-}
-
 }  // namespace rlhf

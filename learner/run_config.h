@@ -115,8 +115,4 @@ struct RunConfig {
   static RunConfig load_string(const std::string& yaml, const std::string& what);
 };
 
-// Commands that run on the CPU backend only so far (`rlhf bench train|generate`) call this:
-// rlhf::Error naming the command when runtime.device is not "cpu", rather than ignoring it.
-void require_cpu_device(const RunConfig& config, const std::string& command);
-
 }  // namespace rlhf

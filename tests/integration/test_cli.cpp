@@ -202,6 +202,8 @@ TEST(Cli, DeviceCudaThatCannotRunIsOneClearLineInEveryCommand) {
       "eval grm" + c + " --judge " + policy + " --prompts 2",
       "eval winrate" + c + " --a " + policy + " --b " + policy +
           " --judge ground_truth --prompts 2 --workdir " + out("winrate"),
+      "bench train" + c,
+      "bench generate --device cuda --batches 1 --prompt-len 2 --new-tokens 2",
   };
   for (const std::string& command : commands) {
     SCOPED_TRACE(command);
