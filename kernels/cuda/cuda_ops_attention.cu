@@ -1,10 +1,35 @@
-// Causal grouped-query attention for the CUDA backend: straightforward kernels, correctness
-// first (no tensor cores, no T x S matrix in memory). One block of kAttnThreads threads per
-// query row (forward, dq) or per key row (dk, dv) walks the other side in chunks of
-// kAttnThreads; each thread owns head-dim columns c = tid and tid + kAttnThreads, so head_dim is
-// at most kAttnMaxHeadDim. The forward keeps an online softmax (running max and sum, rescaled
-// per chunk); the backward recomputes the probabilities from lse. Every output element is
-// written by one thread: no atomics, a fixed summation order.
+// Causal grouped-query attention for the CUDA backend, FP32 on the CUDA cores (no tensor cores,
+// no T x S matrix in memory).
+//
+// Tiled kernels (head_dim 16, 32, 64, 128; 128 threads = 4 warps, tiles of kTile = 32):
+// - Rows. The query rows of one (b, kv head) are taken together over the group's heads,
+//   r = t * group + g (query head kvh * group + g), so a K/V tile staged once serves every
+//   head that reads it. Row r sees cache positions 0 .. start[b] + t.
+// - Forward: a block owns 32 rows of one (b, kvh), 8 per warp, and streams the keys its last
+//   row sees in tiles of 32, K and V loaded coalesced (thread i takes element i of the tile)
+//   into shared memory. Scores: lane = key, each lane dots its K row (padded to HD + 1 floats,
+//   so the 32 lanes hit 32 banks) with the warp's 8 Q rows (broadcast reads). Online softmax
+//   per row with warp shuffles; then lane = column for acc += p v, p passed by shuffle.
+//   When the grid would be small (decode, small batches: under kForwardTargetBlocks blocks),
+//   the keys are split into fixed ranges of keys_per_split (grid.y), each split writes its
+//   (acc, m, l) to scratch, and attention_combine_kernel merges the splits in split order.
+// - dq: the same tiling, recomputing p = exp(s - lse) and ds = p (dp - delta) scale per key
+//   tile; the block also writes delta = dout . out of its rows.
+// - dk, dv: a block owns 32 cache positions of one (b, kvh), 8 per warp, and streams the group
+//   rows that see them (from row (j0 - start) * group on) in tiles of 32, Q and dout padded
+//   (lane = row for the dot products).
+// Determinism: each output element is accumulated by one thread, over keys (or rows) in
+// ascending order; the warp reductions are fixed butterflies; the split count and ranges
+// depend only on the shape (never on the device), and the combine walks the splits in order.
+// No atomics, so results repeat bit for bit.
+// Shared memory (dynamic, opted in above 48 KB): forward 32 (3 HD + 1) floats, dq
+// 32 (4 HD + 2), dk/dv 32 (4 HD + 4): at HD = 128, 49 280, 65 792 and 66 048 bytes; at HD = 64
+// about half. Registers (ptxas, sm_90a): at most 188 per thread (dq, HD 128), no spills.
+//
+// Other head_dims (up to kAttnMaxHeadDim = 256) use the row kernels: one block of kAttnThreads
+// threads per query row (forward, dq) or per key row (dk, dv) walks the other side in chunks of
+// kAttnThreads, each thread owning head-dim columns tid and tid + kAttnThreads; same online
+// softmax and recomputation, same determinism.
 #include <algorithm>
 #include <type_traits>
 
