@@ -14,6 +14,7 @@
 #include <vector>
 #include "kernels/ops.h"
 using rlhf::AttentionShape;
+struct float4 { float x, y, z, w; };
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 namespace emu {
 struct Block {

@@ -24,7 +24,8 @@
 // No atomics, so results repeat bit for bit.
 // Shared memory (dynamic, opted in above 48 KB): forward 32 (3 HD + 1) floats, dq
 // 32 (4 HD + 2), dk/dv 32 (4 HD + 4): at HD = 128, 49 280, 65 792 and 66 048 bytes; at HD = 64
-// about half. Registers (ptxas, sm_90a): at most 188 per thread (dq, HD 128), no spills.
+// about half. Registers (ptxas, sm_90a, CUDA 13): at most 136 per thread (dq, HD 128); dk/dv at
+// HD 64 and 128 spill 4 bytes (8 bytes loaded), nothing else spills.
 //
 // Other head_dims (up to kAttnMaxHeadDim = 256) use the row kernels: one block of kAttnThreads
 // threads per query row (forward, dq) or per key row (dk, dv) walks the other side in chunks of
@@ -269,6 +270,26 @@ __device__ __forceinline__ void load_key_tile(float* dst, int stride, const floa
   }
 }
 
+// acc[i] += bcast[row0 + i] . own for the warp's kRowsPerWarp rows, over c ascending. The
+// bcast rows (all lanes read the same address) are 16-byte aligned and read as float4: one
+// shared load per 4 columns and row; own is the lane's padded row, read as scalars.
+template <int HD>
+__device__ __forceinline__ void dot_warp_rows(float (&acc)[kRowsPerWarp], const float* bcast,
+                                              int row0, const float* own) {
+#pragma unroll 1  // unrolled further, ptxas spills more in dk/dv (sm_90a, CUDA 13)
+  for (int c = 0; c < HD; c += 4) {
+    const float o0 = own[c], o1 = own[c + 1], o2 = own[c + 2], o3 = own[c + 3];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float4 b = *reinterpret_cast<const float4*>(bcast + (row0 + i) * HD + c);
+      acc[i] += b.x * o0;
+      acc[i] += b.y * o1;
+      acc[i] += b.z * o2;
+      acc[i] += b.w * o3;
+    }
+  }
+}
+
 // Columns of a head row a lane owns: c = lane + 32 * n, n < kCols.
 template <int HD>
 constexpr int kCols = (HD + 31) / 32;
@@ -314,12 +335,7 @@ __global__ void __launch_bounds__(kTileThreads)
     float p[kRowsPerWarp];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) p[i] = 0;
-#pragma unroll 8
-    for (int c = 0; c < HD; ++c) {
-      const float kc = k_sh[lane * (HD + 1) + c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) p[i] += q_sh[(warp * kRowsPerWarp + i) * HD + c] * kc;
-    }
+    dot_warp_rows<HD>(p, q_sh, warp * kRowsPerWarp, k_sh + lane * (HD + 1));
     const int j = j0 + lane;
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -459,15 +475,8 @@ __global__ void __launch_bounds__(kTileThreads)
     float score[kRowsPerWarp], dp[kRowsPerWarp];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) score[i] = dp[i] = 0;
-#pragma unroll 8
-    for (int c = 0; c < HD; ++c) {
-      const float kc = k_sh[lane * (HD + 1) + c], vc = v_sh[lane * (HD + 1) + c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        score[i] += q_sh[(warp * kRowsPerWarp + i) * HD + c] * kc;
-        dp[i] += do_sh[(warp * kRowsPerWarp + i) * HD + c] * vc;
-      }
-    }
+    dot_warp_rows<HD>(score, q_sh, warp * kRowsPerWarp, k_sh + lane * (HD + 1));
+    dot_warp_rows<HD>(dp, do_sh, warp * kRowsPerWarp, v_sh + lane * (HD + 1));
     const int j = j0 + lane;
     float ds[kRowsPerWarp];
 #pragma unroll
@@ -546,15 +555,8 @@ __global__ void __launch_bounds__(kTileThreads)
     float score[kRowsPerWarp], dp[kRowsPerWarp];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) score[i] = dp[i] = 0;
-#pragma unroll 8
-    for (int c = 0; c < HD; ++c) {
-      const float qc = q_sh[lane * (HD + 1) + c], dc = do_sh[lane * (HD + 1) + c];
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        score[i] += k_sh[(warp * kRowsPerWarp + i) * HD + c] * qc;
-        dp[i] += v_sh[(warp * kRowsPerWarp + i) * HD + c] * dc;
-      }
-    }
+    dot_warp_rows<HD>(score, k_sh, warp * kRowsPerWarp, q_sh + lane * (HD + 1));
+    dot_warp_rows<HD>(dp, v_sh, warp * kRowsPerWarp, do_sh + lane * (HD + 1));
     const int r = r0 + lane;
     const int last = start + group_row(s, b, kvh, r).t;
     float p[kRowsPerWarp], ds[kRowsPerWarp];
