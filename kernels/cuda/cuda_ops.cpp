@@ -306,7 +306,11 @@ void CudaOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const
                                    const AttentionShape& s) {
   RLHF_CHECK(s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
              "{} query heads are not groups of {} kv heads", s.n_heads, s.n_kv_heads);
-  cuda::attention_forward(out, lse, q, k, v, s, kStream);
+  const int64_t partial_floats = cuda::attention_forward_scratch_floats(s);
+  auto* partials =
+      partial_floats > 0 ? static_cast<float*>(scratch(sizeof(float) * size_t(partial_floats)))
+                         : nullptr;
+  cuda::attention_forward(out, lse, q, k, v, s, partials, kStream);
 }
 
 template <typename T>

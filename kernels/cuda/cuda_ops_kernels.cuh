@@ -46,8 +46,11 @@ void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta
 // ---- attention (cuda_ops_attention.cu) ----
 void kv_cache_write(float* cache, const float* kv, const AttentionShape& shape,
                     cudaStream_t stream);
+// partials is scratch of attention_forward_scratch_floats(shape) floats (null when 0): the
+// per-split softmax state when the keys are split across blocks (decode, small batches).
+int64_t attention_forward_scratch_floats(const AttentionShape& shape);
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       const AttentionShape& shape, cudaStream_t stream);
+                       const AttentionShape& shape, float* partials, cudaStream_t stream);
 // delta [B, Hq, T] is scratch (dout . out per query row).
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out,
                         const float* lse, const float* q, const float* k, const float* v,

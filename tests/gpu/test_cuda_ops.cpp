@@ -393,7 +393,11 @@ INSTANTIATE_TEST_SUITE_P(
                     AttnCase{1, 150, 150, 3, 1, 24, true},   // more keys than one 128-key chunk
                     AttnCase{2, 9, 9, 2, 2, 200, true},      // head_dim over 128 threads
                     AttnCase{3, 1, 300, 4, 4, 64, false},    // decode: one new token, cache 300
-                    AttnCase{2, 5, 140, 8, 2, 32, false}),  // chunked prefill into a cache
+                    AttnCase{2, 5, 140, 8, 2, 32, false},   // chunked prefill into a cache
+                    // The tiled kernels' shapes: 517 x 4 group rows end in a partial tile.
+                    AttnCase{2, 517, 517, 8, 2, 64, true},   // training, GQA 4:1
+                    AttnCase{2, 1, 1000, 8, 2, 64, false},   // decode, keys split 8 ways
+                    AttnCase{2, 40, 300, 4, 2, 128, false}), // prefill, split keys, hd 128
     [](const testing::TestParamInfo<AttnCase>& p) { return attn_case_name(p.param); });
 
 TEST_F(CudaOpsTest, KvCacheWrite) {
