@@ -2,7 +2,7 @@
 # Builds the emulator around the current tiled kernels and runs one shape: ./run.sh 2 37 37 4 2 16
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
+root=$(cd "$here/../.." && pwd)  # the repository: tools/attention_emu/../..
 work=$(mktemp -d)
 python3 - "$root/kernels/cuda/cuda_ops_attention.cu" "$work/chunk.inc" <<'PY'
 import sys
