@@ -1,10 +1,11 @@
 #pragma once
-// The CUDA backend, first slice: every op of kernels/ops.h on the GPU, in FP32, each checked
-// against CpuOps<float> (tests/gpu/test_cuda_ops.cpp; tolerances stated there and in
-// docs/cuda.md). What this slice is not yet (DESIGN.md's target): BF16 compute with FP32
-// accumulation through cuBLASLt, a fused (flash-style) attention, the FP4 experts through the
-// sm90 grouped kernel, CUDA graphs, multi-stream work. Dense GEMMs go to cuBLAS SGEMM with
-// tensor-op (TF32) math off, so they are plain FP32 and agree with the BLAS up to reordering.
+// The CUDA backend: every op of kernels/ops.h on the GPU, in FP32, each checked against
+// CpuOps<float> (tests/gpu/test_cuda_ops.cpp; tolerances stated there and in docs/cuda.md).
+// What it is not yet (DESIGN.md's target): BF16 compute with FP32 accumulation through
+// cuBLASLt, tensor-core attention (the attention kernels are tiled FP32), the FP4 experts
+// through the sm90 grouped kernel, CUDA graphs, multi-stream work. Dense GEMMs go to cuBLAS
+// SGEMM with tensor-op (TF32) math off, so they are plain FP32 and agree with the BLAS up to
+// reordering; the experts' grouped GEMMs are one cublasSgemmGroupedBatched call each.
 //
 // Three layers per op, as ggml splits them: __global__ kernels and their launchers in the
 // cuda_ops_*.cu files (declared in cuda_ops_kernels.cuh), and the checked entry points here
