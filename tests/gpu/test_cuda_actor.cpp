@@ -34,6 +34,7 @@
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "tests/gpu/gpu_test_support.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -44,19 +45,7 @@ constexpr int kExactSteps = 4;
 constexpr double kLogprobTol = 1e-4;
 
 ModelConfig policy_config() {
-  ModelConfig config;
-  config.vocab_size = ByteTokenizer::kVocabSize;
-  config.d_model = 32;
-  config.n_layers = 2;
-  config.n_heads = 2;
-  config.n_kv_heads = 1;
-  config.head_dim = 16;
-  config.max_seq_len = 64;
-  config.d_ff = 64;
-  config.n_routed_experts = 4;
-  config.d_expert = 32;  // MXFP4 blocks of 32 along d_model and d_expert
-  config.init_std = 0.3;  // logits that spread, as in test_actor_service.cpp
-  return config;
+  return actor_policy_config();  // as in test_actor_service.cpp
 }
 
 v1::GenerateRequest request(uint64_t expect_version) {

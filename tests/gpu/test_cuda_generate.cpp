@@ -40,6 +40,7 @@
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "tests/gpu/gpu_test_support.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -49,24 +50,7 @@ constexpr double kLogprobTol = 1e-4;
 constexpr double kTieGap = 1e-4;
 
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = 32;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_seq_len = 32;
-  c.n_dense_layers = 1;  // one dense layer, then two MoE layers
-  c.d_ff = 64;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.top_k = 2;
-  c.d_expert = 16;
-  // As in test_generate.cpp: logits of std ~1.7, so greedy choices are not near-ties, and
-  // temperature-1 samples still vary.
-  c.init_std = 0.3;
-  return c;
+  return small_moe_config();  // as in test_generate.cpp
 }
 
 // Six prompts of mixed lengths (test_generate.cpp's): in chunks of 4 the prefill is padded, and

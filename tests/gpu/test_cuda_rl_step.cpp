@@ -44,6 +44,7 @@
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "tests/gpu/gpu_test_support.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -53,21 +54,7 @@ constexpr double kStatTol = 1e-5;
 constexpr double kGradTol = 1e-4;
 
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = 32;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_seq_len = 32;
-  c.n_dense_layers = 1;
-  c.d_ff = 64;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.top_k = 2;
-  c.d_expert = 16;
-  c.init_std = 0.3;
+  ModelConfig c = small_moe_config();
   c.seq_balance_loss = 0.01;  // the balance loss's gradient is part of the step too
   return c;
 }

@@ -47,6 +47,7 @@
 #include "model/tokenizer.h"
 #include "rlhf/v1/actor.grpc.pb.h"
 #include "rlhf/v1/learner.grpc.pb.h"
+#include "tests/test_support.h"
 
 extern char** environ;
 
@@ -67,21 +68,7 @@ void set_deadline(grpc::ClientContext& context) {
 }
 
 ModelConfig policy_config() {
-  ModelConfig config;
-  config.vocab_size = ByteTokenizer::kVocabSize;
-  config.d_model = 32;
-  config.n_layers = 2;
-  config.n_heads = 2;
-  config.n_kv_heads = 1;
-  config.head_dim = 16;
-  config.max_seq_len = 64;
-  config.d_ff = 64;
-  config.n_routed_experts = 4;
-  config.d_expert = 32;  // MXFP4 blocks of 32 along d_model and d_expert
-  // Logits that spread (as in test_generate): temperature-1 samples vary with the seed, and
-  // different random weights give visibly different rollouts.
-  config.init_std = 0.3;
-  return config;
+  return actor_policy_config();
 }
 
 // A float policy with random weights, as bytes (what a learner sends).

@@ -25,6 +25,7 @@
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -32,24 +33,7 @@ namespace {
 constexpr double kLogitTol = 1e-4;
 
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = 32;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_seq_len = 32;
-  c.n_dense_layers = 1;  // one dense layer, then two MoE layers
-  c.d_ff = 64;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.top_k = 2;
-  c.d_expert = 16;
-  // Larger than the default 0.02 so the logits spread (std ~1.7): greedy choices are not
-  // near-ties, yet temperature-1 sampling still varies from seed to seed.
-  c.init_std = 0.3;
-  return c;
+  return small_moe_config();
 }
 
 std::vector<int32_t> random_tokens(Rng& rng, int n) {

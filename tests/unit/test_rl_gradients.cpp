@@ -31,21 +31,8 @@ constexpr double kLossTol = 5e-5;
 constexpr double kGradTol = 1e-4;
 
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_seq_len = 32;
-  c.n_dense_layers = 1;
-  c.d_ff = 64;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.top_k = 2;
-  c.d_expert = 16;
-  c.init_std = 0.3;
+  ModelConfig c = small_moe_config();
+  c.n_layers = 2;  // one dense layer, one MoE layer
   return c;
 }
 
