@@ -91,9 +91,10 @@ class Ops {
   virtual void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M,
                                int N, int K, bool accumulate_din) = 0;
   // Expert GEMMs for all experts in one call: rows offsets[e]..offsets[e+1]-1 of in[R,K] use
-  // w[e] ([E,N,K]). out[R,N].
+  // w[e] ([E,N,K]). out[R,N]. rows = R = offsets[n_groups], passed by the caller (who knows it
+  // as tokens x top_k) so a GPU backend can size its launch without reading the offsets back.
   virtual void grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
-                                      int n_groups, int N, int K) = 0;
+                                      int n_groups, int rows, int N, int K) = 0;
   // din[R,K] = dout . w[e] (+= when accumulate_din); dw[E,N,K] += dout^T . in (per group)
   virtual void grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
                                        const int32_t* offsets, int n_groups, int N, int K,
@@ -137,8 +138,11 @@ class Ops {
 
   // ---- SwiGLU with clamping ----
   // h[n] = silu(min(gate, gate_max)) * clamp(up, -limit, limit)   (no clamping if disabled)
-  virtual ClampCounts swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
-                                     const SwigluClampConfig& clamp) = 0;
+  // clamp_counts[2] (backend memory; null: not counted) += the units whose gate was clamped
+  // and those whose linear path was. The counts stay in backend memory until the caller reads
+  // them, so a GPU forward needs no wait for the host.
+  virtual void swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                              const SwigluClampConfig& clamp, int64_t* clamp_counts) = 0;
   // dgate[n], dup[n] = ; zero where the input was clamped.
   virtual void swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
                                int64_t n, const SwigluClampConfig& clamp) = 0;
@@ -192,9 +196,10 @@ class Ops {
   virtual void fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
                                   bool accumulate) = 0;
   // Expert GEMMs on packed weights: w holds n_groups matrices of N = w.rows / n_groups rows;
-  // rows offsets[g]..offsets[g+1]-1 of in[R, K] use matrix g. out[R, N].
+  // rows offsets[g]..offsets[g+1]-1 of in[R, K] use matrix g. out[R, N]. rows = R, as in
+  // grouped_matmul_forward.
   virtual void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
-                                          const int32_t* offsets, int n_groups) = 0;
+                                          const int32_t* offsets, int n_groups, int rows) = 0;
 
   // ---- elementwise and reductions ----
   virtual void copy(T* dst, const T* src, int64_t n) = 0;  // same backend

@@ -279,6 +279,7 @@ void Transformer<T>::allocate_activations() {
   act_index_ = Buffer<int32_t, Ops<T>>(ops_, itotal);
   plan(act_.data(), act_index_.data(), total, itotal);
   ops_.fill(act_.data(), T(0), total);
+  clamp_counts_ = Buffer<int64_t, Ops<T>>(ops_, 2 * int64_t(c.n_layers));
 }
 
 template <typename T>
@@ -324,7 +325,14 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   host_start.assign(batch, 0);
   host_positions.resize(N);
   for (int b = 0; b < batch; ++b) {
-    if (cache) host_start[b] = start ? start[b] : 0;
+    if (cache) {
+      host_start[b] = start ? start[b] : 0;
+      // Checked here, on the host copy: the GPU backend's cache write does not read start back.
+      if (host_start[b] < 0 || int64_t(host_start[b]) + n_new > cache->capacity()) {
+        fail("KV cache overflow: sequence {} starts at {} with {} new tokens, capacity {}", b,
+             host_start[b], n_new, cache->capacity());
+      }
+    }
     for (int t = 0; t < n_new; ++t) host_positions[b * n_new + t] = host_start[b] + t;
   }
   for (int i = 0; i < N; ++i) {
@@ -353,6 +361,9 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   stats_.clamp.assign(c.n_layers, ClampCounts{});
   stats_.tokens = N;
   stats_.router_flips.assign(selection_router_on_ && !replay ? c.n_moe_layers() : 0, 0);
+  host_clamp_counts_.assign(size_t(clamp_counts_.size()), 0);
+  clamp_counts_.from_host(host_clamp_counts_.data(), clamp_counts_.size());
+  stats_on_device_ = true;
 
   if (qat_format_ && qat_stale_) refresh_qat();
   const ModelWeights<T>& W = active_weights();
@@ -393,6 +404,28 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
 }
 
 template <typename T>
+const ForwardStats& Transformer<T>::last_stats() const {
+  if (!stats_on_device_) return stats_;
+  // One read per MoE layer's offsets and one for the clamp counts, only when someone asks: a
+  // decode loop never does, so its forwards run without waiting for the device.
+  const ModelConfig& c = config_;
+  const int E = c.n_routed_experts;
+  std::vector<int32_t> offsets(size_t(E) + 1);
+  for (int m = 0; m < c.n_moe_layers(); ++m) {
+    ops_.copy_to_host(offsets.data(), layer_acts_[c.n_dense_layers + m].routing.offsets,
+                      sizeof(int32_t) * offsets.size());
+    for (int e = 0; e < E; ++e) stats_.expert_load[m][e] = offsets[e + 1] - offsets[e];
+  }
+  host_clamp_counts_ = clamp_counts_.to_host();
+  for (int l = 0; l < c.n_layers; ++l) {
+    stats_.clamp[l].gate = host_clamp_counts_[2 * l];
+    stats_.clamp[l].linear = host_clamp_counts_[2 * l + 1];
+  }
+  stats_on_device_ = false;
+  return stats_;
+}
+
+template <typename T>
 void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* cache) {
   const ModelConfig& c = config_;
   const int N = batch * n_new, D = c.d_model;
@@ -426,11 +459,12 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
   T* out = l + 1 < c.n_layers ? layer_acts_[l + 1].x_in : resid_final_;
   ops_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.norm_eps);
   ops_.copy(out, a.x_mid, int64_t(N) * D);
-  ClampCounts& clamp = stats_.clamp[l];
-  auto add_counts = [&](const ClampCounts& x) {
-    clamp.gate += x.gate;
-    clamp.linear += x.linear;
-    clamp.total += x.total;
+  // The clamp counts accumulate in backend memory (read when last_stats() is asked); the
+  // number of units looked at is known here.
+  int64_t* clamp_counts = clamp_counts_.data() + 2 * l;
+  auto swiglu = [&](T* h, const T* gate, const T* up, int64_t n) {
+    ops_.swiglu_forward(h, gate, up, n, c.clamp, clamp_counts);
+    stats_.clamp[l].total += n;
   };
   // out (+)= in . W^T for a weight held in float, or in packed FP4 when `packed` is given.
   auto matmul = [&](T* dst, const T* in, const T* weight, const PackedFp4Matrix* packed, int M,
@@ -447,7 +481,7 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
                           const PackedFp4Matrix* pd) {
     matmul(a.gate, a.ffn_in, wg, pg, N, F, D, false);
     matmul(a.up, a.ffn_in, wu, pu, N, F, D, false);
-    add_counts(ops_.swiglu_forward(a.h, a.gate, a.up, int64_t(N) * F, c.clamp));
+    swiglu(a.h, a.gate, a.up, int64_t(N) * F);
     matmul(out, a.h, wd, pd, N, D, F, true);
   };
   if (!c.is_moe_layer(l)) {
@@ -478,10 +512,6 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
     ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * K, r.expert_ids,
                       sizeof(int32_t) * N * K);
   }
-  std::vector<int32_t>& offsets = host_offsets_;
-  offsets.resize(E + 1);
-  ops_.copy_to_host(offsets.data(), r.offsets, sizeof(int32_t) * (E + 1));
-  for (int e = 0; e < E; ++e) stats_.expert_load[m][e] = offsets[e + 1] - offsets[e];
 
   if (c.n_shared_experts > 0) {
     dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe,
@@ -491,17 +521,19 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
   const int64_t rows = int64_t(N) * K;
   ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);
   if (packed) {
-    ops_.fp4_grouped_matmul_forward(a.e_gate, a.xe, w.packed_expert_gate, r.offsets, E);
-    ops_.fp4_grouped_matmul_forward(a.e_up, a.xe, w.packed_expert_up, r.offsets, E);
+    ops_.fp4_grouped_matmul_forward(a.e_gate, a.xe, w.packed_expert_gate, r.offsets, E,
+                                    int(rows));
+    ops_.fp4_grouped_matmul_forward(a.e_up, a.xe, w.packed_expert_up, r.offsets, E, int(rows));
   } else {
-    ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, Fe, D);
-    ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, Fe, D);
+    ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, int(rows), Fe, D);
+    ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, int(rows), Fe, D);
   }
-  add_counts(ops_.swiglu_forward(a.e_h, a.e_gate, a.e_up, rows * Fe, c.clamp));
+  swiglu(a.e_h, a.e_gate, a.e_up, rows * Fe);
   if (packed) {
-    ops_.fp4_grouped_matmul_forward(a.ye, a.e_h, w.packed_expert_down, r.offsets, E);
+    ops_.fp4_grouped_matmul_forward(a.ye, a.e_h, w.packed_expert_down, r.offsets, E,
+                                    int(rows));
   } else {
-    ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, D, Fe);
+    ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, int(rows), D, Fe);
   }
   ops_.moe_combine_forward(out, a.ye, a.gates, r, D);
 }
@@ -673,10 +705,11 @@ void Transformer<T>::set_selection_router(const std::vector<T>& state) {
 template <typename T>
 void Transformer<T>::update_router_bias() {
   const ModelConfig& c = config_;
-  if (c.bias_update_rate == 0 || stats_.expert_load.empty()) return;
+  const ForwardStats& stats = last_stats();
+  if (c.bias_update_rate == 0 || stats.expert_load.empty()) return;
   std::vector<T> bias(c.n_routed_experts);
   for (int m = 0; m < c.n_moe_layers(); ++m) {
-    const auto& load = stats_.expert_load[m];
+    const auto& load = stats.expert_load[m];
     double mean = 0;
     for (int64_t x : load) mean += double(x);
     mean /= double(load.size());

@@ -171,7 +171,8 @@ class Transformer {
   // of the last forward.
   void update_router_bias();
 
-  const ForwardStats& last_stats() const { return stats_; }
+  // Reads the last forward's counts from backend memory on the first call after it.
+  const ForwardStats& last_stats() const;
 
   // ---- anticipatory routing ----
   // Every MoE layer's router (weights [E, D], then balance bias [E]) copied to the host, in
@@ -276,8 +277,13 @@ class Transformer {
 
   int cur_batch_ = 0, cur_seq_ = 0;
   // Host-side staging reused by every forward, so a decode loop does not allocate per token.
-  std::vector<int32_t> host_start_, host_positions_, host_offsets_;
-  ForwardStats stats_;
+  std::vector<int32_t> host_start_, host_positions_;
+  // The last forward's stats. Expert loads and clamp counts stay in backend memory (the
+  // routing offsets of each layer, clamp_counts_) until last_stats() reads them.
+  mutable ForwardStats stats_;
+  mutable bool stats_on_device_ = false;
+  Buffer<int64_t, Ops<T>> clamp_counts_;  // [n_layers][gate, linear]
+  mutable std::vector<int64_t> host_clamp_counts_;
   double last_forward_flops_ = 0;
 };
 

@@ -96,12 +96,14 @@ void CpuOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, const
 
 template <typename T>
 void CpuOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
-                                       int n_groups, int N, int K) {
+                                       int n_groups, int rows, int N, int K) {
+  RLHF_CHECK(offsets[n_groups] == rows,
+             "grouped matmul: offsets end at row {}, the caller says {}", offsets[n_groups], rows);
   for (int e = 0; e < n_groups; ++e) {
-    const int rows = offsets[e + 1] - offsets[e];
-    if (rows == 0) continue;
+    const int group_rows = offsets[e + 1] - offsets[e];
+    if (group_rows == 0) continue;
     matmul_forward(out + int64_t(offsets[e]) * N, in + int64_t(offsets[e]) * K,
-                   w + int64_t(e) * N * K, rows, N, K, false);
+                   w + int64_t(e) * N * K, group_rows, N, K, false);
   }
 }
 
@@ -388,8 +390,8 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
 // The SwiGLU loops are written with plain value selects (no std::min/max, no ||) because that
 // is the form GCC vectorizes; with clamping off the limits are infinite, so one loop serves both.
 template <typename T>
-ClampCounts CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
-                                      const SwigluClampConfig& clamp) {
+void CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                               const SwigluClampConfig& clamp, int64_t* clamp_counts) {
   const T inf = std::numeric_limits<T>::infinity();
   const T gmax = clamp.enabled ? T(clamp.gate_max) : inf;
   const T lim = clamp.enabled ? T(clamp.linear_limit) : inf;
@@ -404,7 +406,10 @@ ClampCounts CpuOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t 
     clamped_linear += (uraw > lim ? 1 : 0) + (uraw < -lim ? 1 : 0);
     h[i] = g * sigmoid(g) * u;
   }
-  return ClampCounts{clamped_gate, clamped_linear, n};
+  if (clamp_counts) {
+    clamp_counts[0] += clamped_gate;
+    clamp_counts[1] += clamped_linear;
+  }
 }
 
 template <typename T>
@@ -727,18 +732,21 @@ void CpuOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w
 
 template <typename T>
 void CpuOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
-                                           const int32_t* offsets, int n_groups) {
+                                           const int32_t* offsets, int n_groups, int rows) {
+  RLHF_CHECK(offsets[n_groups] == rows,
+             "grouped FP4 matmul: offsets end at row {}, the caller says {}", offsets[n_groups],
+             rows);
   const int64_t N = w.rows / n_groups, K = w.cols;
   const int block = fp4_block_size(w.format);
   for (int g = 0; g < n_groups; ++g) {
-    const int rows = offsets[g + 1] - offsets[g];
-    if (rows == 0) continue;  // an expert with no tokens costs nothing
+    const int group_rows = offsets[g + 1] - offsets[g];
+    if (group_rows == 0) continue;  // an expert with no tokens costs nothing
     PackedFp4Matrix expert = w;
     expert.rows = N;
     expert.codes = w.codes + g * N * (K / 2);
     expert.scales = w.scales + g * N * (K / block);
-    fp4_matmul_forward(out + int64_t(offsets[g]) * N, in + int64_t(offsets[g]) * K, expert, rows,
-                       false);
+    fp4_matmul_forward(out + int64_t(offsets[g]) * N, in + int64_t(offsets[g]) * K, expert,
+                       group_rows, false);
   }
 }
 

@@ -24,7 +24,7 @@ class CpuOps final : public Ops<T> {
   void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M, int N,
                        int K, bool accumulate_din) override;
   void grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
-                              int n_groups, int N, int K) override;
+                              int n_groups, int rows, int N, int K) override;
   void grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
                                const int32_t* offsets, int n_groups, int N, int K,
                                bool accumulate_din) override;
@@ -49,8 +49,8 @@ class CpuOps final : public Ops<T> {
                           const T* q, const T* k, const T* v,
                           const AttentionShape& shape) override;
 
-  ClampCounts swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
-                             const SwigluClampConfig& clamp) override;
+  void swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                      const SwigluClampConfig& clamp, int64_t* clamp_counts) override;
   void swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up, int64_t n,
                        const SwigluClampConfig& clamp) override;
 
@@ -78,7 +78,7 @@ class CpuOps final : public Ops<T> {
   void fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
                           bool accumulate) override;
   void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
-                                  const int32_t* offsets, int n_groups) override;
+                                  const int32_t* offsets, int n_groups, int rows) override;
 
   void copy(T* dst, const T* src, int64_t n) override;
   void fill(T* x, T value, int64_t n) override;

@@ -7,8 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <new>
+#include <string>
 
 #include "common/error.h"
 #include "kernels/cuda/cublas_check.h"
@@ -38,6 +41,13 @@ struct CudaOps<T>::GroupedCallArrays {
 
 template <typename T>
 CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
+  // RLHF_CUDA_FEW_ROWS=off|on (default on): whether small products may take the few-rows
+  // kernels. For A/B measurements against cuBLAS with one binary (docs/cuda.md).
+  if (const char* mode = std::getenv("RLHF_CUDA_FEW_ROWS")) {
+    const std::string m = mode;
+    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS is '{}'; expected off or on", m);
+    few_rows_enabled_ = m == "on";
+  }
   cublasHandle_t handle = nullptr;
   CUBLAS_CHECK(cublasCreate(&handle));
   cublas_ = handle;
@@ -45,6 +55,20 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
   // Plain FP32 products: no TF32 tensor-op shortcut, so the GEMMs differ from the CPU BLAS by
   // summation order only.
   CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&device_flags_host_), sizeof(int32_t),
+                           cudaHostAllocMapped));
+  *device_flags_host_ = 0;
+  CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_flags_),
+                                      device_flags_host_, 0));
+}
+
+template <typename T>
+void CudaOps<T>::check_device_flags() {
+  // Fatal, like the other internal checks: the model validates replayed traces on the host, so
+  // an id out of range here is a bug, not bad input.
+  const int32_t out_of_range = *device_flags_host_;
+  RLHF_CHECK(out_of_range == 0,
+             "{} expert ids outside [0, n_experts) reached the router", out_of_range);
 }
 
 template <typename T>
@@ -54,6 +78,7 @@ CudaOps<T>::~CudaOps() {
   for (CUevent_st* event : grouped_events_) cudaEventDestroy(event);
   if (grouped_staging_) cudaFreeHost(grouped_staging_);
   if (grouped_device_) cudaFree(grouped_device_);
+  if (device_flags_host_) cudaFreeHost(device_flags_host_);
   if (cublas_) cublasDestroy(cublas_);
 }
 
@@ -77,10 +102,10 @@ const int32_t* CudaOps<T>::host_offsets(const int32_t* offsets, int n_groups) {
   if (known != offsets_mirror_.end() && known->second.size() == size_t(n_groups) + 1) {
     return known->second.data();
   }
-  host_offsets_.resize(size_t(n_groups) + 1);
-  CUDA_CHECK(cudaMemcpy(host_offsets_.data(), offsets, sizeof(int32_t) * (n_groups + 1),
-                        cudaMemcpyDeviceToHost));
-  return host_offsets_.data();
+  std::vector<int32_t>& mirror = offsets_mirror_[offsets];
+  mirror.resize(size_t(n_groups) + 1);
+  copy_to_host(mirror.data(), offsets, sizeof(int32_t) * mirror.size());
+  return mirror.data();
 }
 
 template <typename T>
@@ -181,6 +206,7 @@ void CudaOps<T>::free_bytes(void* ptr) {
 template <typename T>
 void CudaOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
   if (bytes) CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
+  check_device_flags();  // the copy waited for every queued kernel
 }
 
 template <typename T>
@@ -192,9 +218,21 @@ void CudaOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
 // ---------------------------------------------------------------- dense algebra
 
 template <typename T>
+bool CudaOps<T>::few_rows_kernel_fits(const void* in, const void* w, int K) const {
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return K % 4 == 0 && aligned16(in) && aligned16(w);
+}
+
+template <typename T>
 void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                                 bool accumulate) {
   if (M == 0 || N == 0) return;
+  if (few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K)) {
+    auto* partial = static_cast<float*>(
+        scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, N, K))));
+    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial, kStream);
+    return;
+  }
   gemm(false, true, M, N, K, in, K, w, K, accumulate ? 1.0f : 0.0f, out, N);
 }
 
@@ -206,19 +244,28 @@ void CudaOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, cons
   if (dw && N > 0) gemm(true, false, N, K, M, dout, N, in, K, 1.0f, dw, K);
 }
 
-// One cuBLAS call per grouped product for all experts with rows, instead of one per expert: an
-// MoE layer of E experts issues 3 calls forward and 6 backward rather than 3E and 6E, which is
-// what bounded small-batch training (docs/cuda.md).
+// Larger products: one cuBLAS call per grouped product for all experts with rows, instead of
+// one per expert: an MoE layer of E experts issues 3 calls forward and 6 backward rather than
+// 3E and 6E, which is what bounded small-batch training (docs/cuda.md).
 template <typename T>
 void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
-                                        int n_groups, int N, int K) {
+                                        int n_groups, int rows, int N, int K) {
+  RLHF_CHECK(rows >= 0 && n_groups > 0, "grouped matmul of {} rows over {} groups", rows,
+             n_groups);
+  // Decode-sized groups (a few dozen rows per expert on average) go to the few-rows kernel,
+  // which reads the offsets on the device: no wait, and the weights stream at HBM speed.
+  if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+      few_rows_kernel_fits(in, w, K)) {
+    cuda::few_rows_matmul(out, in, w, offsets, n_groups, rows, N, K, kStream);
+    return;
+  }
   const int32_t* off = host_offsets(offsets, n_groups);
   grouped_.clear();
   for (int e = 0; e < n_groups; ++e) {
-    const int rows = off[e + 1] - off[e];
-    if (rows == 0) continue;
-    // out_e[rows, N] = in_e[rows, K] W_e^T
-    grouped_.add(rows, N, K, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
+    const int group_rows = off[e + 1] - off[e];
+    if (group_rows == 0) continue;
+    // out_e[group_rows, N] = in_e[group_rows, K] W_e^T
+    grouped_.add(group_rows, N, K, in + int64_t(off[e]) * K, w + int64_t(e) * N * K,
                  out + int64_t(off[e]) * N);
   }
   if (N > 0) grouped_gemm(false, true, grouped_, K, K, 0.0f, N);
@@ -291,13 +338,9 @@ void CudaOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, in
 
 template <typename T>
 void CudaOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) {
-  // The overflow check needs start[] on the host: B integers, one wait.
-  host_index_.resize(size_t(s.batch));
-  copy_to_host(host_index_.data(), s.start, sizeof(int32_t) * size_t(s.batch));
-  for (int b = 0; b < s.batch; ++b) {
-    RLHF_CHECK(host_index_[b] >= 0 && host_index_[b] + s.n_new <= s.capacity,
-               "KV cache overflow: {} + {} > {}", host_index_[b], s.n_new, s.capacity);
-  }
+  // start[] is device memory: checking it here would cost a wait per layer. The caller checks
+  // start[b] + n_new <= capacity on its host copy (Transformer::forward); the kernel writes
+  // nothing outside the cache even if that check were skipped.
   cuda::kv_cache_write(cache, kv, s, kStream);
 }
 
@@ -336,15 +379,11 @@ float clamp_limit(const SwigluClampConfig& c) {
 }  // namespace
 
 template <typename T>
-ClampCounts CudaOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
-                                       const SwigluClampConfig& clamp) {
-  auto* counts = static_cast<unsigned long long*>(scratch(2 * sizeof(unsigned long long)));
-  CUDA_CHECK(cudaMemsetAsync(counts, 0, 2 * sizeof(unsigned long long), kStream));
-  cuda::swiglu_forward(h, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp), counts,
-                       kStream);
-  unsigned long long host[2];
-  copy_to_host(host, counts, sizeof host);
-  return ClampCounts{int64_t(host[0]), int64_t(host[1]), n};
+void CudaOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                                const SwigluClampConfig& clamp, int64_t* clamp_counts) {
+  static_assert(sizeof(int64_t) == sizeof(unsigned long long));
+  cuda::swiglu_forward(h, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp),
+                       reinterpret_cast<unsigned long long*>(clamp_counts), kStream);
 }
 
 template <typename T>
@@ -361,22 +400,12 @@ void CudaOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* log
                                 const T* bias, double route_scale, bool replay) {
   const int E = r.n_experts;
   cuda::router_select(scores, gates, r, logits, bias, float(route_scale), replay, kStream);
-  // Per-expert counts (and the out-of-range ids) come back to the host: it checks the ids and
-  // scans the offsets, E + 1 integers each way.
+  // Counted and scanned on the device: the host does not wait for the routing. Ids outside
+  // [0, E) raise the device flag (reported at the next read-back).
   auto* counts = static_cast<int32_t*>(scratch(sizeof(int32_t) * (size_t(E) + 1)));
   cuda::router_count(counts, r, kStream);
-  host_index_.resize(size_t(E) + 1);
-  copy_to_host(host_index_.data(), counts, sizeof(int32_t) * (size_t(E) + 1));
-  RLHF_CHECK(host_index_[E] == 0, "{} expert ids out of range [0, {})", host_index_[E], E);
-  int32_t running = 0;
-  for (int e = 0; e < E; ++e) {
-    const int32_t count = host_index_[e];
-    host_index_[e] = running;
-    running += count;
-  }
-  host_index_[E] = running;
-  copy_from_host(r.offsets, host_index_.data(), sizeof(int32_t) * (size_t(E) + 1));
-  offsets_mirror_[r.offsets].assign(host_index_.begin(), host_index_.end());
+  forget_offsets(r.offsets, sizeof(int32_t) * (size_t(E) + 1));
+  cuda::router_offsets(r.offsets, counts, E, device_flags_, kStream);
   cuda::router_fill(r, kStream);
 }
 
@@ -508,9 +537,10 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
 // few launches per layer instead of two per active expert.
 template <typename T>
 void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
-                                            const int32_t* offsets, int n_groups) {
+                                            const int32_t* offsets, int n_groups, int rows) {
   RLHF_CHECK(n_groups > 0 && w.rows % n_groups == 0, "{} packed rows are not {} equal groups",
              w.rows, n_groups);
+  RLHF_CHECK(rows >= 0, "grouped FP4 matmul of {} rows", rows);
   const int64_t N = w.rows / n_groups, K = w.cols;
   const int block = fp4_block_size(w.format);
   RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
@@ -527,14 +557,14 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   };
   grouped_.clear();
   for (int g = 0; g < n_groups; ++g) {
-    const int rows = off[g + 1] - off[g];
-    if (rows == 0) continue;  // an expert with no tokens costs nothing
+    const int group_rows = off[g + 1] - off[g];
+    if (group_rows == 0) continue;  // an expert with no tokens costs nothing
     // The previous batch's product reads the scratch; it is queued before this decode.
     if (int64_t(grouped_.m.size()) == experts_per_batch) flush();
     float* slot = decoded + int64_t(grouped_.m.size()) * N * K;
     cuda::fp4_dequantize_rows(slot, w.codes + g * N * (K / 2), w.scales + g * N * (K / block),
                               w.global_scale, N, K, w.format, kStream);
-    grouped_.add(rows, int(N), int(K), in + int64_t(off[g]) * K, slot,
+    grouped_.add(group_rows, int(N), int(K), in + int64_t(off[g]) * K, slot,
                  out + int64_t(off[g]) * N);
   }
   flush();

@@ -13,13 +13,15 @@
 //
 // Memory and ordering: every pointer the ops take is device memory (index arrays too, as
 // ops.h says), every kernel and cuBLAS call runs on the legacy default stream, in call order.
-// Ops that return a host value (swiglu_forward's counts, seq_balance_loss, cross-entropy,
-// sum_squares) wait for the device. So do a few that need host-side sizes from device data:
-// router_forward reads the per-expert counts back to check the ids and scan the offsets;
-// kv_cache_write reads start[B] back for the overflow check; the grouped GEMMs and
-// fp4_grouped_matmul_forward size their one grouped cuBLAS call from offsets[E+1], which
-// router_forward leaves mirrored on the host (read back only for offsets it did not write).
-// Those waits are this slice's price for simple code; a device-side grouped GEMM removes them.
+// Ops that return a host value (seq_balance_loss, cross-entropy, sum_squares) wait for the
+// device. A decode-sized forward does not wait anywhere: the router counts and scans the expert
+// offsets on the device, the SwiGLU clamp counts accumulate in device memory, the KV cache's
+// bounds are the caller's to check (it holds start[] on the host), and the grouped products of
+// few rows per expert run the few-rows kernel, which reads the offsets on the device. Larger
+// grouped products (training) size their grouped cuBLAS call from offsets read back once per
+// routing (host_offsets), and fp4_grouped_matmul_forward does the same to decode only the
+// experts with rows. Expert ids outside [0, E) (only a replayed trace could hold them, and the
+// model checks those) raise a device flag that the next copy_to_host reports.
 //
 // Determinism: no float atomics anywhere. Each sum runs in an order fixed by the launch shape,
 // so results repeat bit for bit from run to run on one GPU. Where the CPU reference sums
@@ -63,7 +65,7 @@ class CudaOps final : public Ops<T> {
   void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M, int N,
                        int K, bool accumulate_din) override;
   void grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
-                              int n_groups, int N, int K) override;
+                              int n_groups, int rows, int N, int K) override;
   void grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
                                const int32_t* offsets, int n_groups, int N, int K,
                                bool accumulate_din) override;
@@ -88,8 +90,8 @@ class CudaOps final : public Ops<T> {
                           const T* q, const T* k, const T* v,
                           const AttentionShape& shape) override;
 
-  ClampCounts swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
-                             const SwigluClampConfig& clamp) override;
+  void swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
+                      const SwigluClampConfig& clamp, int64_t* clamp_counts) override;
   void swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up, int64_t n,
                        const SwigluClampConfig& clamp) override;
 
@@ -117,7 +119,7 @@ class CudaOps final : public Ops<T> {
   void fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w, int M,
                           bool accumulate) override;
   void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
-                                  const int32_t* offsets, int n_groups) override;
+                                  const int32_t* offsets, int n_groups, int rows) override;
 
   void copy(T* dst, const T* src, int64_t n) override;
   void fill(T* x, T value, int64_t n) override;
@@ -144,10 +146,27 @@ class CudaOps final : public Ops<T> {
   };
   void grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda, int ldb,
                     float beta, int ldc);
+  // The few-rows kernels (cuda_ops_few_rows.cu) take the forward products of decode and
+  // small-batch sizes, where cuBLAS's large tiles leave HBM mostly idle: grouped products of at
+  // most 32 rows per expert on average (at 64, batch 256 of bench-gpu.yaml, the kernel's first
+  // version was slower than cuBLAS), dense ones of at most 64 rows (their k is split across
+  // blocks so one weight matrix still fills the GPU). Measured in docs/perf.md.
+  static constexpr int kFewRowsGroupedMaxAverage = 32;
+  static constexpr int kFewRowsDenseMaxRows = 64;
+  bool few_rows_enabled_ = true;
+  // Whether the kernel's layout needs hold: 16-byte rows and 16-byte aligned operands.
+  bool few_rows_kernel_fits(const void* in, const void* w, int K) const;
+  // A fatal check that no kernel raised the device error flag. Valid after any wait for the
+  // device.
+  void check_device_flags();
+  // Pinned host word the kernels write through its mapped device address when they meet bad
+  // input they cannot report otherwise (expert ids out of range): read after every wait.
+  int32_t* device_flags_host_ = nullptr;
+  int32_t* device_flags_ = nullptr;
   // Device scratch of at least `bytes`, valid until the next call of scratch(); grows only.
   void* scratch(size_t bytes);
-  // offsets[n_groups + 1] (device) on the host: the mirror router_forward left, else read back
-  // into host_offsets_ (a wait for the device).
+  // offsets[n_groups + 1] (device) on the host: the mirror of an earlier read, else read back
+  // (a wait for the device) and mirrored.
   const int32_t* host_offsets(const int32_t* offsets, int n_groups);
   // Drops the offsets mirrors inside [ptr, ptr + bytes): that memory is being rewritten.
   void forget_offsets(const void* ptr, size_t bytes);
@@ -155,11 +174,9 @@ class CudaOps final : public Ops<T> {
   cublasContext* cublas_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
-  std::vector<int32_t> host_offsets_;  // host_offsets()'s copy when there is no mirror
-  // Host mirrors of the expert offsets router_forward wrote, keyed by device address.
-  // router_forward computes the offsets on the host anyway; keeping them lets the layer's
-  // grouped products size their cuBLAS calls without waiting for the device. A mirror is
-  // dropped when its memory may be rewritten by anything else: copy_from_host, copy or fill
+  // Host mirrors of expert offsets read back, keyed by device address, so the three grouped
+  // products of a layer's forward (and the backward's) share one read. A mirror is dropped
+  // when its memory may be rewritten: router_forward over it, copy_from_host, copy or fill
   // over it, and every free_bytes (freed addresses come back from cudaMalloc).
   std::unordered_map<const int32_t*, std::vector<int32_t>> offsets_mirror_;
   GroupedProblems grouped_, grouped_dw_;  // the problems of one grouped GEMM (two in backward)
@@ -174,7 +191,6 @@ class CudaOps final : public Ops<T> {
   size_t grouped_capacity_ = 0;
   std::vector<CUevent_st*> grouped_events_;  // cudaEvent_t per slot, created on first use
   int grouped_next_slot_ = 0;
-  std::vector<int32_t> host_index_;    // small index arrays read back (start, expert counts)
   std::vector<double> host_values_;    // per-row or per-block partial results read back
 };
 

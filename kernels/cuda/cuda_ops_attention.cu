@@ -57,7 +57,9 @@ __global__ void kv_cache_write_kernel(float* cache, const float* kv, AttentionSh
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % row, bt = i / row;
     const int64_t b = bt / s.n_new, t = bt % s.n_new;
-    cache[(b * s.capacity + s.start[b] + t) * row + c] = kv[i];
+    const int64_t pos = int64_t(s.start[b]) + t;
+    // The caller checked the bounds on its host copy of start[]; never write past this row.
+    if (pos >= 0 && pos < s.capacity) cache[(b * s.capacity + pos) * row + c] = kv[i];
   }
 }
 

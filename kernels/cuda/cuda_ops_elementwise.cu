@@ -73,6 +73,7 @@ __global__ void swiglu_forward_kernel(float* h, const float* gate, const float* 
     linear_clamped += (uraw > lim ? 1 : 0) + (uraw < -lim ? 1 : 0);
     h[i] = g * sigmoidf(g) * u;
   }
+  if (!counts) return;  // uniform over the block: no thread is left waiting at a barrier
   gate_clamped = block_sum(gate_clamped, shared);
   linear_clamped = block_sum(linear_clamped, shared);
   if (threadIdx.x == 0) {

@@ -23,7 +23,8 @@ struct AdamWScalars {
 void adamw(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars h,
            cudaStream_t stream);
 void zero_where(float* grad, const uint8_t* mask, int64_t n, cudaStream_t stream);
-// counts[0] += gate clamps, counts[1] += linear clamps (integer atomics: order-free).
+// counts[0] += gate clamps, counts[1] += linear clamps (integer atomics: order-free); null:
+// not counted.
 void swiglu_forward(float* h, const float* gate, const float* up, int64_t n, float gate_max,
                     float limit, unsigned long long* counts, cudaStream_t stream);
 void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
@@ -56,12 +57,31 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         const float* lse, const float* q, const float* k, const float* v,
                         const AttentionShape& shape, float* delta, cudaStream_t stream);
 
+// ---- products with few rows per weight matrix (cuda_ops_few_rows.cu) ----
+// out[r, n] = in[r, :] . w_g[n, :] for the rows r of group g (offsets[g]..offsets[g+1]-1; rows
+// in total). w is [n_groups, N, K]. Needs K % 4 == 0 and 16-byte aligned in and w; sized for
+// up to a few dozen rows per group.
+void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
+                     int n_groups, int rows, int N, int K, cudaStream_t stream);
+// Dense out[M, N] (+)= in[M, K] . w[N, K]^T for small M (up to a few dozen rows): the k range is
+// split across blocks so a single weight matrix still fills the GPU, each split's sum goes to
+// `partial` (few_rows_dense_scratch_floats(M, N, K) floats of scratch), and a second kernel adds
+// the splits in order. Same layout needs as few_rows_matmul.
+int few_rows_dense_splits(int M, int N, int K);
+int64_t few_rows_dense_scratch_floats(int M, int N, int K);
+void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
+                           bool accumulate, float* partial, cudaStream_t stream);
+
 // ---- MoE (cuda_ops_moe.cu) ----
 // scores, gates and (unless replay) routing.expert_ids.
 void router_select(float* scores, float* gates, const MoeRouting& routing, const float* logits,
                    const float* bias, float route_scale, bool replay, cudaStream_t stream);
 // counts[e] = pairs routed to e; counts[E] = pairs whose id lies outside [0, E).
 void router_count(int32_t* counts, const MoeRouting& routing, cudaStream_t stream);
+// offsets[E + 1] = the exclusive scan of counts[0..E-1]; a nonzero counts[E] is written to the
+// host-mapped word `flag` (device address).
+void router_offsets(int32_t* offsets, const int32_t* counts, int E, int32_t* flag,
+                    cudaStream_t stream);
 // sorted_token, sorted_choice, slot from expert_ids and routing.offsets (already on device).
 void router_fill(const MoeRouting& routing, cudaStream_t stream);
 void router_backward(float* dlogits, const float* dgates, const float* scores,

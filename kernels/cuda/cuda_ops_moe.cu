@@ -54,6 +54,30 @@ __global__ void router_count_kernel(int32_t* counts, const int32_t* ids, int64_t
   }
 }
 
+// One warp: offsets[e] = counts[0] + ... + counts[e-1] for e in 0..E. Lane l scans a contiguous
+// chunk of experts, the lanes' totals are scanned with shuffles. counts[E] (ids out of range)
+// goes to the host-mapped flag, which the host reads after its next wait.
+__global__ void router_offsets_kernel(int32_t* offsets, const int32_t* counts, int E,
+                                      int32_t* flag) {
+  const int lane = threadIdx.x;
+  const int per_lane = (E + 31) / 32;
+  const int first = min(E, lane * per_lane), last = min(E, first + per_lane);
+  int32_t chunk = 0;
+  for (int e = first; e < last; ++e) chunk += counts[e];
+  int32_t inclusive = chunk;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int32_t before = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += before;
+  }
+  int32_t running = inclusive - chunk;
+  for (int e = first; e < last; ++e) {
+    offsets[e] = running;
+    running += counts[e];
+  }
+  if (lane == 31) offsets[E] = inclusive;
+  if (lane == 0 && counts[E] != 0) *reinterpret_cast<volatile int32_t*>(flag) = counts[E];
+}
+
 // Block e places expert e's pairs: it walks the pairs in (token, choice) order in chunks of
 // blockDim.x, and a pair's row is offsets[e] + the number of earlier pairs of expert e (a
 // ballot scan). That is the CPU's stable counting sort.
@@ -227,6 +251,12 @@ void router_count(int32_t* counts, const MoeRouting& routing, cudaStream_t strea
   if (pairs == 0) return;
   router_count_kernel<<<grid_for(pairs), kThreads, 0, stream>>>(counts, routing.expert_ids,
                                                                 pairs, routing.n_experts);
+  CUDA_CHECK_LAUNCH();
+}
+
+void router_offsets(int32_t* offsets, const int32_t* counts, int E, int32_t* flag,
+                    cudaStream_t stream) {
+  router_offsets_kernel<<<1, 32, 0, stream>>>(offsets, counts, E, flag);
   CUDA_CHECK_LAUNCH();
 }
 

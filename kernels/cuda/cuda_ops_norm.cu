@@ -70,20 +70,21 @@ __global__ void rmsnorm_backward_weight_kernel(float* dweight, const float* dout
 // One thread per (token, pair): the angle in double (as the CPU's table), then every head.
 __global__ void rope_kernel(float* x, const int32_t* positions, int N, int H, int hd,
                             double theta, float sign) {
+  // One thread per (token, head, pair): the angle is recomputed per head rather than looped
+  // over the heads, because at decode sizes (one token per sequence) a loop left the GPU with a
+  // few thousand threads each waiting on H serial load-stores. Same formula, same values.
   const int half = hd / 2;
-  const int64_t n = int64_t(N) * half;
+  const int64_t n = int64_t(N) * H * half;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / half;
+    const int64_t row = idx / half;  // token i, head h: row i * H + h
     const int p = int(idx % half);
-    const double angle = double(positions[i]) * pow(theta, -2.0 * p / hd);
+    const double angle = double(positions[row / H]) * pow(theta, -2.0 * p / hd);
     const float c = float(cos(angle)), s = sign * float(sin(angle));
-    for (int h = 0; h < H; ++h) {
-      float* v = x + (i * H + h) * hd;
-      const float a = v[2 * p], b = v[2 * p + 1];
-      v[2 * p] = a * c - b * s;
-      v[2 * p + 1] = a * s + b * c;
-    }
+    float* v = x + row * hd;
+    const float a = v[2 * p], b = v[2 * p + 1];
+    v[2 * p] = a * c - b * s;
+    v[2 * p + 1] = a * s + b * c;
   }
 }
 
@@ -123,7 +124,7 @@ void rmsnorm_backward(float* din, float* dweight, const float* dout, const float
 
 void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta, float sign,
           cudaStream_t stream) {
-  const int64_t n = int64_t(N) * (hd / 2);
+  const int64_t n = int64_t(N) * H * (hd / 2);
   if (n == 0) return;
   rope_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, positions, N, H, hd, theta, sign);
   CUDA_CHECK_LAUNCH();

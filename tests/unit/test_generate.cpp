@@ -524,6 +524,16 @@ TEST(SamplingParams, ValidateNamesTheBadField) {
   EXPECT_NO_THROW(edge.validate());
 }
 
+// The model checks the KV cache's bounds itself, before anything is queued: the GPU backend's
+// cache write does not read start[] back to check them.
+TEST_F(GenerateTest, ForwardPastTheCacheIsAnError) {
+  KvCache<float> cache(ops, model.config(), 2, 16);
+  const std::vector<int32_t> tokens(2 * 4, 1);
+  const std::vector<int32_t> start = {0, 13};  // 13 + 4 > 16
+  expect_error_naming([&] { model.forward(tokens.data(), 2, 4, &cache, start.data()); },
+                      "KV cache overflow: sequence 1 starts at 13 with 4 new tokens, capacity 16");
+}
+
 TEST_F(GenerateTest, BadPromptsAndSetupAreErrors) {
   Generator generator(model, tokenizer, 2);
   SamplingParams params;
