@@ -14,6 +14,8 @@
 #include <cmath>
 #include <iostream>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include <fmt/core.h>
@@ -261,6 +263,7 @@ struct GenerateBenchOptions {
   std::vector<int> batches = {1, 16, 64, 256};
   int prompt_len = 0;  // 0: max_seq_len / 4
   int new_tokens = 0;  // 0: max_seq_len / 4
+  std::string packed_experts;  // "": float experts; mxfp4 | nvfp4: a packed model
   TorchReferenceOptions torch;
 };
 
@@ -308,16 +311,18 @@ DecodeRun run_decode(Transformer<float>& model, int batch, int P, int steps) {
   int64_t touched = 0;
   t = Clock::now();
   for (int i = 0; i < steps; ++i) {
+    t = Clock::now();
     std::fill(start.begin(), start.end(), P + i);
     out = model.forward(tokens.data(), batch, 1, &cache, start.data());
     ops.copy_to_host(logits.data(), out, sizeof(float) * logits.size());
     for (int b = 0; b < batch; ++b) tokens[b] = argmax(logits.data() + size_t(b) * V, V);
-    // Expert loads come from the offsets the forward reads back anyway: no extra wait.
+    run.decode_s += seconds_since(t);
+    // Untimed: the expert loads are read back from the device (a generator never asks), after
+    // the logits copy has waited for the step anyway.
     for (const auto& load : model.last_stats().expert_load) {
       touched += std::count_if(load.begin(), load.end(), [](int64_t n) { return n > 0; });
     }
   }
-  run.decode_s = seconds_since(t);
   run.experts_touched = double(touched) / (double(steps) * std::max(1, c.n_moe_layers()));
   run.expert_values = double(touched) * expert_matrix / steps;
   return run;
@@ -339,6 +344,13 @@ void bench_generate(const GenerateBenchOptions& o) {
   }
   const int steps = new_tokens - 1;
   const int max_batch = *std::max_element(o.batches.begin(), o.batches.end());
+  std::optional<Fp4Format> packed;
+  if (!o.packed_experts.empty()) {
+    packed = fp4_format_from_name(o.packed_experts);
+    if (o.torch.enabled) {
+      fail("--torch-reference times a float model; run it without --packed-experts");
+    }
+  }
   const int64_t copy_values = device == "cpu" ? (int64_t(1) << 24) : (int64_t(1) << 28);
   std::unique_ptr<ScratchDir> scratch;
   if (o.torch.enabled) scratch = std::make_unique<ScratchDir>();
@@ -348,8 +360,10 @@ void bench_generate(const GenerateBenchOptions& o) {
   // router biases.
   const ParamLayout layout = ParamLayout::parameters(mc);
   int64_t params = layout.total(), fixed_values = ParamLayout::buffers(mc).total();
+  int64_t shared_values = 0;  // of fixed_values: the shared experts (packed with --packed-experts)
   for (const TensorSpec& t : layout.tensors()) {
     if (t.name != "embed" && t.name.find(".experts.") == std::string::npos) fixed_values += t.numel;
+    if (t.name.find(".shared.") != std::string::npos) shared_values += t.numel;
   }
 
   double bandwidth = 0;
@@ -360,11 +374,23 @@ void bench_generate(const GenerateBenchOptions& o) {
                  copy_values * sizeof(float) >> 20);
     bandwidth = measure_copy_bandwidth(*ops, copy_values, 10);
     // The prefill is the largest forward: max_batch prompts of P tokens.
-    Transformer<float> model(*ops, mc, max_batch, P);
-    model.init_random(1);
+    Transformer<float> float_model(*ops, mc, max_batch, P);
+    float_model.init_random(1);
     if (scratch) {
-      checkpoint_save((scratch->path() / "model.safetensors").string(), model, mc.tokenizer);
+      checkpoint_save((scratch->path() / "model.safetensors").string(), float_model,
+                      mc.tokenizer);
     }
+    // A packed model: the float model's experts quantized (checkpoint_save_packed), loaded into
+    // a model that holds them only in FP4, as the actors serve them.
+    std::unique_ptr<Transformer<float>> packed_model;
+    if (packed) {
+      const ScratchDir dir;
+      const std::string path = (dir.path() / "packed.safetensors").string();
+      checkpoint_save_packed(path, float_model, mc.tokenizer, *packed);
+      packed_model = std::make_unique<Transformer<float>>(*ops, mc, max_batch, P, *packed);
+      checkpoint_load_weights(path, *packed_model);
+    }
+    Transformer<float>& model = packed_model ? *packed_model : float_model;
     for (int batch : o.batches) {
       run_decode(model, batch, P, steps);  // warm-up
       runs.push_back(run_decode(model, batch, P, steps));
@@ -394,9 +420,10 @@ void bench_generate(const GenerateBenchOptions& o) {
       "ignored\n"
       "  copy bandwidth {:.1f} GB/s ({} MiB copy through the backend, read + write counted)\n"
       "  floor: bytes a decode step must read (non-expert weights, the routed experts it used, "
-      "the KV cache at each step's length; FP32) / copy bandwidth\n",
+      "the KV cache at each step's length; FP32{}) / copy bandwidth\n",
       device, device_name(device), cpu_threads(), params / 1e6, P, new_tokens, steps,
-      bandwidth / 1e9, copy_values * sizeof(float) >> 20);
+      bandwidth / 1e9, copy_values * sizeof(float) >> 20,
+      packed ? fmt::format(", experts packed in {}", fp4_format_name(*packed)) : "");
   std::cout << fmt::format("  {:>5} {:>14} {:>13} {:>9} {:>14} {:>9} {:>9}\n", "batch",
                            "prefill tok/s", "decode tok/s", "ms/step", "experts/layer",
                            "floor ms", "roofline");
@@ -412,7 +439,13 @@ void bench_generate(const GenerateBenchOptions& o) {
         double(b) * mc.n_layers * 2.0 * mc.kv_dim() * (P + 1 + (steps - 1) / 2.0);
     const double weight_values =
         double(fixed_values) + double(std::min(b, mc.vocab_size)) * mc.d_model + r.expert_values;
-    const double floor_s = (weight_values + kv_values) * sizeof(float) / bandwidth;
+    // Packed: the shared and routed experts' values at their packed size (a half byte of code
+    // plus a scale byte per block; NVFP4's per-tensor scale is negligible).
+    const double expert_value_bytes =
+        packed ? 0.5 + 1.0 / fp4_block_size(*packed) : double(sizeof(float));
+    const double weight_bytes = (weight_values - r.expert_values - shared_values) * sizeof(float) +
+                                (r.expert_values + shared_values) * expert_value_bytes;
+    const double floor_s = (weight_bytes + kv_values * sizeof(float)) / bandwidth;
     const double step_s = r.decode_s / steps;
     const int E = mc.n_routed_experts, k = mc.top_k;
     const double uniform = E > 0 ? E * (1.0 - std::pow(1.0 - double(k) / E, b)) : 0.0;
@@ -427,7 +460,7 @@ void bench_generate(const GenerateBenchOptions& o) {
                           {"new_tokens", new_tokens},
                           {"experts_touched", r.experts_touched},
                           {"experts_touched_uniform", uniform},
-                          {"weight_bytes_per_step", weight_values * sizeof(float)},
+                          {"weight_bytes_per_step", weight_bytes},
                           {"kv_bytes_per_step", kv_values * sizeof(float)},
                           {"floor_ms", 1e3 * floor_s},
                           {"roofline_fraction", floor_s / step_s}};
@@ -460,6 +493,7 @@ void bench_generate(const GenerateBenchOptions& o) {
                             {"sampling", "greedy, eos ignored"},
                             {"copy_bandwidth_bytes_per_s", bandwidth},
                             {"bytes_per_value", sizeof(float)},
+                            {"experts", packed ? fp4_format_name(*packed) : "float"},
                             {"results", rows}};
   if (o.torch.enabled) {
     std::cout << fmt::format(
@@ -554,6 +588,10 @@ void register_bench(CLI::App& app) {
   gen_cmd->add_option("--prompt-len", gen->prompt_len,
                       "prompt tokens per sequence (default: model.max_seq_len / 4)")
       ->check(CLI::PositiveNumber);
+  gen_cmd->add_option("--packed-experts", gen->packed_experts,
+                      "time a model whose experts are packed in this FP4 format (mxfp4 or "
+                      "nvfp4), as the actors serve them; the floor counts them packed")
+      ->check(CLI::IsMember({"mxfp4", "nvfp4"}));
   gen_cmd->add_option("--new-tokens", gen->new_tokens,
                       "generated tokens per sequence, the first from the prefill (default: "
                       "model.max_seq_len / 4)")

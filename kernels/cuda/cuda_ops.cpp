@@ -532,9 +532,9 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
   }
 }
 
-// Decodes the experts that have rows into scratch (whole experts, up to 16M values, 64 MB, at a
-// time) and multiplies each batch of them in one grouped cuBLAS call, so a decode step costs a
-// few launches per layer instead of two per active expert.
+// Few rows per expert: the FP4 few-rows kernel. Otherwise decodes the experts that have rows
+// into scratch (whole experts, up to 16M values, 64 MB, at a time) and multiplies each batch of
+// them in one grouped cuBLAS call.
 template <typename T>
 void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
                                             const int32_t* offsets, int n_groups, int rows) {
@@ -545,6 +545,13 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   const int block = fp4_block_size(w.format);
   RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
              block);
+  // Decode-sized products read the packed weights directly (no wait, no float copy).
+  if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+      cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, in, int(K))) {
+    cuda::few_rows_fp4_matmul(out, in, w.codes, w.scales, w.global_scale, w.format, offsets,
+                              n_groups, rows, int(N), int(K), kStream);
+    return;
+  }
   const int32_t* off = host_offsets(offsets, n_groups);
   if (N == 0) return;
   constexpr int64_t kBatchValues = int64_t(1) << 24;

@@ -6,7 +6,9 @@
 // and multiply it with every row that needs it. The grouped kernel reads each group's row range
 // from the device offsets, so the host never waits for the router's counts. The dense kernel
 // splits k across blocks (one matrix alone would give too few blocks) and a second kernel adds
-// the splits in order.
+// the splits in order. The FP4 variant streams packed expert weights (codes and block scales,
+// fp4.h's layout) and decodes each chunk into shared memory with fp4.h's functions, so a
+// packed model's decode reads 4.25 or 4.5 bits per weight and keeps no full-precision copy.
 //
 // Block (x: a tile of 64 output columns, y: a group, z: a slice of the group's 32-row tiles),
 // 8 warps. A 3-stage cp.async ring brings 64-value chunks of the 64 weight rows and of the 32
@@ -20,6 +22,7 @@
 
 #include "kernels/cuda/cuda_ops_device.cuh"
 #include "kernels/cuda/cuda_ops_kernels.cuh"
+#include "kernels/fp4/fp4.h"
 
 namespace rlhf::cuda {
 namespace {
@@ -30,13 +33,16 @@ constexpr int kChunk = 64;           // k values per pipeline stage
 constexpr int kStages = 3;
 constexpr int kPitch = kChunk + 4;   // floats per smem row: 16-byte aligned, banks shifted by 4
 constexpr int kFewRowsThreads = 256;
-constexpr int kRowGroups = 4;                            // warps sharing a k half
+constexpr int kRowGroups = 4;                                // warps sharing a k half
 constexpr int kKHalves = kFewRowsThreads / 32 / kRowGroups;  // 2
-constexpr int kRowsPerWarp = kRowsPerTile / kRowGroups;  // 8
-constexpr int kColsPerLane = kColsPerBlock / 32;         // 2
-constexpr int kHalfChunk = kChunk / kKHalves;            // 32
+constexpr int kRowsPerWarp = kRowsPerTile / kRowGroups;      // 8
+constexpr int kColsPerLane = kColsPerBlock / 32;             // 2
+constexpr int kHalfChunk = kChunk / kKHalves;                // 32
 
-__device__ __forceinline__ void copy16_async(float* smem, const float* global, bool valid) {
+using WeightTile = float[kColsPerBlock][kPitch];
+using RowTile = float[kRowsPerTile][kPitch];
+
+__device__ __forceinline__ void copy16_async(void* smem, const void* global, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global),
@@ -48,50 +54,118 @@ __device__ __forceinline__ void wait_async() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
-struct StageTiles {
-  float w[kColsPerBlock][kPitch];
-  float x[kRowsPerTile][kPitch];
-};
-
-// Queues chunk `chunk` of the weight tile (kColsPerBlock rows of w) and of the row tile (rows
-// of x) into `stage`. Both have rows `ld` floats apart and k_len values in use. Rows past the
-// matrix and k past k_len are zero-filled, so they add nothing.
-__device__ __forceinline__ void load_chunk(StageTiles& stage, const float* w, const float* x,
-                                           int n_valid, int rows_valid, int k_len, int64_t ld,
-                                           int chunk) {
+// Queues chunk `chunk` of `rows_valid` rows of a row-major float matrix (rows `ld` apart, k_len
+// values in use) into tile. Rows past rows_valid and k past k_len are zero-filled.
+template <int Rows>
+__device__ __forceinline__ void load_float_chunk(float (*tile)[kPitch], const float* src,
+                                                 int rows_valid, int k_len, int64_t ld,
+                                                 int chunk) {
   const int k0 = chunk * kChunk;
   constexpr int kSegments = kChunk / 4;  // 16-byte segments per row chunk
 #pragma unroll
-  for (int s = threadIdx.x; s < kColsPerBlock * kSegments; s += kFewRowsThreads) {
-    const int n = s / kSegments, k = k0 + (s % kSegments) * 4;
-    const bool valid = n < n_valid && k < k_len;
-    copy16_async(&stage.w[n][k - k0], valid ? w + n * ld + k : w, valid);
-  }
-#pragma unroll
-  for (int s = threadIdx.x; s < kRowsPerTile * kSegments; s += kFewRowsThreads) {
-    const int m = s / kSegments, k = k0 + (s % kSegments) * 4;
-    const bool valid = m < rows_valid && k < k_len;
-    copy16_async(&stage.x[m][k - k0], valid ? x + m * ld + k : x, valid);
+  for (int s = threadIdx.x; s < Rows * kSegments; s += kFewRowsThreads) {
+    const int r = s / kSegments, k = k0 + (s % kSegments) * 4;
+    const bool valid = r < rows_valid && k < k_len;
+    copy16_async(&tile[r][k - k0], valid ? src + r * ld + k : src, valid);
   }
 }
+
+// Float weights: a ring of weight tiles beside the ring of row tiles. `w` points at the block's
+// first weight row; rows are `ld` floats apart.
+struct FloatWeights {
+  struct Shared {
+    WeightTile w[kStages];
+  };
+  Shared& smem;
+  const float* w;
+  int n_valid, k_len;
+  int64_t ld;
+
+  __device__ void load(int chunk, int stage) {
+    load_float_chunk<kColsPerBlock>(smem.w[stage], w, n_valid, k_len, ld, chunk);
+  }
+  __device__ void prepare_tile() {}
+  __device__ const WeightTile& ready(int /*chunk*/, int stage) { return smem.w[stage]; }
+};
+
+// Packed FP4 weights (fp4.h's layout: codes [rows, K / 2], two values a byte, low nibble
+// first; one scale code per block of 16 or 32 values along k). The codes come through a ring;
+// the block's scales for the whole k range are read once per tile; ready() decodes a chunk
+// into one float tile that every warp then reads.
+template <Fp4Format Format>
+struct Fp4Weights {
+  static constexpr int kBlock = fp4_block_size(Format);
+  struct Shared {
+    WeightTile decoded;
+    uint8_t codes[kStages][kColsPerBlock][kChunk / 2];
+  };
+  Shared& smem;
+  uint8_t* scales_smem;  // [kColsPerBlock][K / kBlock], after Shared
+  const uint8_t* codes;  // the block's first weight row
+  const uint8_t* scales;
+  float global_scale;
+  int n_valid, K;
+
+  __device__ void load(int chunk, int stage) {
+    // 64 rows x 32 bytes: two 16-byte segments a row, threads 0..127.
+    constexpr int kSegments = kChunk / 32;
+    const int s = threadIdx.x;
+    if (s < kColsPerBlock * kSegments) {
+      const int n = s / kSegments, k = chunk * kChunk + (s % kSegments) * 32;
+      const bool valid = n < n_valid && k < K;
+      copy16_async(&smem.codes[stage][n][(s % kSegments) * 16],
+                   valid ? codes + int64_t(n) * (K / 2) + k / 2 : codes, valid);
+    }
+  }
+  // Once per row tile, before its chunks: the block's scale codes (rows past n_valid read 0).
+  // Plain loads: scale rows are K / kBlock bytes, too short and unaligned for cp.async chunks.
+  __device__ void prepare_tile() {
+    const int per_row = K / kBlock;
+    for (int i = threadIdx.x; i < kColsPerBlock * per_row; i += kFewRowsThreads) {
+      const int n = i / per_row;
+      scales_smem[i] = n < n_valid ? scales[int64_t(n) * per_row + i % per_row] : uint8_t(0);
+    }
+  }
+  // Thread t decodes values 16 (t % 4) .. +15 of row t / 4 of the chunk. Past K the codes
+  // were zero-filled and the scale is taken as 0: the values are zeros.
+  __device__ const WeightTile& ready(int chunk, int stage) {
+    const int n = threadIdx.x / 4, quarter = threadIdx.x % 4;
+    const int k = chunk * kChunk + quarter * 16;
+    const int per_row = K / kBlock;
+    const uint8_t scale_code = k < K ? scales_smem[n * per_row + k / kBlock] : uint8_t(0);
+    const float multiplier =
+        k < K ? fp4_block_multiplier(Format, scale_code, global_scale) : 0.0f;
+    const uint2 packed = *reinterpret_cast<const uint2*>(&smem.codes[stage][n][quarter * 8]);
+    float* dst = &smem.decoded[n][quarter * 16];
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const uint32_t word = b < 4 ? packed.x : packed.y;
+      const uint8_t byte = static_cast<uint8_t>(word >> (8 * (b % 4)));
+      dst[2 * b] = fp4_decode_scaled(static_cast<uint8_t>(byte & 15u), multiplier);
+      dst[2 * b + 1] = fp4_decode_scaled(static_cast<uint8_t>(byte >> 4), multiplier);
+    }
+    __syncthreads();  // the decoded chunk is complete before any warp reads it
+    return smem.decoded;
+  }
+};
 
 // acc[i][j] += x[row_group + 4i][k] w[lane + 32j][k] over this warp's half of a chunk, for the
 // first Rows of the warp's rows.
 template <int Rows>
 __device__ __forceinline__ void multiply_chunk(float (&acc)[kRowsPerWarp][kColsPerLane],
-                                               const StageTiles& s, int row_group, int lane,
-                                               int k_begin) {
+                                               const WeightTile& w, const RowTile& x,
+                                               int row_group, int lane, int k_begin) {
 #pragma unroll
   for (int kk = 0; kk < kHalfChunk; kk += 4) {
     const int k = k_begin + kk;
     float4 wv[kColsPerLane];
 #pragma unroll
     for (int j = 0; j < kColsPerLane; ++j) {
-      wv[j] = *reinterpret_cast<const float4*>(&s.w[lane + 32 * j][k]);
+      wv[j] = *reinterpret_cast<const float4*>(&w[lane + 32 * j][k]);
     }
 #pragma unroll
     for (int i = 0; i < Rows; ++i) {
-      const float4 xv = *reinterpret_cast<const float4*>(&s.x[row_group + kRowGroups * i][k]);
+      const float4 xv = *reinterpret_cast<const float4*>(&x[row_group + kRowGroups * i][k]);
 #pragma unroll
       for (int j = 0; j < kColsPerLane; ++j) {
         acc[i][j] = fmaf(xv.x, wv[j].x, acc[i][j]);
@@ -105,16 +179,16 @@ __device__ __forceinline__ void multiply_chunk(float (&acc)[kRowsPerWarp][kColsP
 
 // The block's work for one weight tile: out[r, n] = sum over k < k_len of in[r, k] w[n, k] for
 // rows r in [row_begin, row_end) (taking every gridDim.z-th 32-row tile from blockIdx.z) and
-// the block's n_valid columns. in and w rows are ld floats apart, out rows ld_out; w and out
-// already point at the block's first column.
-__device__ __forceinline__ void multiply_tiles(float* __restrict__ out, int64_t ld_out,
-                                               const float* __restrict__ in,
-                                               const float* __restrict__ w, int row_begin,
+// the block's columns. in rows are ld floats apart, out rows ld_out; out already points at the
+// block's first column. x_ring is kStages row tiles of shared memory.
+template <typename Weights>
+__device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring,
+                                               float* __restrict__ out, int64_t ld_out,
+                                               const float* __restrict__ in, int row_begin,
                                                int row_end, int n_valid, int k_len, int64_t ld) {
-  extern __shared__ __align__(16) unsigned char stage_bytes[];
-  StageTiles* stages = reinterpret_cast<StageTiles*>(stage_bytes);
-  // After a tile's last chunk the ring is free: the upper k half's partial sums go there.
-  auto* halves = reinterpret_cast<float(*)[kColsPerBlock + 1]>(stage_bytes);
+  // After a tile's last chunk the row ring is free: the upper k half's partial sums go there.
+  auto* halves = reinterpret_cast<float(*)[kColsPerBlock + 1]>(x_ring);
+  static_assert(sizeof(float) * kRowsPerTile * (kColsPerBlock + 1) <= sizeof(RowTile) * kStages);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row_group = warp % kRowGroups, k_half = warp / kRowGroups;
   const int chunks = (k_len + kChunk - 1) / kChunk;
@@ -130,36 +204,43 @@ __device__ __forceinline__ void multiply_tiles(float* __restrict__ out, int64_t 
     float acc[kRowsPerWarp][kColsPerLane] = {};
 
     for (int c = 0; c < kStages - 1; ++c) {
-      if (c < chunks) load_chunk(stages[c], w, x_tile, n_valid, rows_valid, k_len, ld, c);
+      if (c < chunks) {
+        weights.load(c, c);
+        load_float_chunk<kRowsPerTile>(x_ring[c], x_tile, rows_valid, k_len, ld, c);
+      }
       commit_async();
     }
+    weights.prepare_tile();
     for (int c = 0; c < chunks; ++c) {
       wait_async<kStages - 2>();
       __syncthreads();  // chunk c is visible to all; the stage refilled below is free
       const int next = c + kStages - 1;
       if (next < chunks) {
-        load_chunk(stages[next % kStages], w, x_tile, n_valid, rows_valid, k_len, ld, next);
+        weights.load(next, next % kStages);
+        load_float_chunk<kRowsPerTile>(x_ring[next % kStages], x_tile, rows_valid, k_len, ld,
+                                       next);
       }
       commit_async();
-      const StageTiles& s = stages[c % kStages];
+      const WeightTile& w = weights.ready(c, c % kStages);
+      const RowTile& x = x_ring[c % kStages];
       const int k_begin = k_half * kHalfChunk;
       // A real branch on the warp-uniform row count: with a runtime bound inside the unrolled
       // loop the compiler predicates, and the skipped rows' instructions are issued anyway
       // (measured: about twice the instructions at 4 rows of 8).
       switch (my_rows) {
-        case 8: multiply_chunk<8>(acc, s, row_group, lane, k_begin); break;
-        case 7: multiply_chunk<7>(acc, s, row_group, lane, k_begin); break;
-        case 6: multiply_chunk<6>(acc, s, row_group, lane, k_begin); break;
-        case 5: multiply_chunk<5>(acc, s, row_group, lane, k_begin); break;
-        case 4: multiply_chunk<4>(acc, s, row_group, lane, k_begin); break;
-        case 3: multiply_chunk<3>(acc, s, row_group, lane, k_begin); break;
-        case 2: multiply_chunk<2>(acc, s, row_group, lane, k_begin); break;
-        case 1: multiply_chunk<1>(acc, s, row_group, lane, k_begin); break;
+        case 8: multiply_chunk<8>(acc, w, x, row_group, lane, k_begin); break;
+        case 7: multiply_chunk<7>(acc, w, x, row_group, lane, k_begin); break;
+        case 6: multiply_chunk<6>(acc, w, x, row_group, lane, k_begin); break;
+        case 5: multiply_chunk<5>(acc, w, x, row_group, lane, k_begin); break;
+        case 4: multiply_chunk<4>(acc, w, x, row_group, lane, k_begin); break;
+        case 3: multiply_chunk<3>(acc, w, x, row_group, lane, k_begin); break;
+        case 2: multiply_chunk<2>(acc, w, x, row_group, lane, k_begin); break;
+        case 1: multiply_chunk<1>(acc, w, x, row_group, lane, k_begin); break;
         default: break;
       }
     }
     wait_async<0>();
-    __syncthreads();  // every warp is done with the ring: it now holds the upper halves
+    __syncthreads();  // every warp is done with the rings: the row ring now holds upper halves
     if (k_half == 1) {
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -188,6 +269,21 @@ __device__ __forceinline__ void multiply_tiles(float* __restrict__ out, int64_t 
   }
 }
 
+// Dynamic shared memory: the row ring first, then the weights' Shared (then, for FP4, the
+// scale codes).
+extern __shared__ __align__(16) unsigned char few_rows_smem[];
+
+template <typename Weights>
+__device__ __forceinline__ typename Weights::Shared& weights_smem() {
+  return *reinterpret_cast<typename Weights::Shared*>(few_rows_smem + sizeof(RowTile) * kStages);
+}
+__device__ __forceinline__ RowTile* row_ring() { return reinterpret_cast<RowTile*>(few_rows_smem); }
+
+template <typename Weights>
+constexpr size_t smem_bytes() {
+  return sizeof(RowTile) * kStages + sizeof(typename Weights::Shared);
+}
+
 // Grouped: block (column tile, group g, row slice). Rows offsets[g]..offsets[g+1]-1 of in
 // against w_g = w[g] ([N, K]).
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
@@ -195,8 +291,35 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
                             const float* __restrict__ w, const int32_t* __restrict__ offsets,
                             int N, int K) {
   const int group = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
-  multiply_tiles(out + n0, N, in, w + (int64_t(group) * N + n0) * K, offsets[group],
-                 offsets[group + 1], min(kColsPerBlock, N - n0), K, K);
+  const int n_valid = min(kColsPerBlock, N - n0);
+  FloatWeights weights{weights_smem<FloatWeights>(), w + (int64_t(group) * N + n0) * K, n_valid,
+                       K, K};
+  multiply_tiles(weights, row_ring(), out + n0, N, in, offsets[group], offsets[group + 1],
+                 n_valid, K, K);
+}
+
+// Grouped on packed FP4 weights: as above, w_g = the rows g * N .. g * N + N - 1 of the packed
+// matrix.
+template <Fp4Format Format>
+__global__ void __launch_bounds__(kFewRowsThreads, 2)
+    few_rows_fp4_grouped_kernel(float* __restrict__ out, const float* __restrict__ in,
+                                const uint8_t* __restrict__ codes,
+                                const uint8_t* __restrict__ scales, float global_scale,
+                                const int32_t* __restrict__ offsets, int N, int K) {
+  using Weights = Fp4Weights<Format>;
+  const int group = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
+  const int n_valid = min(kColsPerBlock, N - n0);
+  const int64_t first_row = int64_t(group) * N + n0;
+  auto& shared = weights_smem<Weights>();
+  Weights weights{shared,
+                  reinterpret_cast<uint8_t*>(&shared + 1),
+                  codes + first_row * (K / 2),
+                  scales + first_row * (K / Weights::kBlock),
+                  global_scale,
+                  n_valid,
+                  K};
+  multiply_tiles(weights, row_ring(), out + n0, N, in, offsets[group], offsets[group + 1],
+                 n_valid, K, K);
 }
 
 // Dense, k split across blocks: block (column tile, split s, row tile) writes the sum over its
@@ -205,9 +328,12 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
     few_rows_split_kernel(float* __restrict__ partial, const float* __restrict__ in,
                           const float* __restrict__ w, int M, int N, int K, int k_split) {
   const int split = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
-  const int k0 = split * k_split;
-  multiply_tiles(partial + int64_t(split) * M * N + n0, N, in + k0, w + int64_t(n0) * K + k0, 0,
-                 M, min(kColsPerBlock, N - n0), min(k_split, K - k0), K);
+  const int k0 = split * k_split, k_len = min(k_split, K - k0);
+  const int n_valid = min(kColsPerBlock, N - n0);
+  FloatWeights weights{weights_smem<FloatWeights>(), w + int64_t(n0) * K + k0, n_valid, k_len,
+                       K};
+  multiply_tiles(weights, row_ring(), partial + int64_t(split) * M * N + n0, N, in + k0, 0, M,
+                 n_valid, k_len, K);
 }
 
 // out[i] (+)= partial[0][i] + partial[1][i] + ... in split order: deterministic.
@@ -221,13 +347,10 @@ __global__ void reduce_splits_kernel(float* __restrict__ out, const float* __res
   }
 }
 
-constexpr size_t kSmemBytes = sizeof(StageTiles) * kStages;  // above the 48 KB static limit
-static_assert(sizeof(float) * kRowsPerTile * (kColsPerBlock + 1) <= kSmemBytes);
-
 template <typename Kernel>
-void allow_large_smem(Kernel kernel) {
+void allow_smem(Kernel kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  int(kSmemBytes)));
+                                  int(bytes)));
 }
 
 int multiprocessors() {
@@ -240,21 +363,67 @@ int multiprocessors() {
   return count;
 }
 
+// Row-tile slices per group: enough that an average group's tiles run side by side; a group
+// with more rows than that loops, re-reading its weight tile from L2.
+dim3 grouped_grid(int n_groups, int rows, int N) {
+  const int tiles = (rows + kRowsPerTile - 1) / kRowsPerTile;
+  const int slices = std::max(1, std::min(tiles, (tiles + n_groups - 1) / n_groups));
+  return dim3((N + kColsPerBlock - 1) / kColsPerBlock, n_groups, slices);
+}
+
+// The FP4 kernel keeps a block's scale codes for all of k in shared memory.
+constexpr size_t kFp4MaxScaleBytes = 48 * 1024;
+
+template <Fp4Format Format>
+size_t fp4_smem_bytes(int K) {
+  const size_t scale_bytes = size_t(kColsPerBlock) * (K / fp4_block_size(Format));
+  return smem_bytes<Fp4Weights<Format>>() + (scale_bytes + 15) / 16 * 16;
+}
+
+template <Fp4Format Format>
+void launch_fp4_grouped(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
+                        float global_scale, const int32_t* offsets, int n_groups, int rows,
+                        int N, int K, cudaStream_t stream) {
+  static const bool ready =
+      (allow_smem(few_rows_fp4_grouped_kernel<Format>,
+                  smem_bytes<Fp4Weights<Format>>() + kFp4MaxScaleBytes),
+       true);
+  (void)ready;
+  few_rows_fp4_grouped_kernel<Format>
+      <<<grouped_grid(n_groups, rows, N), kFewRowsThreads, fp4_smem_bytes<Format>(K), stream>>>(
+          out, in, codes, scales, global_scale, offsets, N, K);
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
                      int n_groups, int rows, int N, int K, cudaStream_t stream) {
   if (rows <= 0 || N <= 0) return;
-  static const bool ready = (allow_large_smem(few_rows_grouped_kernel), true);
+  constexpr size_t kBytes = smem_bytes<FloatWeights>();  // above the 48 KB static limit
+  static const bool ready = (allow_smem(few_rows_grouped_kernel, kBytes), true);
   (void)ready;
-  // Row-tile slices per group: enough that an average group's tiles run side by side; a group
-  // with more rows than that loops, re-reading its weight tile from L2.
-  const int tiles = (rows + kRowsPerTile - 1) / kRowsPerTile;
-  const int slices = std::max(1, std::min(tiles, (tiles + n_groups - 1) / n_groups));
-  const dim3 grid((N + kColsPerBlock - 1) / kColsPerBlock, n_groups, slices);
-  few_rows_grouped_kernel<<<grid, kFewRowsThreads, kSmemBytes, stream>>>(out, in, w, offsets, N,
-                                                                         K);
+  few_rows_grouped_kernel<<<grouped_grid(n_groups, rows, N), kFewRowsThreads, kBytes, stream>>>(
+      out, in, w, offsets, N, K);
   CUDA_CHECK_LAUNCH();
+}
+
+bool few_rows_fp4_fits(Fp4Format format, int K) {
+  const size_t scale_bytes = size_t(kColsPerBlock) * (K / fp4_block_size(format));
+  return K % 32 == 0 && scale_bytes <= kFp4MaxScaleBytes;
+}
+
+void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
+                         float global_scale, Fp4Format format, const int32_t* offsets,
+                         int n_groups, int rows, int N, int K, cudaStream_t stream) {
+  if (rows <= 0 || N <= 0) return;
+  if (format == Fp4Format::mxfp4) {
+    launch_fp4_grouped<Fp4Format::mxfp4>(out, in, codes, scales, global_scale, offsets,
+                                         n_groups, rows, N, K, stream);
+  } else {
+    launch_fp4_grouped<Fp4Format::nvfp4>(out, in, codes, scales, global_scale, offsets,
+                                         n_groups, rows, N, K, stream);
+  }
 }
 
 int64_t few_rows_dense_scratch_floats(int M, int N, int K) {
@@ -273,7 +442,8 @@ int few_rows_dense_splits(int M, int N, int K) {
 void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
                            bool accumulate, float* partial, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return;
-  static const bool ready = (allow_large_smem(few_rows_split_kernel), true);
+  constexpr size_t kBytes = smem_bytes<FloatWeights>();
+  static const bool ready = (allow_smem(few_rows_split_kernel, kBytes), true);
   (void)ready;
   const int splits = few_rows_dense_splits(M, N, K);
   // Splits of whole chunks, so every block but the last streams full 16-byte segments.
@@ -281,8 +451,8 @@ void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, i
   const int used = (K + k_split - 1) / k_split;
   const dim3 grid((N + kColsPerBlock - 1) / kColsPerBlock, used,
                   (M + kRowsPerTile - 1) / kRowsPerTile);
-  few_rows_split_kernel<<<grid, kFewRowsThreads, kSmemBytes, stream>>>(partial, in, w, M, N, K,
-                                                                       k_split);
+  few_rows_split_kernel<<<grid, kFewRowsThreads, kBytes, stream>>>(partial, in, w, M, N, K,
+                                                                   k_split);
   CUDA_CHECK_LAUNCH();
   const int64_t n = int64_t(M) * N;
   reduce_splits_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, partial, n, used, accumulate);

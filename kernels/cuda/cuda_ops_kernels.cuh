@@ -63,6 +63,13 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 // up to a few dozen rows per group.
 void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
                      int n_groups, int rows, int N, int K, cudaStream_t stream);
+// The same on packed FP4 weights (fp4.h's layout, n_groups matrices of N rows each, `format`
+// with `global_scale`): each chunk is decoded in shared memory, no float copy of w exists.
+// Needs K % 32 == 0 and the block's scales for all of K within the kernel's shared memory.
+bool few_rows_fp4_fits(Fp4Format format, int K);
+void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
+                         float global_scale, Fp4Format format, const int32_t* offsets,
+                         int n_groups, int rows, int N, int K, cudaStream_t stream);
 // Dense out[M, N] (+)= in[M, K] . w[N, K]^T for small M (up to a few dozen rows): the k range is
 // split across blocks so a single weight matrix still fills the GPU, each split's sum goes to
 // `partial` (few_rows_dense_scratch_floats(M, N, K) floats of scratch), and a second kernel adds

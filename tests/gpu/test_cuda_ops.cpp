@@ -836,6 +836,41 @@ TEST_F(CudaOpsTest, Fp4FakeQuantizeIsBitIdentical) {
   }
 }
 
+// The FP4 few-rows kernel (packed experts decoded in shared memory) against the CPU's packed
+// product, on the group sizes of FewRowsProductsMatchTheCpu, 200 rows per expert (not whole
+// 64-column tiles) and K = 1024 and 96 (96: the last 64-value chunk is half past K), in both
+// formats. kReduction as for the float kernels: the dequantized values are exact in float on
+// both sides, only the summation order differs. A second run must repeat the first bit for bit.
+TEST_F(CudaOpsTest, FewRowsFp4ProductsMatchTheCpu) {
+  Rng rng(133);
+  const std::vector<int32_t> offsets = {0, 1, 1, 32, 64, 97, 167, 198};
+  const int E = int(offsets.size()) - 1, R = offsets.back(), N = 200;
+  for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
+    for (const int64_t K : {1024, 96}) {
+      SCOPED_TRACE(testing::Message() << fp4_format_name(format) << " K " << K);
+      const Fp4Tensor w = fp4_quantize(fp4_input(rng, int64_t(E) * N * K).data(), int64_t(E) * N,
+                                       K, format, "w");
+      PackedFp4Matrix cpu_w{format, int64_t(E) * N, K, w.codes.data(), w.scales.data(),
+                            w.global_scale};
+      PackedFp4Matrix gpu_w = cpu_w;
+      gpu_w.codes = dev(w.codes);
+      gpu_w.scales = dev(w.scales);
+      const auto in = normal(rng, size_t(R) * K);
+      const float* d_in = dev(in);
+      const int32_t* d_off = dev(offsets);
+      std::vector<float> out(size_t(R) * N);
+      float* d_out = poisoned(out.size());
+      gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
+      cpu_.fp4_grouped_matmul_forward(out.data(), in.data(), cpu_w, offsets.data(), E, R);
+      const auto first = back(d_out, out.size());
+      EXPECT_TRUE(close(first, out, kReduction));
+      d_out = poisoned(out.size());
+      gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
+      EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, Fp4Matmuls) {
   Rng rng(117);
   for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {

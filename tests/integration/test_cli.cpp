@@ -344,6 +344,34 @@ TEST(Cli, BenchGenerateReportsRooflinePerBatch) {
       << too_long.err;
 }
 
+// --packed-experts times a model holding its experts in FP4 and counts the shared and routed
+// experts' bytes packed: half a byte of code plus one scale byte per 32 values (MXFP4).
+TEST(Cli, BenchGenerateWithPackedExpertsCountsThemPacked) {
+  const fs::path dir = scratch("bench_generate_packed");
+  const fs::path config = write_config(dir, kTinyConfig);
+  const Result r = run("bench generate --json --batches 2 --prompt-len 5 --new-tokens 3 "
+                       "--packed-experts mxfp4 --config " + config.string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto out = nlohmann::json::parse(last_line(r.out));
+  EXPECT_EQ(out["experts"], "mxfp4");
+  const double D = 32, V = 262, E = 4, Fe = 32, expert = 3 * Fe * D, shared = 3 * Fe * D;
+  const double params = out["params"].get<double>();
+  const double fixed = params - V * D - E * expert + E;  // + the router bias; holds the shared
+  const auto& row = out["results"][0];
+  const double touched = row["experts_touched"].get<double>();
+  const double packed_byte = 0.5 + 1.0 / 32;
+  EXPECT_NEAR(row["weight_bytes_per_step"].get<double>(),
+              4 * (fixed - shared + 2 * D) + packed_byte * (touched * expert + shared),
+              1e-6 * params);
+  EXPECT_GT(row["decode_tokens_per_s"].get<double>(), 0.0);
+
+  const Result with_torch = run("bench generate --packed-experts nvfp4 --torch-reference "
+                                "--config " + config.string());
+  EXPECT_EQ(with_torch.exit_code, 1);
+  EXPECT_NE(with_torch.err.find("--torch-reference times a float model"), std::string::npos)
+      << with_torch.err;
+}
+
 // configs/bench-gpu.yaml (216.7M parameters) loads and runs on the CPU backend at the smallest
 // shapes: one sequence, a 2-token prompt and one decode step.
 TEST(Cli, BenchGpuConfigRunsOnTheCpu) {
