@@ -45,6 +45,75 @@ __global__ void router_select_kernel(float* scores, float* gates, MoeRouting r,
   }
 }
 
+// One warp per token, for up to kWarpRouterMaxExperts experts: lane l holds experts l, l + 32,
+// ... Top-k by k rounds of a warp argmax over the experts not yet taken, ties to the lower id,
+// so the ids are the CPU's (and the one-thread kernel's) exactly. The scores and the gates are
+// the same per-element formulas, and lane 0 sums the chosen scores in choice order, as the CPU.
+// At decode sizes the one-thread kernel ran one block of serial loops over global memory (15 us
+// per layer at 64 tokens); this one spreads a token over a warp.
+constexpr int kWarpRouterChunks = 8;
+constexpr int kWarpRouterMaxExperts = 32 * kWarpRouterChunks;
+
+__global__ void router_select_warp_kernel(float* scores, float* gates, MoeRouting r,
+                                          const float* logits, const float* bias,
+                                          float route_scale, bool replay) {
+  const int t = int((blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32);
+  const int lane = threadIdx.x & 31;
+  if (t >= r.n_tokens) return;  // uniform over the warp
+  const int E = r.n_experts, K = r.top_k;
+  const float* lt = logits + int64_t(t) * E;
+  float* st = scores + int64_t(t) * E;
+  int32_t* ids = r.expert_ids + int64_t(t) * K;
+  float value[kWarpRouterChunks];
+#pragma unroll
+  for (int c = 0; c < kWarpRouterChunks; ++c) {
+    const int e = lane + 32 * c;
+    value[c] = -INFINITY;
+    if (e < E) {
+      const float s = sigmoidf(lt[e]);
+      st[e] = s;
+      value[c] = s + (bias ? bias[e] : 0.0f);
+    }
+  }
+  if (!replay) {
+    unsigned taken = 0;  // bit c: this lane's expert lane + 32c is chosen
+    for (int j = 0; j < K; ++j) {
+      // This lane's best untaken expert (strict >: the lower id keeps a tie), then the warp's.
+      int best = -1;
+      float best_value = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < kWarpRouterChunks; ++c) {
+        const int e = lane + 32 * c;
+        if (e < E && !(taken >> c & 1u) && value[c] > best_value) {
+          best = e;
+          best_value = value[c];
+        }
+      }
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other_value = __shfl_xor_sync(0xffffffffu, best_value, offset);
+        const int other = __shfl_xor_sync(0xffffffffu, best, offset);
+        const bool better = other >= 0 && (best < 0 || other_value > best_value ||
+                                           (other_value == best_value && other < best));
+        if (better) {
+          best = other;
+          best_value = other_value;
+        }
+      }
+      if (best >= 0 && best % 32 == lane) taken |= 1u << (best / 32);
+      if (lane == 0) ids[j] = best;
+    }
+  }
+  __syncwarp();  // the scores and ids written by other lanes are visible to lane 0
+  if (lane != 0) return;
+  // A replayed id outside [0, E) is reported by router_count; read nothing out of range here.
+  float sum = 0;
+  for (int j = 0; j < K; ++j) sum += ids[j] >= 0 && ids[j] < E ? st[ids[j]] : 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const float s = ids[j] >= 0 && ids[j] < E ? st[ids[j]] : 0.0f;
+    gates[int64_t(t) * K + j] = route_scale * s / sum;
+  }
+}
+
 // counts[E + 1] zeroed by the caller; integer atomics, so the counts are order-free.
 __global__ void router_count_kernel(int32_t* counts, const int32_t* ids, int64_t pairs, int E) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pairs;
@@ -240,8 +309,15 @@ __global__ void combine_backward_kernel(float* dye, float* dgates, const float* 
 void router_select(float* scores, float* gates, const MoeRouting& routing, const float* logits,
                    const float* bias, float route_scale, bool replay, cudaStream_t stream) {
   if (routing.n_tokens == 0) return;
-  router_select_kernel<<<(routing.n_tokens + 127) / 128, 128, 0, stream>>>(
-      scores, gates, routing, logits, bias, route_scale, replay);
+  if (routing.n_experts <= kWarpRouterMaxExperts) {
+    constexpr int kTokensPerBlock = 4;  // 128 threads
+    router_select_warp_kernel<<<(routing.n_tokens + kTokensPerBlock - 1) / kTokensPerBlock,
+                                32 * kTokensPerBlock, 0, stream>>>(scores, gates, routing, logits,
+                                                                   bias, route_scale, replay);
+  } else {
+    router_select_kernel<<<(routing.n_tokens + 127) / 128, 128, 0, stream>>>(
+        scores, gates, routing, logits, bias, route_scale, replay);
+  }
   CUDA_CHECK_LAUNCH();
 }
 

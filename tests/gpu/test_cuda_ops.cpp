@@ -595,14 +595,15 @@ TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
   }
 }
 
-// The grouped products take their sizes from the host mirror router_forward keeps of the
-// offsets it wrote (no read-back). Both directions must hold: after router_forward, a grouped
-// product over those offsets equals the CPU's over the CPU router's offsets; and after the
-// same device buffer is overwritten by copy_from_host, the product follows the new offsets,
-// not the stale mirror (a product over the old ones would multiply most rows by other experts).
+// Grouped products above the few-rows kernel's sizes (here 40 rows per expert) go to cuBLAS,
+// sized from a host mirror of the offsets read back once per routing. Both directions must
+// hold: after router_forward, a grouped product over those offsets equals the CPU's over the
+// CPU router's offsets; and after the same device buffer is overwritten by copy_from_host, the
+// product follows the new offsets, not the stale mirror (a product over the old ones would
+// multiply most rows by other experts).
 TEST_F(CudaRouterTest, GroupedProductsFollowTheRoutersOffsetsAndLaterRewrites) {
   Rng rng(121);
-  const int N = 40, E = 8, K = 2, D = 24, F = 16;
+  const int N = 160, E = 8, K = 2, D = 24, F = 16;
   const auto logits = untied_logits(rng, N, E);
   HostRouting h(N, K, E);
   MoeRouting hr = h.view();
@@ -627,6 +628,33 @@ TEST_F(CudaRouterTest, GroupedProductsFollowTheRoutersOffsetsAndLaterRewrites) {
   gpu_->grouped_matmul_forward(d_out, dev(x), dev(w), dr.offsets, E, N * K, F, D);
   cpu_.grouped_matmul_forward(out.data(), x.data(), w.data(), rewritten.data(), E, N * K, F, D);
   EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "offsets rewritten";
+}
+
+// Exact ties go to the lower id, as on the CPU, also across the warp kernel's lanes and chunks
+// (E = 40: experts 0-31 and 32-39 sit in two chunks): a token with all logits equal, one whose
+// two best experts (1 and 33) tie and the rest tie lower, and random tokens.
+TEST_F(CudaRouterTest, TiesGoToTheLowerIdLikeTheCpu) {
+  Rng rng(134);
+  const int N = 6, E = 40, K = 4;
+  auto logits = normal(rng, size_t(N) * E);
+  std::fill_n(logits.begin(), E, 0.0f);
+  std::fill_n(logits.begin() + E, E, -1.0f);
+  logits[E + 1] = logits[E + 33] = 2.0f;
+  HostRouting h(N, K, E);
+  MoeRouting hr = h.view();
+  std::vector<float> scores(size_t(N) * E), gates(size_t(N) * K);
+  cpu_.router_forward(scores.data(), gates.data(), hr, logits.data(), nullptr, 1.0, false);
+  ASSERT_EQ(std::vector<int32_t>(h.ids.begin(), h.ids.begin() + K),
+            (std::vector<int32_t>{0, 1, 2, 3}));
+  ASSERT_EQ(std::vector<int32_t>(h.ids.begin() + K, h.ids.begin() + 2 * K),
+            (std::vector<int32_t>{1, 33, 0, 2}));
+  MoeRouting dr = device_routing(h);
+  float* d_scores = poisoned(scores.size());
+  float* d_gates = poisoned(gates.size());
+  gpu_->router_forward(d_scores, d_gates, dr, dev(logits), nullptr, 1.0, false);
+  EXPECT_TRUE(close(back(d_scores, scores.size()), scores, kElementwise));
+  EXPECT_TRUE(close(back(d_gates, gates.size()), gates, kElementwise));
+  expect_same_routing(dr, h);
 }
 
 TEST_F(CudaRouterTest, ReplayKeepsTheGivenExperts) {
