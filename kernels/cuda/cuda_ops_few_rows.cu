@@ -16,8 +16,9 @@
 // every chunk; lane l computes columns l and l + 32. At 16 rows per expert (decode at batch 64)
 // the kernel is bound by instruction issue as much as by HBM, so the layout maximizes the
 // multiply-adds per shared-memory load (32 per 6 loads). The two k halves are added at the end
-// of a row tile in a fixed order: every output is a sum in an order fixed by K alone, so results
-// repeat bit for bit and do not depend on the grid.
+// of a row tile in a fixed order. Every output is a sum in an order fixed by the shape (for the
+// dense kernel also by the multiprocessor count, which sets its k splits), so results repeat
+// bit for bit on one GPU.
 #include <algorithm>
 
 #include "kernels/cuda/cuda_ops_device.cuh"
