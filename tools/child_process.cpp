@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <string_view>
 
 #include <spdlog/spdlog.h>
 
@@ -16,10 +17,27 @@
 
 namespace rlhf::cli {
 
-std::string self_executable() { return std::filesystem::read_symlink("/proc/self/exe").string(); }
+std::string self_executable() {
+  std::string path = std::filesystem::read_symlink("/proc/self/exe").string();
+  // The kernel marks the link when the file this process runs from was replaced (a rebuild)
+  // or removed since it started: exec would fail, and the services must be this very build.
+  constexpr std::string_view kDeleted = " (deleted)";
+  if (path.size() > kDeleted.size() && path.ends_with(kDeleted)) {
+    path.resize(path.size() - kDeleted.size());
+    fail("this rlhf binary ({}) was replaced or removed while it ran, so it cannot start its "
+         "services from it; run the command again",
+         path);
+  }
+  return path;
+}
 
 ChildProcess::ChildProcess(std::string name, std::vector<std::string> argv)
     : name_(std::move(name)) {
+  if (argv.empty()) fail("{}: no program to run", name_);
+  // Checked here, where the error can name the program: the child can only report "exec failed".
+  if (access(argv[0].c_str(), X_OK) != 0) {
+    fail("{}: cannot run {}: {}", name_, argv[0], std::strerror(errno));
+  }
   int pipe_fds[2];
   if (pipe2(pipe_fds, O_CLOEXEC) != 0) fail("{}: pipe: {}", name_, std::strerror(errno));
   std::vector<char*> args;

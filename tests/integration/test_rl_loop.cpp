@@ -440,5 +440,19 @@ TEST_F(RlLoopTest, UpStartsTheServicesAsProcessesAndRunsTheLoop) {
   EXPECT_EQ(read_metrics(workdir / "metrics.jsonl").size(), 2u);
 }
 
+// A program that cannot be run is an error naming it, before any fork: a failed exec in the child
+// could only say "exec failed".
+TEST(ChildProcess, AProgramThatCannotRunIsAnErrorNamingIt) {
+  try {
+    cli::ChildProcess child("reward", {"/nonexistent/rlhf", "serve", "reward"});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("reward: cannot run /nonexistent/rlhf: No such file"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace rlhf
+
