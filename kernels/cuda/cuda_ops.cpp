@@ -547,7 +547,7 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
              block);
   // Decode-sized products read the packed weights directly (no wait, no float copy).
   if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
-      cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, in, int(K))) {
+      cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, w.codes, int(K))) {
     cuda::few_rows_fp4_matmul(out, in, w.codes, w.scales, w.global_scale, w.format, offsets,
                               n_groups, rows, int(N), int(K), kStream);
     return;

@@ -85,13 +85,13 @@ struct FloatWeights {
   __device__ void load(int chunk, int stage) {
     load_float_chunk<kColsPerBlock>(smem.w[stage], w, n_valid, k_len, ld, chunk);
   }
-  __device__ void prepare_tile() {}
+  __device__ void prepare_block() {}
   __device__ const WeightTile& ready(int /*chunk*/, int stage) { return smem.w[stage]; }
 };
 
 // Packed FP4 weights (fp4.h's layout: codes [rows, K / 2], two values a byte, low nibble
 // first; one scale code per block of 16 or 32 values along k). The codes come through a ring;
-// the block's scales for the whole k range are read once per tile; ready() decodes a chunk
+// the block's scales for the whole k range are read once per block; ready() decodes a chunk
 // into one float tile that every warp then reads.
 template <Fp4Format Format>
 struct Fp4Weights {
@@ -118,9 +118,10 @@ struct Fp4Weights {
                    valid ? codes + int64_t(n) * (K / 2) + k / 2 : codes, valid);
     }
   }
-  // Once per row tile, before its chunks: the block's scale codes (rows past n_valid read 0).
-  // Plain loads: scale rows are K / kBlock bytes, too short and unaligned for cp.async chunks.
-  __device__ void prepare_tile() {
+  // Once per block, before its first chunk: the block's scale codes (rows past n_valid read 0),
+  // which every row tile of the block reuses. Plain loads: scale rows are K / kBlock bytes, too
+  // short and unaligned for cp.async chunks.
+  __device__ void prepare_block() {
     const int per_row = K / kBlock;
     for (int i = threadIdx.x; i < kColsPerBlock * per_row; i += kFewRowsThreads) {
       const int n = i / per_row;
@@ -194,8 +195,8 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
   const int row_group = warp % kRowGroups, k_half = warp / kRowGroups;
   const int chunks = (k_len + kChunk - 1) / kChunk;
 
-  for (int t0 = row_begin + int(blockIdx.z) * kRowsPerTile; t0 < row_end;
-       t0 += int(gridDim.z) * kRowsPerTile) {
+  const int first_tile = row_begin + int(blockIdx.z) * kRowsPerTile;
+  for (int t0 = first_tile; t0 < row_end; t0 += int(gridDim.z) * kRowsPerTile) {
     const int rows_valid = min(kRowsPerTile, row_end - t0);
     const float* x_tile = in + t0 * ld;
     // Rows this warp owns that exist: a warp-uniform bound, so warps past the tile's rows skip
@@ -211,7 +212,9 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
       }
       commit_async();
     }
-    weights.prepare_tile();
+    // After the first tile's prologue is queued, so the loads overlap; a block without rows
+    // never gets here.
+    if (t0 == first_tile) weights.prepare_block();
     for (int c = 0; c < chunks; ++c) {
       wait_async<kStages - 2>();
       __syncthreads();  // chunk c is visible to all; the stage refilled below is free
@@ -396,6 +399,15 @@ void launch_fp4_grouped(float* out, const float* in, const uint8_t* codes, const
   CUDA_CHECK_LAUNCH();
 }
 
+int few_rows_dense_splits(int M, int N, int K) {
+  // Enough blocks for two per multiprocessor, each split keeping at least 4 chunks of k.
+  const int64_t tiles = int64_t((M + kRowsPerTile - 1) / kRowsPerTile) *
+                        ((N + kColsPerBlock - 1) / kColsPerBlock);
+  const int64_t wanted = (2 * multiprocessors() + tiles - 1) / tiles;
+  const int64_t most = std::max(1, K / (4 * kChunk));
+  return int(std::clamp<int64_t>(wanted, 1, most));
+}
+
 }  // namespace
 
 void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
@@ -431,14 +443,6 @@ int64_t few_rows_dense_scratch_floats(int M, int N, int K) {
   return int64_t(few_rows_dense_splits(M, N, K)) * M * N;
 }
 
-int few_rows_dense_splits(int M, int N, int K) {
-  // Enough blocks for two per multiprocessor, each split keeping at least 4 chunks of k.
-  const int64_t tiles = int64_t((M + kRowsPerTile - 1) / kRowsPerTile) *
-                        ((N + kColsPerBlock - 1) / kColsPerBlock);
-  const int64_t wanted = (2 * multiprocessors() + tiles - 1) / tiles;
-  const int64_t most = std::max(1, K / (4 * kChunk));
-  return int(std::clamp<int64_t>(wanted, 1, most));
-}
 
 void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
                            bool accumulate, float* partial, cudaStream_t stream) {

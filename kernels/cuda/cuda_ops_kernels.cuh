@@ -74,7 +74,6 @@ void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, cons
 // split across blocks so a single weight matrix still fills the GPU, each split's sum goes to
 // `partial` (few_rows_dense_scratch_floats(M, N, K) floats of scratch), and a second kernel adds
 // the splits in order. Same layout needs as few_rows_matmul.
-int few_rows_dense_splits(int M, int N, int K);
 int64_t few_rows_dense_scratch_floats(int M, int N, int K);
 void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
                            bool accumulate, float* partial, cudaStream_t stream);

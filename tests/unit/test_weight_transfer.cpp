@@ -22,6 +22,7 @@
 #include "model/checkpoint.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -166,20 +167,10 @@ TEST(WeightAssembler, APayloadOverTheLimitIsRefusedAtTheHeader) {
 
 // ---- serialize_policy / load_policy
 
+// The generation tests' small MoE model, with experts of whole FP4 blocks.
 ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = 32;
-  c.n_layers = 3;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
+  ModelConfig c = small_moe_config();
   c.max_seq_len = 24;
-  c.n_dense_layers = 1;
-  c.d_ff = 64;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.top_k = 2;
   c.d_expert = 32;   // FP4 blocks run along rows of 32 (d_model) and 32 (d_expert) values
   c.init_std = 0.1;  // large enough that FP4 quantization visibly changes the logits
   return c;
