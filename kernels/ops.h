@@ -11,6 +11,8 @@
 //  - Pointers are in the backend's memory (host for the CPU backend). Index arrays too.
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <stdexcept>
 
 #include "kernels/fp4/fp4.h"
 #include "kernels/swiglu_clamp.h"
@@ -70,6 +72,26 @@ struct PackedFp4Matrix {
   float global_scale = 1.0f;        // NVFP4's per-tensor scale; 1 for MXFP4
 };
 
+// A sequence of ops recorded once (Ops::begin_recording .. end_recording) to be run again many
+// times at a fraction of the launch cost: a CUDA graph on the GPU backend. A recording keeps the
+// arguments it was recorded with (pointers, shapes, scalars) and reads whatever the memory
+// behind those pointers holds when it is replayed. So whoever replays it keeps that memory
+// alive and puts new inputs into the same buffers first.
+class OpsRecording {
+ public:
+  virtual ~OpsRecording() = default;
+  // Runs the recorded ops, in order, as if they were called again. Returns false, running
+  // nothing, when the backend has since released memory of its own that the recording uses
+  // (its scratch grew): record again.
+  virtual bool replay() = 0;
+};
+
+// Thrown by an op called while recording that cannot be recorded (Ops::begin_recording).
+class OpNotRecordable : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 template <typename T>
 class Ops {
  public:
@@ -81,6 +103,19 @@ class Ops {
   virtual void free_bytes(void* ptr) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy_from_host(void* dst, const void* host_src, size_t bytes) = 0;
+
+  // ---- recording (see OpsRecording) ----
+  // Whether begin_recording works here. The CPU backend runs every op at once and cannot.
+  virtual bool can_record() const { return false; }
+  // Until end_recording, ops are recorded, not run. An op that would have to wait for the
+  // device or allocate (any copy to or from the host, a read-back of offsets, growing the
+  // scratch) cannot be recorded: it throws OpNotRecordable and ends the recording, and nothing
+  // of it has run, so the caller can run the same ops again without recording.
+  // Calling either where can_record() is false is a programming error (std::logic_error).
+  virtual void begin_recording() { throw std::logic_error("this backend cannot record ops"); }
+  virtual std::unique_ptr<OpsRecording> end_recording() {
+    throw std::logic_error("this backend cannot record ops");
+  }
 
   // ---- dense algebra ----
   // out[M,N] = in[M,K] . w[N,K]^T   (out += ... when accumulate)

@@ -366,19 +366,28 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   stats_on_device_ = true;
 
   if (qat_format_ && qat_stale_) refresh_qat();
-  const ModelWeights<T>& W = active_weights();
-  const int D = c.d_model;
-  ops_.embedding_forward(layer_acts_[0].x_in, tokens_, W.embed, N, D);
-  double flops = 0;
-  for (int l = 0; l < c.n_layers; ++l) {
-    attention_block(l, batch, n_new, cache);
-    ffn_block(l, N, record, replay);
+  // A decode step reads everything it needs from the buffers just written, so it can run as a
+  // recording. Not with a replayed trace or a selection router: those copy to and from the host
+  // between the layers.
+  if (cache && n_new == 1 && !replay && !selection_router_on_ && record_decode_steps_ &&
+      ops_.can_record()) {
+    run_recorded_decode_step(batch, *cache);
+  } else {
+    run_layers(batch, n_new, cache, replay);
   }
-  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, W.final_norm, N, D, c.norm_eps);
-  ops_.matmul_forward(logits_, final_in_, W.lm_head, N, c.vocab_size, D, false);
+  // The routing is read back after the whole forward is queued, one copy per MoE layer.
+  if (record) {
+    for (int m = 0; m < c.n_moe_layers(); ++m) {
+      ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * c.top_k,
+                        layer_acts_[c.n_dense_layers + m].routing.expert_ids,
+                        sizeof(int32_t) * N * c.top_k);
+    }
+  }
 
   // Model FLOPs: 2 per multiply-add of every matmul, attention counted over the keys each
   // query actually reads (causal), routed experts over the rows they actually receive.
+  const int D = c.d_model;
+  double flops = 0;
   const double n = N;
   const double attn_keys = [&] {
     double keys = 0;
@@ -401,6 +410,74 @@ const T* Transformer<T>::forward(const int32_t* tokens, int batch, int n_new, Kv
   flops += 2 * n * D * c.vocab_size;
   last_forward_flops_ = flops;
   return logits_;
+}
+
+template <typename T>
+void Transformer<T>::run_layers(int batch, int n_new, KvCache<T>* cache,
+                                const RoutingTrace* replay) {
+  const ModelConfig& c = config_;
+  const int N = batch * n_new, D = c.d_model;
+  for (ClampCounts& counts : stats_.clamp) counts.total = 0;
+  const ModelWeights<T>& W = active_weights();
+  ops_.embedding_forward(layer_acts_[0].x_in, tokens_, W.embed, N, D);
+  for (int l = 0; l < c.n_layers; ++l) {
+    attention_block(l, batch, n_new, cache);
+    ffn_block(l, N, replay);
+  }
+  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, W.final_norm, N, D, c.norm_eps);
+  ops_.matmul_forward(logits_, final_in_, W.lm_head, N, c.vocab_size, D, false);
+}
+
+template <typename T>
+size_t Transformer<T>::recorded_decode_steps() const {
+  return size_t(std::count_if(recorded_steps_.begin(), recorded_steps_.end(),
+                              [](const auto& entry) { return entry.second.recording != nullptr; }));
+}
+
+template <typename T>
+void Transformer<T>::run_recorded_decode_step(int batch, KvCache<T>& cache) {
+  // Everything the recording holds besides the model's own buffers: the cache's memory and
+  // shape, the rows, and which weights the forward reads (QAT's copy or the master weights).
+  const DecodeStepKey key{batch, reinterpret_cast<uintptr_t>(cache.k(0)),
+                          reinterpret_cast<uintptr_t>(cache.v(0)), cache.capacity(),
+                          cache.batch(), qat_format_.has_value()};
+  auto found = recorded_steps_.find(key);
+  if (found != recorded_steps_.end()) {
+    RecordedStep& step = found->second;
+    if (step.recording && step.recording->replay()) {
+      for (size_t l = 0; l < stats_.clamp.size(); ++l) {
+        stats_.clamp[l].total = step.clamp_totals[l];
+      }
+      return;
+    }
+    if (step.refusals >= kMaxRecordingRefusals) {
+      run_layers(batch, 1, &cache, nullptr);
+      return;
+    }
+  } else if (recorded_steps_.size() >= kMaxRecordedSteps) {
+    recorded_steps_.clear();  // shapes of calls long gone, most likely
+  }
+  RecordedStep& step = recorded_steps_[key];
+  step.recording.reset();
+  ops_.begin_recording();
+  try {
+    run_layers(batch, 1, &cache, nullptr);
+    step.recording = ops_.end_recording();
+  } catch (const OpNotRecordable&) {
+    // An op of this step waits for the device (the backend ended the recording; nothing ran).
+    // The first refusal can be a one-off, the scratch growing to this shape; after the second
+    // this shape runs unrecorded for good.
+    ++step.refusals;
+    run_layers(batch, 1, &cache, nullptr);
+    return;
+  } catch (...) {
+    ops_.end_recording();  // close the capture before the error goes on
+    throw;
+  }
+  step.clamp_totals.resize(stats_.clamp.size());
+  for (size_t l = 0; l < stats_.clamp.size(); ++l) step.clamp_totals[l] = stats_.clamp[l].total;
+  // Recording ran nothing: this replay is the step itself.
+  RLHF_CHECK(step.recording->replay(), "a decode step's recording is stale right after it");
 }
 
 template <typename T>
@@ -451,7 +528,7 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
 }
 
 template <typename T>
-void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const RoutingTrace* replay) {
+void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   const ModelConfig& c = config_;
   const int D = c.d_model;
   LayerActs& a = layer_acts_[l];
@@ -508,10 +585,6 @@ void Transformer<T>::ffn_block(int l, int N, RoutingTrace* record, const Routing
   // router only supplies the scores and gates (and so its gradient).
   ops_.router_forward(a.scores, a.gates, r, router_logits_, router_bias_[m], c.route_scale,
                       replay != nullptr || selection_router_on_);
-  if (record) {
-    ops_.copy_to_host(record->expert_ids.data() + size_t(m) * N * K, r.expert_ids,
-                      sizeof(int32_t) * N * K);
-  }
 
   if (c.n_shared_experts > 0) {
     dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe,

@@ -10,7 +10,9 @@
 // intermediate of one layer's forward, allocated once for a maximum batch x sequence shape)
 // and KvCache.
 // `T` is float for real work and double for the finite-difference gradient reference.
+#include <compare>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -186,6 +188,18 @@ class Transformer {
   void clear_selection_router() { selection_router_on_ = false; }
   bool has_selection_router() const { return selection_router_on_; }
 
+  // ---- recorded decode steps ----
+  // On a backend that can record ops (CUDA graphs), a forward of one new token per sequence
+  // with a cache is recorded the first time its shape (rows, cache memory and capacity) comes
+  // and replayed afterwards, with the same results bit for bit and a fraction of the launch
+  // cost. On by default; off runs every step op by op (tests, A/B measurements).
+  void record_decode_steps(bool on) {
+    record_decode_steps_ = on;
+    if (!on) recorded_steps_.clear();
+  }
+  // Decode shapes that hold a recording now (for tests and diagnostics).
+  size_t recorded_decode_steps() const;
+
   // Model FLOPs of the last forward pass alone (matmuls + attention). A training step costs
   // about three times this (the backward computes two products per forward product).
   double last_forward_flops() const { return last_forward_flops_; }
@@ -220,7 +234,13 @@ class Transformer {
 
   void allocate_activations();
   void attention_block(int layer, int batch, int n_new, KvCache<T>* cache);
-  void ffn_block(int layer, int n_tokens, RoutingTrace* record, const RoutingTrace* replay);
+  void ffn_block(int layer, int n_tokens, const RoutingTrace* replay);
+  // The device work of a forward whose inputs (tokens_, positions_, start_) are in place:
+  // embedding, layers, final norm, LM head. Touches no host memory but the clamp totals.
+  void run_layers(int batch, int n_new, KvCache<T>* cache, const RoutingTrace* replay);
+  // run_layers of a decode step (n_new = 1) through a recording of its shape: replayed when
+  // one exists, else recorded and replayed, or run op by op where the backend refuses.
+  void run_recorded_decode_step(int batch, KvCache<T>& cache);
   void select_with_selection_router(int moe_layer, int n_tokens);
   double backward(int batch, int seq_len);
 
@@ -285,6 +305,26 @@ class Transformer {
   Buffer<int64_t, Ops<T>> clamp_counts_;  // [n_layers][gate, linear]
   mutable std::vector<int64_t> host_clamp_counts_;
   double last_forward_flops_ = 0;
+
+  // Recorded decode steps by shape. A recording holds pointers into the cache it ran with,
+  // so the key holds the cache's memory and shape: a new cache at the same address with the
+  // same shape reuses the recording, as it may.
+  struct DecodeStepKey {
+    int batch;
+    uintptr_t cache_k, cache_v;
+    int cache_capacity, cache_batch;
+    bool qat;
+    auto operator<=>(const DecodeStepKey&) const = default;
+  };
+  struct RecordedStep {
+    std::unique_ptr<OpsRecording> recording;
+    std::vector<int64_t> clamp_totals;  // [n_layers] host-side counts the step adds
+    int refusals = 0;                   // recordings the backend refused for this shape
+  };
+  static constexpr int kMaxRecordingRefusals = 2;
+  static constexpr size_t kMaxRecordedSteps = 64;
+  bool record_decode_steps_ = true;
+  std::map<DecodeStepKey, RecordedStep> recorded_steps_;
 };
 
 }  // namespace rlhf

@@ -23,10 +23,6 @@ namespace rlhf {
 
 namespace {
 
-// Every kernel and cuBLAS call runs on the legacy default stream, so they run in call order and
-// synchronous cudaMemcpy calls wait for them.
-constexpr cudaStream_t kStream = nullptr;
-
 // Sizes of the pieces one op carves out of the scratch buffer, each 256-byte aligned.
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -48,10 +44,19 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
     RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS is '{}'; expected off or on", m);
     few_rows_enabled_ = m == "on";
   }
+  // RLHF_CUDA_GRAPHS=off|on (default on): whether callers may record ops into CUDA graphs.
+  if (const char* mode = std::getenv("RLHF_CUDA_GRAPHS")) {
+    const std::string m = mode;
+    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_GRAPHS is '{}'; expected off or on", m);
+    graphs_enabled_ = m == "on";
+  }
+  // A stream of our own because the legacy default stream cannot be captured into a graph;
+  // created blocking, so it still orders with the legacy stream (synchronous cudaMemcpy).
+  CUDA_CHECK(cudaStreamCreate(&stream_));
   cublasHandle_t handle = nullptr;
   CUBLAS_CHECK(cublasCreate(&handle));
   cublas_ = handle;
-  CUBLAS_CHECK(cublasSetStream(handle, kStream));
+  CUBLAS_CHECK(cublasSetStream(handle, stream_));
   // Plain FP32 products: no TF32 tensor-op shortcut, so the GEMMs differ from the CPU BLAS by
   // summation order only.
   CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
@@ -80,11 +85,74 @@ CudaOps<T>::~CudaOps() {
   if (grouped_device_) cudaFree(grouped_device_);
   if (device_flags_host_) cudaFreeHost(device_flags_host_);
   if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+// ---------------------------------------------------------------- recording
+
+template <typename T>
+class CudaOps<T>::Recording final : public OpsRecording {
+ public:
+  Recording(CudaOps& owner, cudaGraphExec_t exec)
+      : owner_(owner), exec_(exec), scratch_epoch_(owner.scratch_epoch_) {}
+  ~Recording() override { cudaGraphExecDestroy(exec_); }  // unchecked, as in ~CudaOps
+  Recording(const Recording&) = delete;
+  Recording& operator=(const Recording&) = delete;
+
+  bool replay() override {
+    RLHF_CHECK(!owner_.recording_, "a recording replayed while another is being recorded");
+    if (owner_.scratch_epoch_ != scratch_epoch_) return false;
+    // The graph rewrites memory (routing offsets among it) without passing through the ops
+    // that drop host mirrors of offsets, so none may survive it.
+    owner_.offsets_mirror_.clear();
+    CUDA_CHECK(cudaGraphLaunch(exec_, owner_.stream_));
+    return true;
+  }
+
+ private:
+  CudaOps& owner_;
+  cudaGraphExec_t exec_;
+  uint64_t scratch_epoch_;
+};
+
+template <typename T>
+void CudaOps<T>::begin_recording() {
+  RLHF_CHECK(graphs_enabled_, "recording asked of a backend with RLHF_CUDA_GRAPHS=off");
+  RLHF_CHECK(!recording_, "begin_recording while already recording");
+  // Thread-local mode: other threads' CUDA calls (another model's ops) stay unaffected.
+  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  recording_ = true;
+}
+
+template <typename T>
+std::unique_ptr<OpsRecording> CudaOps<T>::end_recording() {
+  RLHF_CHECK(recording_, "end_recording without begin_recording");
+  recording_ = false;
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);  // the executable graph is independent of it
+  CUDA_CHECK(status);
+  return std::make_unique<Recording>(*this, exec);
+}
+
+template <typename T>
+void CudaOps<T>::refuse_while_recording(const char* op) {
+  if (!recording_) return;
+  recording_ = false;
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  if (graph) cudaGraphDestroy(graph);
+  throw OpNotRecordable(fmt::format(
+      "{} cannot be recorded into a CUDA graph: it waits for the device or allocates", op));
 }
 
 template <typename T>
 void* CudaOps<T>::scratch(size_t bytes) {
   if (bytes > scratch_bytes_) {
+    refuse_while_recording("growing the scratch");
+    ++scratch_epoch_;
     // Work queued on the stream may still read the old buffer.
     CUDA_CHECK(cudaDeviceSynchronize());
     if (scratch_) CUDA_CHECK(cudaFree(scratch_));
@@ -98,6 +166,8 @@ void* CudaOps<T>::scratch(size_t bytes) {
 
 template <typename T>
 const int32_t* CudaOps<T>::host_offsets(const int32_t* offsets, int n_groups) {
+  // Even a mirror hit: the recording would keep these offsets when the routing changes.
+  refuse_while_recording("reading expert offsets back");
   const auto known = offsets_mirror_.find(offsets);
   if (known != offsets_mirror_.end() && known->second.size() == size_t(n_groups) + 1) {
     return known->second.data();
@@ -131,6 +201,8 @@ void CudaOps<T>::gemm(bool trans_a, bool trans_b, int M, int N, int K, const T* 
 template <typename T>
 void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems& p, int lda,
                               int ldb, float beta, int ldc) {
+  // Its pointer arrays come from host staging rewritten by later calls.
+  refuse_while_recording("a grouped cuBLAS product");
   const size_t count = p.m.size();
   if (count == 0) return;
   if (count > grouped_capacity_) {
@@ -146,7 +218,7 @@ void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems&
     grouped_events_.resize(kGroupedSlots);
     for (auto& event : grouped_events_) {
       CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-      CUDA_CHECK(cudaEventRecord(event, kStream));  // "done": nothing to wait for yet
+      CUDA_CHECK(cudaEventRecord(event, stream_));  // "done": nothing to wait for yet
     }
   }
   const int slot = grouped_next_slot_;
@@ -162,8 +234,8 @@ void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems&
     staging[2 * grouped_capacity_ + g] = p.c[g];
   }
   CUDA_CHECK(cudaMemcpyAsync(device, staging, 3 * grouped_capacity_ * sizeof(void*),
-                             cudaMemcpyHostToDevice, kStream));
-  CUDA_CHECK(cudaEventRecord(grouped_events_[slot], kStream));
+                             cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaEventRecord(grouped_events_[slot], stream_));
   GroupedCallArrays& arrays = *grouped_call_;
   arrays.trans_first.assign(count, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
   arrays.trans_second.assign(count, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
@@ -187,6 +259,7 @@ void CudaOps<T>::grouped_gemm(bool trans_a, bool trans_b, const GroupedProblems&
 
 template <typename T>
 void* CudaOps<T>::alloc_bytes(size_t bytes) {
+  refuse_while_recording("allocating device memory");
   void* ptr = nullptr;
   const cudaError_t status = cudaMalloc(&ptr, std::max<size_t>(bytes, 1));
   if (status == cudaErrorMemoryAllocation) {
@@ -199,18 +272,21 @@ void* CudaOps<T>::alloc_bytes(size_t bytes) {
 
 template <typename T>
 void CudaOps<T>::free_bytes(void* ptr) {
+  refuse_while_recording("freeing device memory");
   offsets_mirror_.clear();
   if (ptr) CUDA_CHECK(cudaFree(ptr));
 }
 
 template <typename T>
 void CudaOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
+  refuse_while_recording("a copy to the host");
   if (bytes) CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
   check_device_flags();  // the copy waited for every queued kernel
 }
 
 template <typename T>
 void CudaOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
+  refuse_while_recording("a copy from the host");
   forget_offsets(dst, bytes);
   if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
 }
@@ -230,7 +306,7 @@ void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, i
   if (few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K)) {
     auto* partial = static_cast<float*>(
         scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, N, K))));
-    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial, kStream);
+    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial, stream_);
     return;
   }
   gemm(false, true, M, N, K, in, K, w, K, accumulate ? 1.0f : 0.0f, out, N);
@@ -256,7 +332,7 @@ void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const i
   // which reads the offsets on the device: no wait, and the weights stream at HBM speed.
   if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
       few_rows_kernel_fits(in, w, K)) {
-    cuda::few_rows_matmul(out, in, w, offsets, n_groups, rows, N, K, kStream);
+    cuda::few_rows_matmul(out, in, w, offsets, n_groups, rows, N, K, stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);
@@ -298,32 +374,32 @@ void CudaOps<T>::grouped_matmul_backward(T* din, T* dw, const T* dout, const T* 
 
 template <typename T>
 void CudaOps<T>::embedding_forward(T* out, const int32_t* tokens, const T* table, int N, int D) {
-  cuda::embedding_forward(out, tokens, table, N, D, kStream);
+  cuda::embedding_forward(out, tokens, table, N, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int N, int D,
                                     int V) {
-  cuda::embedding_backward(dtable, dout, tokens, N, D, kStream);
+  cuda::embedding_backward(dtable, dout, tokens, N, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::rmsnorm_forward(T* out, T* rstd, const T* in, const T* weight, int N, int D,
                                  double eps) {
-  cuda::rmsnorm_forward(out, rstd, in, weight, N, D, float(eps), kStream);
+  cuda::rmsnorm_forward(out, rstd, in, weight, N, D, float(eps), stream_);
 }
 
 template <typename T>
 void CudaOps<T>::rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
                                   const T* rstd, int N, int D) {
-  cuda::rmsnorm_backward(din, dweight, dout, in, weight, rstd, N, D, kStream);
+  cuda::rmsnorm_backward(din, dweight, dout, in, weight, rstd, N, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
                               double theta) {
   RLHF_CHECK(hd % 2 == 0, "RoPE needs an even head_dim, got {}", hd);
-  cuda::rope(x, positions, N, H, hd, theta, 1.0f, kStream);
+  cuda::rope(x, positions, N, H, hd, theta, 1.0f, stream_);
 }
 
 template <typename T>
@@ -331,7 +407,7 @@ void CudaOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, in
                                double theta) {
   // The rotation is orthogonal, so its gradient is the rotation by the negative angle.
   RLHF_CHECK(hd % 2 == 0, "RoPE needs an even head_dim, got {}", hd);
-  cuda::rope(dx, positions, N, H, hd, theta, -1.0f, kStream);
+  cuda::rope(dx, positions, N, H, hd, theta, -1.0f, stream_);
 }
 
 // ---------------------------------------------------------------- attention
@@ -341,7 +417,7 @@ void CudaOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) 
   // start[] is device memory: checking it here would cost a wait per layer. The caller checks
   // start[b] + n_new <= capacity on its host copy (Transformer::forward); the kernel writes
   // nothing outside the cache even if that check were skipped.
-  cuda::kv_cache_write(cache, kv, s, kStream);
+  cuda::kv_cache_write(cache, kv, s, stream_);
 }
 
 template <typename T>
@@ -353,7 +429,7 @@ void CudaOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const
   auto* partials =
       partial_floats > 0 ? static_cast<float*>(scratch(sizeof(float) * size_t(partial_floats)))
                          : nullptr;
-  cuda::attention_forward(out, lse, q, k, v, s, partials, kStream);
+  cuda::attention_forward(out, lse, q, k, v, s, partials, stream_);
 }
 
 template <typename T>
@@ -364,7 +440,7 @@ void CudaOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T*
              "{} query heads are not groups of {} kv heads", s.n_heads, s.n_kv_heads);
   auto* delta = static_cast<float*>(
       scratch(sizeof(float) * std::max<size_t>(1, size_t(s.batch) * s.n_heads * s.n_new)));
-  cuda::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s, delta, kStream);
+  cuda::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s, delta, stream_);
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -383,14 +459,14 @@ void CudaOps<T>::swiglu_forward(T* h, const T* gate, const T* up, int64_t n,
                                 const SwigluClampConfig& clamp, int64_t* clamp_counts) {
   static_assert(sizeof(int64_t) == sizeof(unsigned long long));
   cuda::swiglu_forward(h, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp),
-                       reinterpret_cast<unsigned long long*>(clamp_counts), kStream);
+                       reinterpret_cast<unsigned long long*>(clamp_counts), stream_);
 }
 
 template <typename T>
 void CudaOps<T>::swiglu_backward(T* dgate, T* dup, const T* dh, const T* gate, const T* up,
                                  int64_t n, const SwigluClampConfig& clamp) {
   cuda::swiglu_backward(dgate, dup, dh, gate, up, n, clamp_gate_max(clamp), clamp_limit(clamp),
-                        kStream);
+                        stream_);
 }
 
 // ---------------------------------------------------------------- MoE
@@ -399,20 +475,20 @@ template <typename T>
 void CudaOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* logits,
                                 const T* bias, double route_scale, bool replay) {
   const int E = r.n_experts;
-  cuda::router_select(scores, gates, r, logits, bias, float(route_scale), replay, kStream);
+  cuda::router_select(scores, gates, r, logits, bias, float(route_scale), replay, stream_);
   // Counted and scanned on the device: the host does not wait for the routing. Ids outside
   // [0, E) raise the device flag (reported at the next read-back).
   auto* counts = static_cast<int32_t*>(scratch(sizeof(int32_t) * (size_t(E) + 1)));
-  cuda::router_count(counts, r, kStream);
+  cuda::router_count(counts, r, stream_);
   forget_offsets(r.offsets, sizeof(int32_t) * (size_t(E) + 1));
-  cuda::router_offsets(r.offsets, counts, E, device_flags_, kStream);
-  cuda::router_fill(r, kStream);
+  cuda::router_offsets(r.offsets, counts, E, device_flags_, stream_);
+  cuda::router_fill(r, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::router_backward(T* dlogits, const T* dgates, const T* scores, const T* gates,
                                  const MoeRouting& r, double route_scale) {
-  cuda::router_backward(dlogits, dgates, scores, gates, r, float(route_scale), kStream);
+  cuda::router_backward(dlogits, dgates, scores, gates, r, float(route_scale), stream_);
 }
 
 template <typename T>
@@ -429,7 +505,7 @@ double CudaOps<T>::seq_balance_loss(T* dlogits, const T* scores, const MoeRoutin
   auto* dsn = reinterpret_cast<double*>(base + terms_bytes);
   auto* row_sums = reinterpret_cast<double*>(base + 2 * terms_bytes);
   cuda::seq_balance_loss(dlogits, terms, row_sums, dsn, scores, r, seq_len, coef, normalizer,
-                         kStream);
+                         stream_);
   // Summed on the host in the CPU's order (sequence, then expert).
   host_values_.resize(size_t(n_seq) * E);
   copy_to_host(host_values_.data(), terms, sizeof(double) * host_values_.size());
@@ -440,24 +516,24 @@ double CudaOps<T>::seq_balance_loss(T* dlogits, const T* scores, const MoeRoutin
 
 template <typename T>
 void CudaOps<T>::moe_dispatch_forward(T* xe, const T* x, const MoeRouting& r, int D) {
-  cuda::moe_dispatch_forward(xe, x, r, D, kStream);
+  cuda::moe_dispatch_forward(xe, x, r, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::moe_dispatch_backward(T* dx, const T* dxe, const MoeRouting& r, int D) {
-  cuda::moe_dispatch_backward(dx, dxe, r, D, kStream);
+  cuda::moe_dispatch_backward(dx, dxe, r, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::moe_combine_forward(T* out, const T* ye, const T* gates, const MoeRouting& r,
                                      int D) {
-  cuda::moe_combine_forward(out, ye, gates, r, D, kStream);
+  cuda::moe_combine_forward(out, ye, gates, r, D, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
                                       const T* gates, const MoeRouting& r, int D) {
-  cuda::moe_combine_backward(dye, dgates, dout, ye, gates, r, D, kStream);
+  cuda::moe_combine_backward(dye, dgates, dout, ye, gates, r, D, stream_);
 }
 
 // ---------------------------------------------------------------- loss
@@ -468,7 +544,7 @@ double CudaOps<T>::cross_entropy_forward_backward(T* dlogits, const T* logits,
                                                   int N, int V) {
   if (N == 0) return 0.0;
   auto* row_loss = static_cast<double*>(scratch(sizeof(double) * size_t(N)));
-  cuda::cross_entropy(dlogits, row_loss, logits, targets, weights, N, V, kStream);
+  cuda::cross_entropy(dlogits, row_loss, logits, targets, weights, N, V, stream_);
   // Summed on the host in row order, as on the CPU.
   host_values_.resize(size_t(N));
   copy_to_host(host_values_.data(), row_loss, sizeof(double) * size_t(N));
@@ -480,7 +556,7 @@ double CudaOps<T>::cross_entropy_forward_backward(T* dlogits, const T* logits,
 template <typename T>
 void CudaOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t* targets, int N,
                                     int V, double temperature) {
-  cuda::log_softmax_gather(logprobs, logits, targets, N, V, 1.0f / float(temperature), kStream);
+  cuda::log_softmax_gather(logprobs, logits, targets, N, V, 1.0f / float(temperature), stream_);
 }
 
 // ---------------------------------------------------------------- FP4
@@ -500,14 +576,14 @@ void CudaOps<T>::fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int6
   auto* global = reinterpret_cast<float*>(base + codes_bytes + scales_bytes);
   // The CUDA quantizer (bit-identical to the CPU's; throws on NaN/Inf like it), then the
   // saturation mask from `in` before the decode may overwrite it (in == out is allowed).
-  fp4_quantize_cuda(in, rows, cols, format, "expert weights", codes, scales, global, kStream);
-  if (saturated) cuda::fp4_saturated(saturated, in, rows, cols, format, global, kStream);
-  fp4_dequantize_cuda(codes, scales, global, rows, cols, format, out, kStream);
+  fp4_quantize_cuda(in, rows, cols, format, "expert weights", codes, scales, global, stream_);
+  if (saturated) cuda::fp4_saturated(saturated, in, rows, cols, format, global, stream_);
+  fp4_dequantize_cuda(codes, scales, global, rows, cols, format, out, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::zero_where(T* grad, const uint8_t* mask, int64_t n) {
-  cuda::zero_where(grad, mask, n, kStream);
+  cuda::zero_where(grad, mask, n, stream_);
 }
 
 template <typename T>
@@ -526,7 +602,7 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
   for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, N - n0);
     cuda::fp4_dequantize_rows(tile, w.codes + n0 * (K / 2), w.scales + n0 * (K / block),
-                              w.global_scale, rows, K, w.format, kStream);
+                              w.global_scale, rows, K, w.format, stream_);
     gemm(false, true, M, int(rows), int(K), in, int(K), tile, int(K), accumulate ? 1.0f : 0.0f,
          out + n0, int(N));
   }
@@ -549,7 +625,7 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
       cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, w.codes, int(K))) {
     cuda::few_rows_fp4_matmul(out, in, w.codes, w.scales, w.global_scale, w.format, offsets,
-                              n_groups, rows, int(N), int(K), kStream);
+                              n_groups, rows, int(N), int(K), stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);
@@ -570,7 +646,7 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
     if (int64_t(grouped_.m.size()) == experts_per_batch) flush();
     float* slot = decoded + int64_t(grouped_.m.size()) * N * K;
     cuda::fp4_dequantize_rows(slot, w.codes + g * N * (K / 2), w.scales + g * N * (K / block),
-                              w.global_scale, N, K, w.format, kStream);
+                              w.global_scale, N, K, w.format, stream_);
     grouped_.add(group_rows, int(N), int(K), in + int64_t(off[g]) * K, slot,
                  out + int64_t(off[g]) * N);
   }
@@ -584,26 +660,26 @@ void CudaOps<T>::copy(T* dst, const T* src, int64_t n) {
   forget_offsets(dst, sizeof(T) * size_t(n));
   if (n) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice,
-                               kStream));
+                               stream_));
   }
 }
 
 template <typename T>
 void CudaOps<T>::fill(T* x, T value, int64_t n) {
   forget_offsets(x, sizeof(T) * size_t(n));
-  cuda::fill(x, value, n, kStream);
+  cuda::fill(x, value, n, stream_);
 }
 
 template <typename T>
 void CudaOps<T>::scale_inplace(T* x, double s, int64_t n) {
-  cuda::scale(x, float(s), n, kStream);
+  cuda::scale(x, float(s), n, stream_);
 }
 
 template <typename T>
 double CudaOps<T>::sum_squares(const T* x, int64_t n) {
   if (n == 0) return 0.0;
   auto* partials = static_cast<double*>(scratch(sizeof(double) * cuda::kSumSquaresBlocks));
-  cuda::sum_squares_partials(partials, x, n, kStream);
+  cuda::sum_squares_partials(partials, x, n, stream_);
   host_values_.resize(cuda::kSumSquaresBlocks);
   copy_to_host(host_values_.data(), partials, sizeof(double) * host_values_.size());
   double total = 0;
@@ -622,7 +698,7 @@ void CudaOps<T>::adamw_step(T* param, const T* grad, T* m, T* v, int64_t n,
                              float(h.lr),
                              float(h.weight_decay),
                              float(h.eps)};
-  cuda::adamw(param, grad, m, v, n, s, kStream);
+  cuda::adamw(param, grad, m, v, n, s, stream_);
 }
 
 template class CudaOps<float>;

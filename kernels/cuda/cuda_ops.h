@@ -3,7 +3,7 @@
 // CpuOps<float> (tests/gpu/test_cuda_ops.cpp; tolerances stated there and in docs/cuda.md).
 // What it is not yet (DESIGN.md's target): BF16 compute with FP32 accumulation through
 // cuBLASLt, tensor-core attention (the attention kernels are tiled FP32), the FP4 experts
-// through the sm90 grouped kernel, CUDA graphs, multi-stream work. Dense GEMMs go to cuBLAS
+// through the sm90 grouped kernel, multi-stream work. Dense GEMMs go to cuBLAS
 // SGEMM with tensor-op (TF32) math off, so they are plain FP32 and agree with the BLAS up to
 // reordering; the experts' grouped GEMMs are one cublasSgemmGroupedBatched call each.
 //
@@ -12,7 +12,9 @@
 // (cuda_ops.cpp), which validate shapes, talk to cuBLAS and copy scalars back.
 //
 // Memory and ordering: every pointer the ops take is device memory (index arrays too, as
-// ops.h says), every kernel and cuBLAS call runs on the legacy default stream, in call order.
+// ops.h says), every kernel and cuBLAS call runs on the instance's own stream, in call order.
+// The stream is a blocking one: it synchronizes with the legacy default stream, so synchronous
+// cudaMemcpy calls (here and in tests) still wait for the queued work.
 // Ops that return a host value (seq_balance_loss, cross-entropy, sum_squares) wait for the
 // device. A decode-sized forward does not wait anywhere: the router counts and scans the expert
 // offsets on the device, the SwiGLU clamp counts accumulate in device memory, the KV cache's
@@ -28,6 +30,13 @@
 // sequentially and the op is cheap, the kernel keeps the CPU's order (embedding and dispatch
 // backward, the balance loss), and the results match the CPU's exactly up to FMA contraction.
 //
+// Recording (ops.h): the ops between begin_recording and end_recording are captured from the
+// stream into a CUDA graph. Ops that wait for the device or allocate refuse to be recorded
+// (OpNotRecordable): copies to and from the host, offsets read back (the grouped cuBLAS route of
+// training-sized products), growing the scratch. A recording replays only while the scratch it
+// captured is still the current one. RLHF_CUDA_GRAPHS=off turns recording off (can_record()
+// false), for A/B measurements with one binary.
+//
 // Not thread-safe: one instance per model, like CpuOps.
 #include <cstddef>
 #include <cstdint>
@@ -39,6 +48,7 @@
 
 struct cublasContext;  // cuBLAS's handle type (cublasHandle_t) without its header
 struct CUevent_st;     // CUDA's event type (cudaEvent_t) without its header
+struct CUstream_st;    // CUDA's stream type (cudaStream_t) without its header
 
 namespace rlhf {
 
@@ -59,6 +69,10 @@ class CudaOps final : public Ops<T> {
   void free_bytes(void* ptr) override;
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
   void copy_from_host(void* dst, const void* host_src, size_t bytes) override;
+
+  bool can_record() const override { return graphs_enabled_; }
+  void begin_recording() override;
+  std::unique_ptr<OpsRecording> end_recording() override;
 
   void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                       bool accumulate) override;
@@ -171,6 +185,17 @@ class CudaOps final : public Ops<T> {
   // Drops the offsets mirrors inside [ptr, ptr + bytes): that memory is being rewritten.
   void forget_offsets(const void* ptr, size_t bytes);
 
+  // A recording (a CUDA graph) of this instance's stream; defined in the .cpp.
+  class Recording;
+  // Called first by every op that cannot be recorded: while recording, it ends the capture,
+  // discards it and throws OpNotRecordable naming `op`.
+  void refuse_while_recording(const char* op);
+  bool graphs_enabled_ = true;
+  bool recording_ = false;
+  // Bumped whenever the scratch is reallocated: a recording made before reads freed memory.
+  uint64_t scratch_epoch_ = 0;
+
+  CUstream_st* stream_ = nullptr;
   cublasContext* cublas_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;

@@ -213,6 +213,38 @@ TEST_F(CudaGenerateTest, BatchedGenerationMatchesCpu) {
               agreeing, total, diverged, worst_same, worst_teacher);
 }
 
+// Decode steps replayed from recordings (CUDA graphs, the default) give exactly what the same
+// model gives op by op: the same kernels with the same launch shapes, so the same bits, and
+// the same results whether a recording is fresh or replayed. The mixed prompts shrink the batch
+// as sequences end (a recording per batch size), and every generate() call allocates its own
+// cache (the second call replays the first call's recordings only if the new cache took the
+// same memory).
+TEST_F(CudaGenerateTest, RecordedDecodeStepsGiveTheUnrecordedBits) {
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  const auto prompts = mixed_prompts();
+  Generator generator(*gpu_model_, tokenizer_, kMaxBatch);
+  SamplingParams params;
+  params.temperature = 1.0;
+  params.seed = 77;
+  params.max_new_tokens = 12;
+  gpu_model_->record_decode_steps(true);
+  const std::vector<Generation> recorded = generator.generate(prompts, params);
+  const std::vector<Generation> recorded_again = generator.generate(prompts, params);
+  EXPECT_GE(gpu_model_->recorded_decode_steps(), 2u) << "decode steps did not run as recordings";
+  gpu_model_->record_decode_steps(false);
+  const std::vector<Generation> plain = generator.generate(prompts, params);
+  EXPECT_EQ(gpu_model_->recorded_decode_steps(), 0u);
+  for (const auto* run : {&recorded, &recorded_again}) {
+    ASSERT_EQ(run->size(), plain.size());
+    for (size_t i = 0; i < plain.size(); ++i) {
+      SCOPED_TRACE("prompt " + std::to_string(i));
+      EXPECT_EQ((*run)[i].tokens, plain[i].tokens);
+      EXPECT_EQ((*run)[i].logprobs, plain[i].logprobs);  // float ==: bit for bit
+      EXPECT_EQ((*run)[i].routing.expert_ids, plain[i].routing.expert_ids);
+    }
+  }
+}
+
 TEST_F(CudaGenerateTest, GatherLogprobsMatchesHostLogSoftmaxOnBothBackends) {
   // gather_logprobs (log_softmax_gather on the backend, through backend buffers) against the
   // host's double log-softmax of the same logits rows: a float op against a double one on the

@@ -989,6 +989,76 @@ TEST_F(CudaOpsTest, AdamW) {
   EXPECT_TRUE(close(back(d_v, n), v, kElementwise)) << "v";
 }
 
+// ---------------------------------------------------------------- recording (CUDA graphs)
+
+// Recorded ops run only when replayed, run again on every replay with whatever their buffers
+// hold then, and give the bits the same ops give unrecorded.
+TEST_F(CudaOpsTest, RecordedOpsRunOnReplayWithTheSameBits) {
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  Rng rng(404);
+  const int M = 3, N = 96, K = 128;  // few rows: the split-k kernel, which uses the scratch
+  const std::vector<float> x = normal(rng, size_t(M) * K), w = normal(rng, size_t(N) * K);
+  float* d_x = dev(x);
+  const float* d_w = dev(w);
+  float* d_out = poisoned(size_t(M) * N);
+  gpu_->matmul_forward(d_out, d_x, d_w, M, N, K, false);
+  const std::vector<float> eager = back(d_out, size_t(M) * N);
+
+  gpu_->fill(d_out, 0.0f, int64_t(M) * N);
+  gpu_->begin_recording();
+  gpu_->matmul_forward(d_out, d_x, d_w, M, N, K, false);
+  std::unique_ptr<OpsRecording> recording = gpu_->end_recording();
+  EXPECT_TRUE(close(back(d_out, size_t(M) * N), std::vector<float>(size_t(M) * N, 0.0f), kExact))
+      << "recording ran the product";
+  ASSERT_TRUE(recording->replay());
+  EXPECT_TRUE(close(back(d_out, size_t(M) * N), eager, kExact)) << "first replay";
+
+  // New input in the same buffer: the replay reads it.
+  const std::vector<float> x2 = normal(rng, size_t(M) * K);
+  gpu_->copy_from_host(d_x, x2.data(), sizeof(float) * x2.size());
+  std::vector<float> want2(size_t(M) * N);
+  cpu_.matmul_forward(want2.data(), x2.data(), w.data(), M, N, K, false);
+  ASSERT_TRUE(recording->replay());
+  EXPECT_TRUE(close(back(d_out, size_t(M) * N), want2, kReduction)) << "replay on new input";
+
+  // A larger product grows the scratch the recording uses: it must refuse to replay.
+  const int big_n = 4096, big_k = 4096;
+  const float* d_big_w = dev(normal(rng, size_t(big_n) * big_k));
+  const float* d_big_x = dev(normal(rng, size_t(64) * big_k));
+  float* d_big_out = poisoned(size_t(64) * big_n);
+  gpu_->matmul_forward(d_big_out, d_big_x, d_big_w, 64, big_n, big_k, false);
+  EXPECT_FALSE(recording->replay()) << "replayed over a scratch buffer that was freed";
+}
+
+// An op that waits for the device cannot be recorded: it throws, the recording ends, nothing
+// recorded before it has run, and the backend works on as before.
+TEST_F(CudaOpsTest, RecordingRefusesHostCopiesAndRunsNothing) {
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  float* d_x = dev(std::vector<float>(64, 5.0f));
+  std::vector<float> host(64);
+  gpu_->begin_recording();
+  gpu_->fill(d_x, 1.0f, 64);
+  EXPECT_THROW(gpu_->copy_to_host(host.data(), d_x, sizeof(float) * 64), OpNotRecordable);
+  EXPECT_TRUE(close(back(d_x, 64), std::vector<float>(64, 5.0f), kExact)) << "fill ran";
+
+  gpu_->begin_recording();
+  EXPECT_THROW(gpu_->copy_from_host(d_x, host.data(), sizeof(float) * 64), OpNotRecordable);
+  gpu_->begin_recording();
+  EXPECT_THROW(gpu_->alloc_bytes(16), OpNotRecordable);
+  // Training-sized grouped products read their offsets back.
+  const std::vector<int32_t> offsets = {0, 40, 80};
+  const int32_t* d_offsets = dev(offsets);
+  float* d_in = dev(std::vector<float>(80 * 16, 1.0f));
+  const float* d_w = dev(std::vector<float>(2 * 8 * 16, 1.0f));
+  float* d_out = poisoned(80 * 8);
+  gpu_->begin_recording();
+  EXPECT_THROW(gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_offsets, 2, 80, 8, 16),
+               OpNotRecordable);
+
+  gpu_->fill(d_x, 2.0f, 64);
+  EXPECT_TRUE(close(back(d_x, 64), std::vector<float>(64, 2.0f), kExact)) << "after refusals";
+}
+
 // The comparison itself must be able to fail: a perturbed result is caught at each tolerance.
 TEST(CudaOpsTolerance, DetectsDifferences) {
   std::vector<float> want = {1.0f, -2.0f, 3.0f, 0.0f};
