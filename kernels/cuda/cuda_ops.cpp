@@ -50,9 +50,11 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
     RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_GRAPHS is '{}'; expected off or on", m);
     graphs_enabled_ = m == "on";
   }
-  // A stream of our own because the legacy default stream cannot be captured into a graph;
-  // created blocking, so it still orders with the legacy stream (synchronous cudaMemcpy).
-  CUDA_CHECK(cudaStreamCreate(&stream_));
+  // A stream of our own because the legacy default stream cannot be captured into a graph.
+  // Non-blocking: a blocking stream synchronizes with the legacy stream, so another thread's
+  // cudaMemcpy (the actor builds a new model version beside the one generating) would break a
+  // capture in progress. Every copy of ours goes through this stream instead.
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   cublasHandle_t handle = nullptr;
   CUBLAS_CHECK(cublasCreate(&handle));
   cublas_ = handle;
@@ -280,15 +282,18 @@ void CudaOps<T>::free_bytes(void* ptr) {
 template <typename T>
 void CudaOps<T>::copy_to_host(void* host_dst, const void* src, size_t bytes) {
   refuse_while_recording("a copy to the host");
-  if (bytes) CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
-  check_device_flags();  // the copy waited for every queued kernel
+  if (bytes) CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  check_device_flags();  // the wait covered every queued kernel
 }
 
 template <typename T>
 void CudaOps<T>::copy_from_host(void* dst, const void* host_src, size_t bytes) {
   refuse_while_recording("a copy from the host");
   forget_offsets(dst, bytes);
-  if (bytes) CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+  // In stream order. From pageable memory the call returns once the source is staged, so the
+  // caller may reuse it at once.
+  if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
 }
 
 // ---------------------------------------------------------------- dense algebra
@@ -564,6 +569,8 @@ void CudaOps<T>::log_softmax_gather(T* logprobs, const T* logits, const int32_t*
 template <typename T>
 void CudaOps<T>::fp4_fake_quantize(T* out, uint8_t* saturated, const T* in, int64_t rows,
                                    int64_t cols, Fp4Format format) {
+  // The quantizer reads the tensor's largest value back to check it is finite.
+  refuse_while_recording("fp4_fake_quantize");
   const int64_t n = rows * cols;
   if (n == 0) return;
   fp4_check_shape("fp4_fake_quantize", "expert weights", rows, cols, format);

@@ -12,9 +12,9 @@
 // (cuda_ops.cpp), which validate shapes, talk to cuBLAS and copy scalars back.
 //
 // Memory and ordering: every pointer the ops take is device memory (index arrays too, as
-// ops.h says), every kernel and cuBLAS call runs on the instance's own stream, in call order.
-// The stream is a blocking one: it synchronizes with the legacy default stream, so synchronous
-// cudaMemcpy calls (here and in tests) still wait for the queued work.
+// ops.h says), every kernel, copy and cuBLAS call runs on the instance's own stream, in call
+// order. The stream is non-blocking (it does not wait for the legacy default stream, nor that
+// for it): code outside the ops that reads their memory waits through copy_to_host first.
 // Ops that return a host value (seq_balance_loss, cross-entropy, sum_squares) wait for the
 // device. A decode-sized forward does not wait anywhere: the router counts and scans the expert
 // offsets on the device, the SwiGLU clamp counts accumulate in device memory, the KV cache's
