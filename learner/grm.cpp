@@ -74,10 +74,13 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.first_index = uint64_t(1) << 41;
   options.policy_samples = g.policy.empty() ? 0 : g.policy_samples;
   options.pairwise_fraction = g.pairwise_fraction;
+  options.pairs_per_prompt = g.pairs_per_prompt;
+  options.corrupted_per_prompt = g.corrupted_per_prompt;
   options.mirror_pairs = g.mirror_pairs;
   options.tie_pair_fraction = g.tie_pair_fraction;
   options.reasoning = g.reasoning;
   options.with_reference = g.with_reference;
+  options.position_marks = g.position_marks;
   options.seed = g.seed;
   std::unique_ptr<Ops<float>> ops;  // before the policy, which frees its buffers through it
   std::unique_ptr<Transformer<float>> policy;

@@ -91,11 +91,14 @@ GrmConfig read_grm(YamlSection& s) {
   c.prompts = s.get("prompts", c.prompts);
   c.policy_samples = s.get("policy_samples", c.policy_samples);
   c.pairwise_fraction = s.get("pairwise_fraction", c.pairwise_fraction);
+  c.pairs_per_prompt = s.get("pairs_per_prompt", c.pairs_per_prompt);
+  c.corrupted_per_prompt = s.get("corrupted_per_prompt", c.corrupted_per_prompt);
   c.mirror_pairs = s.get("mirror_pairs", c.mirror_pairs);
   c.tie_pair_fraction = s.get("tie_pair_fraction", c.tie_pair_fraction);
   c.judge_fraction = s.get("judge_fraction", c.judge_fraction);
   c.reasoning = s.get("reasoning", c.reasoning);
   c.with_reference = s.get("with_reference", c.with_reference);
+  c.position_marks = s.get("position_marks", c.position_marks);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -104,6 +107,13 @@ GrmConfig read_grm(YamlSection& s) {
   }
   if (!(c.tie_pair_fraction >= 0 && c.tie_pair_fraction <= 1)) {
     fail("{}: must be in [0, 1], got {}", s.key_path("tie_pair_fraction"), c.tie_pair_fraction);
+  }
+  if (c.pairs_per_prompt < 1 || c.pairs_per_prompt > 8) {
+    fail("{}: must be in 1..8, got {}", s.key_path("pairs_per_prompt"), c.pairs_per_prompt);
+  }
+  if (c.corrupted_per_prompt < 0 || c.corrupted_per_prompt > 8) {
+    fail("{}: must be in 0..8, got {}", s.key_path("corrupted_per_prompt"),
+         c.corrupted_per_prompt);
   }
   if (!(c.pairwise_fraction >= 0 && c.pairwise_fraction <= 1)) {
     fail("{}: must be in [0, 1], got {}", s.key_path("pairwise_fraction"), c.pairwise_fraction);

@@ -55,12 +55,15 @@ struct GrmConfig {
   std::string data;                // user scored data (JSONL); "" = build from the task suite
   int prompts = 3000;              // training-split prompts the built data covers
   int policy_samples = 2;          // policy samples judged per prompt
-  double pairwise_fraction = 0.5;  // share of prompts that also give a pairwise record
+  double pairwise_fraction = 0.5;  // share of prompts that also give pairwise records
+  int pairs_per_prompt = 1;        // pairwise records such a prompt gives
+  int corrupted_per_prompt = 1;    // corrupted references judged per prompt
   bool mirror_pairs = false;       // each pairwise record in both orders (scored_data.h)
   double tie_pair_fraction = 0.0;  // share of prompts that also give an identical pair, tie
   double judge_fraction = 0.6;     // share of training sequences that are judge examples
   bool reasoning = true;           // false: train to give the verdict without reasoning
   bool with_reference = false;     // show the reference answer in judge prompts
+  bool position_marks = false;     // reasoning marks each position equal or not (scored_data.h)
   uint64_t seed = 11;
 };
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -157,11 +158,21 @@ int judge_score_from_grade(double grade_score) {
   return int(std::clamp<long>(std::lround(grade_score), 1, 10));
 }
 
+std::string position_marks(std::string_view expected, std::string_view got) {
+  std::string marks(std::max(expected.size(), got.size()), 'x');
+  for (size_t i = 0; i < std::min(expected.size(), got.size()); ++i) {
+    if (expected[i] == got[i]) marks[i] = '=';
+  }
+  return marks;
+}
+
 std::string grade_reasoning(const TaskExample& example, std::string_view response,
-                            const Grade& grade) {
+                            const Grade& grade, bool position_marks_on) {
   // The response is quoted right after the expected answer: a small model compares two
   // strings it has just written far more easily than one it must fetch from the prompt.
-  return "expected " + example.reference + "; got " + escape_judged_text(response) + "; " +
+  const std::string quoted = escape_judged_text(response);
+  return "expected " + example.reference + "; got " + quoted + "; " +
+         (position_marks_on ? position_marks(example.reference, quoted) + "; " : std::string()) +
          comparison_of(example, grade);
 }
 
@@ -195,7 +206,10 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
   ScoredData data;
   for (size_t i = 0; i < examples.size(); ++i) {
     const TaskExample& ex = examples[i];
-    std::vector<std::string> candidates = {ex.reference, corrupt_response(ex, rng, nullptr)};
+    std::vector<std::string> candidates = {ex.reference};
+    for (int c = 0; c < options.corrupted_per_prompt; ++c) {
+      candidates.push_back(corrupt_response(ex, rng, nullptr));
+    }
     candidates.insert(candidates.end(), samples[i].begin(), samples[i].end());
     const std::optional<std::string> reference =
         options.with_reference ? std::optional<std::string>(ex.reference) : std::nullopt;
@@ -203,7 +217,9 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     for (const std::string& c : candidates) {
       grades.push_back(suite.grade(ex, c));
       data.pointwise.push_back({ex.prompt, c, reference,
-                                options.reasoning ? grade_reasoning(ex, c, grades.back()) : "",
+                                options.reasoning
+                                    ? grade_reasoning(ex, c, grades.back(), options.position_marks)
+                                    : "",
                                 judge_score_from_grade(grades.back().score)});
     }
     // Each side's comparison up to its first comma keeps the sequence short enough for a
@@ -212,10 +228,15 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       const std::string full = comparison_of(ex, grades[c]);
       return full.substr(0, full.find(','));
     };
+    auto side = [&](const char* name, size_t c) {
+      const std::string quoted = escape_judged_text(candidates[c]);
+      return std::string(name) + " " + quoted + ": " +
+             (options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string()) +
+             brief(c);
+    };
     auto pair_reasoning = [&](size_t a, size_t b) {
-      return options.reasoning ? "expected " + ex.reference + "; A " +
-                                     escape_judged_text(candidates[a]) + ": " + brief(a) +
-                                     "; B " + escape_judged_text(candidates[b]) + ": " + brief(b)
+      return options.reasoning ? "expected " + ex.reference + "; " + side("A", a) + "; " +
+                                     side("B", b)
                                : std::string();
     };
     // Its own random stream, so turning this on leaves every other record as it was.
@@ -224,18 +245,24 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       data.pairwise.push_back({ex.prompt, candidates[c], candidates[c], reference,
                                pair_reasoning(c, c), Verdict::kTie});
     }
-    if (rng.uniform() < options.pairwise_fraction) {
-      // Two different responses (policy samples often equal the reference, so a few draws);
-      // which one is A is a coin flip.
+    if (rng.uniform() >= options.pairwise_fraction) continue;
+    std::vector<std::pair<std::string, std::string>> paired;  // unordered, as (smaller, larger)
+    for (int p = 0; p < options.pairs_per_prompt; ++p) {
+      // Two different responses not paired yet (policy samples often equal the reference, so
+      // a few draws); which one is A is a coin flip.
       size_t first = 0, second = 0;
       bool found = false;
       for (int attempt = 0; attempt < 4 && !found; ++attempt) {
         first = size_t(rng.uniform_int(0, int64_t(candidates.size()) - 1));
         second = size_t(rng.uniform_int(0, int64_t(candidates.size()) - 2));
         if (second >= first) ++second;
-        found = candidates[first] != candidates[second];
+        const std::pair<std::string, std::string> key =
+            std::minmax(candidates[first], candidates[second]);
+        found = candidates[first] != candidates[second] &&
+                std::find(paired.begin(), paired.end(), key) == paired.end();
       }
       if (!found) continue;
+      paired.emplace_back(std::minmax(candidates[first], candidates[second]));
       const bool flip = rng.uniform() < 0.5;
       const size_t a = flip ? second : first, b = flip ? first : second;
       const double sa = grades[a].score, sb = grades[b].score;

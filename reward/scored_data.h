@@ -57,14 +57,25 @@ int judge_score_from_grade(double grade_score);
 
 // The reasoning for one response: "expected <reference>; got <response>; <comparison>", the
 // comparison from the grader ("1 of 2 digits right, sign right", "off by 1", "exact").
+// position_marks(expected, got): one character per position of the longer string, '=' where
+// both have the same character there, 'x' elsewhere ("63" vs "65": "=x"). Written after the
+// quote, each mark sits at a fixed distance from the two characters it compares, which a
+// small model attends to far more easily than it compares two whole strings.
+std::string position_marks(std::string_view expected, std::string_view got);
 std::string grade_reasoning(const TaskExample& example, std::string_view response,
-                            const Grade& grade);
+                            const Grade& grade,
+                            bool position_marks = false);
 
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
   int policy_samples = 2;          // samples per prompt from the policy (0: none)
-  double pairwise_fraction = 0.5;  // share of prompts that also yield a pairwise record
+  double pairwise_fraction = 0.5;  // share of prompts that also yield pairwise records
+  // Pairwise records such a prompt yields (each of two different responses, no pair twice).
+  int pairs_per_prompt = 1;
+  // Corrupted references judged per prompt: more flawed responses beside the reference and the
+  // policy's samples (which are mostly right), so the judge sees more mistakes to name.
+  int corrupted_per_prompt = 1;
   // Each pairwise record also in the other order (B first, the verdict mirrored), so the data
   // itself says that the order does not matter.
   bool mirror_pairs = false;
@@ -73,6 +84,8 @@ struct JudgeDataOptions {
   double tie_pair_fraction = 0.0;
   bool reasoning = true;           // false: empty reasoning (the no-reasoning ablation)
   bool with_reference = false;     // put the reference answer into the judge prompt
+  // Reasoning with position marks (position_marks below) after each quoted response.
+  bool position_marks = false;
   uint64_t seed = 1;
 };
 

@@ -3,6 +3,10 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
+#include <string>
+#include <utility>
 
 #include <gtest/gtest.h>
 
@@ -161,7 +165,86 @@ TEST(JudgeData, MirroredPairsAndTiePairsAreOptInAndConsistent) {
   EXPECT_GT(ties, 30u);
   EXPECT_LT(ties, 70u);
   for (const PairwiseExample& p : both.pairwise) {
-    if (p.response_a == p.response_b) EXPECT_EQ(p.verdict, Verdict::kTie) << p.prompt;
+    if (p.response_a == p.response_b) {
+      EXPECT_EQ(p.verdict, Verdict::kTie) << p.prompt;
+    }
+  }
+}
+
+TEST(JudgeData, MoreCorruptionsAndPairsPerPrompt) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  JudgeDataOptions options;
+  options.prompts = 100;
+  options.pairwise_fraction = 1.0;
+  options.corrupted_per_prompt = 3;
+  options.pairs_per_prompt = 3;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  // Without a policy: the reference and three corrupted references per prompt, in that order.
+  ASSERT_EQ(data.pointwise.size(), 400u);
+  int flawed = 0;
+  for (size_t i = 0; i < data.pointwise.size(); ++i) {
+    if (i % 4 == 0) {
+      EXPECT_EQ(data.pointwise[i].score, 10) << data.pointwise[i].reasoning;
+    } else {
+      flawed += data.pointwise[i].score < 10;
+    }
+  }
+  EXPECT_EQ(flawed, 300);
+  // Up to three pairs a prompt, never the same two responses twice for one prompt, and each
+  // verdict names the response the grader scores higher.
+  EXPECT_GT(data.pairwise.size(), 200u);
+  EXPECT_LE(data.pairwise.size(), 300u);
+  std::map<std::pair<std::string, std::string>, int> score;  // (prompt, response) -> score
+  for (const ScoredExample& e : data.pointwise) score[{e.prompt, e.response}] = e.score;
+  // A prompt's records are consecutive (a prompt text can recur for another example later).
+  std::string run_prompt;
+  std::set<std::pair<std::string, std::string>> run;
+  for (const PairwiseExample& p : data.pairwise) {
+    if (p.prompt != run_prompt) run_prompt = p.prompt, run.clear();
+    EXPECT_NE(p.response_a, p.response_b);
+    EXPECT_TRUE(run.insert(std::minmax(p.response_a, p.response_b)).second)
+        << p.prompt << ": " << p.response_a << " / " << p.response_b << " twice";
+    EXPECT_LE(run.size(), 3u) << p.prompt;
+    // Scores on the 1..10 scale can tie where the grades differ, so only strict orders.
+    const int a = score.at({p.prompt, p.response_a}), b = score.at({p.prompt, p.response_b});
+    if (a > b) {
+      EXPECT_EQ(p.verdict, Verdict::kA) << p.reasoning;
+    } else if (a < b) {
+      EXPECT_EQ(p.verdict, Verdict::kB) << p.reasoning;
+    }
+  }
+}
+
+TEST(JudgeData, PositionMarksCompareCharacterByCharacter) {
+  EXPECT_EQ(position_marks("63", "63"), "==");
+  EXPECT_EQ(position_marks("63", "65"), "=x");
+  EXPECT_EQ(position_marks("63", "6"), "=x");     // a missing position is a mismatch
+  EXPECT_EQ(position_marks("6", "-63"), "xxx");
+  EXPECT_EQ(position_marks("1 7 9", "1 9 7"), "==x=x");
+  EXPECT_EQ(position_marks("", ""), "");
+  // In the built data the marks come right after each quoted response.
+  const TaskSuite suite{TaskSuiteConfig{}};
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.position_marks = true;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_FALSE(data.pointwise.empty());
+  for (const ScoredExample& e : data.pointwise) {
+    const std::string expected = e.reasoning.substr(9, e.reasoning.find(';') - 9);
+    const std::string quoted = "; got " + escape_judged_text(e.response) + "; " +
+                               position_marks(expected, escape_judged_text(e.response)) + "; ";
+    EXPECT_NE(e.reasoning.find(quoted), std::string::npos) << e.reasoning;
+    // Here (no policy) a response is the reference or a corruption of it: all marks '='
+    // exactly when the grader calls it right.
+    const bool all_equal =
+        position_marks(expected, escape_judged_text(e.response)).find('x') == std::string::npos;
+    EXPECT_EQ(e.score == 10, all_equal) << e.reasoning;
+  }
+  for (const PairwiseExample& p : data.pairwise) {
+    EXPECT_NE(p.reasoning.find("; A " + escape_judged_text(p.response_a) + ": "),
+              std::string::npos)
+        << p.reasoning;
   }
 }
 
