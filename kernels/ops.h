@@ -76,7 +76,8 @@ struct PackedFp4Matrix {
 // times at a fraction of the launch cost: a CUDA graph on the GPU backend. A recording keeps the
 // arguments it was recorded with (pointers, shapes, scalars) and reads whatever the memory
 // behind those pointers holds when it is replayed. So whoever replays it keeps that memory
-// alive and puts new inputs into the same buffers first.
+// alive and puts new inputs into the same buffers first. A recording must not outlive the
+// backend that made it.
 class OpsRecording {
  public:
   virtual ~OpsRecording() = default;
