@@ -171,8 +171,9 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
   // The response is quoted right after the expected answer: a small model compares two
   // strings it has just written far more easily than one it must fetch from the prompt.
   const std::string quoted = escape_judged_text(response);
-  return "expected " + example.reference + "; got " + quoted + "; " +
-         (position_marks_on ? position_marks(example.reference, quoted) + "; " : std::string()) +
+  const std::string marks =
+      position_marks_on ? position_marks(example.reference, quoted) + "; " : std::string();
+  return "expected " + example.reference + "; got " + quoted + "; " + marks +
          comparison_of(example, grade);
 }
 
@@ -228,11 +229,12 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       const std::string full = comparison_of(ex, grades[c]);
       return full.substr(0, full.find(','));
     };
+    // "A 65: off by 2", or with marks "A 65: =x off by 2".
     auto side = [&](const char* name, size_t c) {
       const std::string quoted = escape_judged_text(candidates[c]);
-      return std::string(name) + " " + quoted + ": " +
-             (options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string()) +
-             brief(c);
+      const std::string marks =
+          options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string();
+      return std::string(name) + " " + quoted + ": " + marks + brief(c);
     };
     auto pair_reasoning = [&](size_t a, size_t b) {
       return options.reasoning ? "expected " + ex.reference + "; " + side("A", a) + "; " +

@@ -219,7 +219,7 @@ TEST(JudgeData, PositionMarksCompareCharacterByCharacter) {
   EXPECT_EQ(position_marks("63", "63"), "==");
   EXPECT_EQ(position_marks("63", "65"), "=x");
   EXPECT_EQ(position_marks("63", "6"), "=x");     // a missing position is a mismatch
-  EXPECT_EQ(position_marks("6", "-63"), "xxx");
+  EXPECT_EQ(position_marks("6", "-63"), "xxx");   // a sign shifts every position after it
   EXPECT_EQ(position_marks("1 7 9", "1 9 7"), "==x=x");
   EXPECT_EQ(position_marks("", ""), "");
   // In the built data the marks come right after each quoted response.
