@@ -44,6 +44,13 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
     RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS is '{}'; expected off or on", m);
     few_rows_enabled_ = m == "on";
   }
+  // RLHF_CUDA_FEW_ROWS_TC=off|on (default on): whether the few-rows kernels may take their
+  // 3xTF32 tensor-core variant (for A/B measurements, docs/cuda.md).
+  if (const char* mode = std::getenv("RLHF_CUDA_FEW_ROWS_TC")) {
+    const std::string m = mode;
+    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS_TC is '{}'; expected off or on", m);
+    if (m == "off") few_rows_math_ = FewRowsMath::fma;
+  }
   // RLHF_CUDA_GRAPHS=off|on (default on): whether callers may record ops into CUDA graphs.
   if (const char* mode = std::getenv("RLHF_CUDA_GRAPHS")) {
     const std::string m = mode;
@@ -305,13 +312,25 @@ bool CudaOps<T>::few_rows_kernel_fits(const void* in, const void* w, int K) cons
 }
 
 template <typename T>
+bool CudaOps<T>::few_rows_tensor_cores(int rows, int n_groups) const {
+  switch (few_rows_math_) {
+    case FewRowsMath::fma: return false;
+    case FewRowsMath::tensor_cores: return true;
+    case FewRowsMath::by_shape: break;
+  }
+  return cuda::few_rows_take_tensor_cores(rows, n_groups);
+}
+
+template <typename T>
 void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                                 bool accumulate) {
   if (M == 0 || N == 0) return;
   if (few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K)) {
     auto* partial = static_cast<float*>(
         scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, N, K))));
-    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial, stream_);
+    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial,
+                                few_rows_tensor_cores(M, 1),
+                                stream_);
     return;
   }
   gemm(false, true, M, N, K, in, K, w, K, accumulate ? 1.0f : 0.0f, out, N);
@@ -337,7 +356,9 @@ void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const i
   // which reads the offsets on the device: no wait, and the weights stream at HBM speed.
   if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
       few_rows_kernel_fits(in, w, K)) {
-    cuda::few_rows_matmul(out, in, w, offsets, n_groups, rows, N, K, stream_);
+    cuda::few_rows_matmul(
+        out, in, w, offsets, n_groups, rows, N, K,
+        few_rows_tensor_cores(rows, n_groups), stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);
@@ -632,7 +653,9 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
       cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, w.codes, int(K))) {
     cuda::few_rows_fp4_matmul(out, in, w.codes, w.scales, w.global_scale, w.format, offsets,
-                              n_groups, rows, int(N), int(K), stream_);
+                              n_groups, rows, int(N), int(K),
+                              few_rows_tensor_cores(rows, n_groups),
+                              stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);

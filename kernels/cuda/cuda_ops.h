@@ -65,6 +65,12 @@ class CudaOps final : public Ops<T> {
 
   const char* name() const override { return "cuda"; }
 
+  // How the few-rows kernels multiply: FP32 fmas or 3xTF32 tensor cores, by shape (the
+  // default; RLHF_CUDA_FEW_ROWS_TC=off forces fmas), or one of them forced, for tests that must
+  // check both on every shape.
+  enum class FewRowsMath { by_shape, fma, tensor_cores };
+  void set_few_rows_math(FewRowsMath math) { few_rows_math_ = math; }
+
   void* alloc_bytes(size_t bytes) override;
   void free_bytes(void* ptr) override;
   void copy_to_host(void* host_dst, const void* src, size_t bytes) override;
@@ -168,6 +174,9 @@ class CudaOps final : public Ops<T> {
   static constexpr int kFewRowsGroupedMaxAverage = 32;
   static constexpr int kFewRowsDenseMaxRows = 64;
   bool few_rows_enabled_ = true;
+  FewRowsMath few_rows_math_ = FewRowsMath::by_shape;
+  // Whether a few-rows product of `rows` rows over n_groups weight matrices takes tensor cores.
+  bool few_rows_tensor_cores(int rows, int n_groups) const;
   // Whether the kernel's layout needs hold: 16-byte rows and 16-byte aligned operands.
   bool few_rows_kernel_fits(const void* in, const void* w, int K) const;
   // A fatal check that no kernel raised the device error flag. Valid after any wait for the

@@ -20,6 +20,7 @@
 // dense kernel also by the multiprocessor count, which sets its k splits), so results repeat
 // bit for bit on one GPU.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_ops_device.cuh"
 #include "kernels/cuda/cuda_ops_kernels.cuh"
@@ -179,11 +180,72 @@ __device__ __forceinline__ void multiply_chunk(float (&acc)[kRowsPerWarp][kColsP
   }
 }
 
+// ---- The tensor-core variant: 3xTF32 ----
+// At a few dozen rows per weight tile the multiply-adds above bound the kernel (a 64-row decode
+// step is compute-bound on the FP32 cores: 32 FLOP per weight byte against the H100's ~20 at
+// HBM speed). The tensor cores take TF32 (10 mantissa bits), too coarse alone: each float is
+// split into big = tf32(v) and small = tf32(v - big), and a b is summed as a_small b_big +
+// a_big b_small + a_big b_big in FP32. What is dropped (a_small b_small and the rounding of the
+// small parts) is about 2^-21 of |a b|, against 2^-24 for an FP32 fma: the result stays well
+// inside the float reordering tolerance the tests use (test_cuda_ops.cpp, kReduction). An
+// infinite input gives NaN here (inf - inf in the split); weights and activations are finite.
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ void split_tf32(float v, uint32_t& big, uint32_t& small) {
+  big = to_tf32(v);
+  small = to_tf32(v - __uint_as_float(big));
+}
+// c += a b for one m16n8k8 tile (PTX fragment layouts: a row-major 16 x 8, b column-major 8 x 8).
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// The MMA computes the transposed tile out^T = W x^T: the weight tile's 64 columns are the m
+// dimension (four 16-column tiles, one per row group of warps), the rows are n (four 8-row
+// tiles), k is k. Warp w takes columns 16 (w % 4) .. +15 and k half w / 4, as the fma layout
+// does, against the first RowTiles 8-row tiles. acc[j] is the MMA's accumulator fragment of
+// row tile j: element c holds column col0 + lane / 4 + 8 (c / 2), row 8 j + 2 (lane % 4) + c % 2.
+constexpr int kMmaRowTiles = kRowsPerTile / 8;
+template <int RowTiles>
+__device__ __forceinline__ void multiply_chunk_mma(float (&acc)[kMmaRowTiles][4],
+                                                   const WeightTile& w, const RowTile& x,
+                                                   int col0, int lane, int k_begin) {
+  const int g = lane >> 2, t = lane & 3;
+  // Fragment reads: with the 68-float pitch, lane (g, t) hits bank 4 g + t: no conflicts.
+#pragma unroll
+  for (int kk = 0; kk < kHalfChunk; kk += 8) {
+    const int k = k_begin + kk + t;
+    uint32_t a_big[4], a_small[4];
+    split_tf32(w[col0 + g][k], a_big[0], a_small[0]);
+    split_tf32(w[col0 + g + 8][k], a_big[1], a_small[1]);
+    split_tf32(w[col0 + g][k + 4], a_big[2], a_small[2]);
+    split_tf32(w[col0 + g + 8][k + 4], a_big[3], a_small[3]);
+#pragma unroll
+    for (int j = 0; j < RowTiles; ++j) {
+      uint32_t b_big[2], b_small[2];
+      split_tf32(x[8 * j + g][k], b_big[0], b_small[0]);
+      split_tf32(x[8 * j + g][k + 4], b_big[1], b_small[1]);
+      // Small terms first: they are added to the running sum before the large one.
+      mma_tf32(acc[j], a_small, b_big);
+      mma_tf32(acc[j], a_big, b_small);
+      mma_tf32(acc[j], a_big, b_big);
+    }
+  }
+}
+
 // The block's work for one weight tile: out[r, n] = sum over k < k_len of in[r, k] w[n, k] for
 // rows r in [row_begin, row_end) (taking every gridDim.z-th 32-row tile from blockIdx.z) and
 // the block's columns. in rows are ld floats apart, out rows ld_out; out already points at the
-// block's first column. x_ring is kStages row tiles of shared memory.
-template <typename Weights>
+// block's first column. x_ring is kStages row tiles of shared memory. kTensorCores picks the
+// 3xTF32 MMA (for tiles of many rows) over the FP32 fma (for a handful).
+template <bool kTensorCores, typename Weights>
 __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring,
                                                float* __restrict__ out, int64_t ld_out,
                                                const float* __restrict__ in, int row_begin,
@@ -203,7 +265,11 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
     // the multiply-adds (decode tiles are mostly short).
     const int my_rows =
         rows_valid > row_group ? (rows_valid - row_group + kRowGroups - 1) / kRowGroups : 0;
+    // The MMA's 8-row tiles that hold rows (block-uniform).
+    const int mma_row_tiles = (rows_valid + 7) / 8;
+    // Each variant's accumulators; the compiler drops the unused one.
     float acc[kRowsPerWarp][kColsPerLane] = {};
+    float acc_mma[kMmaRowTiles][4] = {};
 
     for (int c = 0; c < kStages - 1; ++c) {
       if (c < chunks) {
@@ -228,23 +294,63 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
       const WeightTile& w = weights.ready(c, c % kStages);
       const RowTile& x = x_ring[c % kStages];
       const int k_begin = k_half * kHalfChunk;
-      // A real branch on the warp-uniform row count: with a runtime bound inside the unrolled
-      // loop the compiler predicates, and the skipped rows' instructions are issued anyway
-      // (measured: about twice the instructions at 4 rows of 8).
-      switch (my_rows) {
-        case 8: multiply_chunk<8>(acc, w, x, row_group, lane, k_begin); break;
-        case 7: multiply_chunk<7>(acc, w, x, row_group, lane, k_begin); break;
-        case 6: multiply_chunk<6>(acc, w, x, row_group, lane, k_begin); break;
-        case 5: multiply_chunk<5>(acc, w, x, row_group, lane, k_begin); break;
-        case 4: multiply_chunk<4>(acc, w, x, row_group, lane, k_begin); break;
-        case 3: multiply_chunk<3>(acc, w, x, row_group, lane, k_begin); break;
-        case 2: multiply_chunk<2>(acc, w, x, row_group, lane, k_begin); break;
-        case 1: multiply_chunk<1>(acc, w, x, row_group, lane, k_begin); break;
-        default: break;
+      if constexpr (kTensorCores) {
+        const int col0 = 16 * row_group;
+        switch (mma_row_tiles) {
+          case 4: multiply_chunk_mma<4>(acc_mma, w, x, col0, lane, k_begin); break;
+          case 3: multiply_chunk_mma<3>(acc_mma, w, x, col0, lane, k_begin); break;
+          case 2: multiply_chunk_mma<2>(acc_mma, w, x, col0, lane, k_begin); break;
+          case 1: multiply_chunk_mma<1>(acc_mma, w, x, col0, lane, k_begin); break;
+          default: break;
+        }
+      } else {
+        // A real branch on the warp-uniform row count: with a runtime bound inside the unrolled
+        // loop the compiler predicates, and the skipped rows' instructions are issued anyway
+        // (measured: about twice the instructions at 4 rows of 8).
+        switch (my_rows) {
+          case 8: multiply_chunk<8>(acc, w, x, row_group, lane, k_begin); break;
+          case 7: multiply_chunk<7>(acc, w, x, row_group, lane, k_begin); break;
+          case 6: multiply_chunk<6>(acc, w, x, row_group, lane, k_begin); break;
+          case 5: multiply_chunk<5>(acc, w, x, row_group, lane, k_begin); break;
+          case 4: multiply_chunk<4>(acc, w, x, row_group, lane, k_begin); break;
+          case 3: multiply_chunk<3>(acc, w, x, row_group, lane, k_begin); break;
+          case 2: multiply_chunk<2>(acc, w, x, row_group, lane, k_begin); break;
+          case 1: multiply_chunk<1>(acc, w, x, row_group, lane, k_begin); break;
+          default: break;
+        }
       }
     }
     wait_async<0>();
     __syncthreads();  // every warp is done with the rings: the row ring now holds upper halves
+    if constexpr (kTensorCores) {
+      const int g = lane >> 2, t = lane & 3, col0 = 16 * row_group;
+      if (k_half == 1) {
+#pragma unroll
+        for (int j = 0; j < kMmaRowTiles; ++j) {
+          if (j >= mma_row_tiles) break;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            halves[8 * j + 2 * t + c % 2][col0 + g + 8 * (c / 2)] = acc_mma[j][c];
+          }
+        }
+      }
+      __syncthreads();
+      if (k_half == 0) {
+#pragma unroll
+        for (int j = 0; j < kMmaRowTiles; ++j) {
+          if (j >= mma_row_tiles) break;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int m = 8 * j + 2 * t + c % 2, n = col0 + g + 8 * (c / 2);
+            if (m < rows_valid && n < n_valid) {
+              out[(t0 + m) * ld_out + n] = acc_mma[j][c] + halves[m][n];
+            }
+          }
+        }
+      }
+      __syncthreads();  // the halves are read before the next row tile refills the ring
+      continue;
+    }
     if (k_half == 1) {
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -290,6 +396,7 @@ constexpr size_t smem_bytes() {
 
 // Grouped: block (column tile, group g, row slice). Rows offsets[g]..offsets[g+1]-1 of in
 // against w_g = w[g] ([N, K]).
+template <bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
     few_rows_grouped_kernel(float* __restrict__ out, const float* __restrict__ in,
                             const float* __restrict__ w, const int32_t* __restrict__ offsets,
@@ -298,13 +405,13 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
   const int n_valid = min(kColsPerBlock, N - n0);
   FloatWeights weights{weights_smem<FloatWeights>(), w + (int64_t(group) * N + n0) * K, n_valid,
                        K, K};
-  multiply_tiles(weights, row_ring(), out + n0, N, in, offsets[group], offsets[group + 1],
-                 n_valid, K, K);
+  multiply_tiles<kTensorCores>(weights, row_ring(), out + n0, N, in, offsets[group],
+                               offsets[group + 1], n_valid, K, K);
 }
 
 // Grouped on packed FP4 weights: as above, w_g = the rows g * N .. g * N + N - 1 of the packed
 // matrix.
-template <Fp4Format Format>
+template <Fp4Format Format, bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
     few_rows_fp4_grouped_kernel(float* __restrict__ out, const float* __restrict__ in,
                                 const uint8_t* __restrict__ codes,
@@ -322,12 +429,13 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
                   global_scale,
                   n_valid,
                   K};
-  multiply_tiles(weights, row_ring(), out + n0, N, in, offsets[group], offsets[group + 1],
-                 n_valid, K, K);
+  multiply_tiles<kTensorCores>(weights, row_ring(), out + n0, N, in, offsets[group],
+                               offsets[group + 1], n_valid, K, K);
 }
 
 // Dense, k split across blocks: block (column tile, split s, row tile) writes the sum over its
 // k range [s * k_split, (s + 1) * k_split) to partial[s] ([M, N]); reduce_splits adds them.
+template <bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
     few_rows_split_kernel(float* __restrict__ partial, const float* __restrict__ in,
                           const float* __restrict__ w, int M, int N, int K, int k_split) {
@@ -336,8 +444,8 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
   const int n_valid = min(kColsPerBlock, N - n0);
   FloatWeights weights{weights_smem<FloatWeights>(), w + int64_t(n0) * K + k0, n_valid, k_len,
                        K};
-  multiply_tiles(weights, row_ring(), partial + int64_t(split) * M * N + n0, N, in + k0, 0, M,
-                 n_valid, k_len, K);
+  multiply_tiles<kTensorCores>(weights, row_ring(), partial + int64_t(split) * M * N + n0, N,
+                               in + k0, 0, M, n_valid, k_len, K);
 }
 
 // out[i] (+)= partial[0][i] + partial[1][i] + ... in split order: deterministic.
@@ -384,18 +492,41 @@ size_t fp4_smem_bytes(int K) {
   return smem_bytes<Fp4Weights<Format>>() + (scale_bytes + 15) / 16 * 16;
 }
 
-template <Fp4Format Format>
+template <Fp4Format Format, bool kTensorCores>
 void launch_fp4_grouped(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
                         float global_scale, const int32_t* offsets, int n_groups, int rows,
                         int N, int K, cudaStream_t stream) {
   static const bool ready =
-      (allow_smem(few_rows_fp4_grouped_kernel<Format>,
+      (allow_smem(few_rows_fp4_grouped_kernel<Format, kTensorCores>,
                   smem_bytes<Fp4Weights<Format>>() + kFp4MaxScaleBytes),
        true);
   (void)ready;
-  few_rows_fp4_grouped_kernel<Format>
+  few_rows_fp4_grouped_kernel<Format, kTensorCores>
       <<<grouped_grid(n_groups, rows, N), kFewRowsThreads, fp4_smem_bytes<Format>(K), stream>>>(
           out, in, codes, scales, global_scale, offsets, N, K);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <bool kTensorCores>
+void launch_grouped(float* out, const float* in, const float* w, const int32_t* offsets,
+                    int n_groups, int rows, int N, int K, cudaStream_t stream) {
+  constexpr size_t kBytes = smem_bytes<FloatWeights>();  // above the 48 KB static limit
+  static const bool ready = (allow_smem(few_rows_grouped_kernel<kTensorCores>, kBytes), true);
+  (void)ready;
+  few_rows_grouped_kernel<kTensorCores>
+      <<<grouped_grid(n_groups, rows, N), kFewRowsThreads, kBytes, stream>>>(out, in, w, offsets,
+                                                                             N, K);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <bool kTensorCores>
+void launch_split(float* partial, const float* in, const float* w, int M, int N, int K,
+                  int k_split, dim3 grid, cudaStream_t stream) {
+  constexpr size_t kBytes = smem_bytes<FloatWeights>();
+  static const bool ready = (allow_smem(few_rows_split_kernel<kTensorCores>, kBytes), true);
+  (void)ready;
+  few_rows_split_kernel<kTensorCores>
+      <<<grid, kFewRowsThreads, kBytes, stream>>>(partial, in, w, M, N, K, k_split);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -410,15 +541,21 @@ int few_rows_dense_splits(int M, int N, int K) {
 
 }  // namespace
 
+bool few_rows_take_tensor_cores(int rows, int n_groups) {
+  // From 8 rows per weight matrix on average: one full MMA row tile. Below that the fma
+  // variant issues fewer instructions (it skips the rows a tile does not have one by one).
+  return rows >= 8 * n_groups;
+}
+
 void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
-                     int n_groups, int rows, int N, int K, cudaStream_t stream) {
+                     int n_groups, int rows, int N, int K, bool tensor_cores,
+                     cudaStream_t stream) {
   if (rows <= 0 || N <= 0) return;
-  constexpr size_t kBytes = smem_bytes<FloatWeights>();  // above the 48 KB static limit
-  static const bool ready = (allow_smem(few_rows_grouped_kernel, kBytes), true);
-  (void)ready;
-  few_rows_grouped_kernel<<<grouped_grid(n_groups, rows, N), kFewRowsThreads, kBytes, stream>>>(
-      out, in, w, offsets, N, K);
-  CUDA_CHECK_LAUNCH();
+  if (tensor_cores) {
+    launch_grouped<true>(out, in, w, offsets, n_groups, rows, N, K, stream);
+  } else {
+    launch_grouped<false>(out, in, w, offsets, n_groups, rows, N, K, stream);
+  }
 }
 
 bool few_rows_fp4_fits(Fp4Format format, int K) {
@@ -428,14 +565,19 @@ bool few_rows_fp4_fits(Fp4Format format, int K) {
 
 void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
                          float global_scale, Fp4Format format, const int32_t* offsets,
-                         int n_groups, int rows, int N, int K, cudaStream_t stream) {
+                         int n_groups, int rows, int N, int K, bool tensor_cores,
+                         cudaStream_t stream) {
   if (rows <= 0 || N <= 0) return;
+  const auto launch = [&](auto format_tag, auto tensor_cores_tag) {
+    launch_fp4_grouped<decltype(format_tag)::value, decltype(tensor_cores_tag)::value>(
+        out, in, codes, scales, global_scale, offsets, n_groups, rows, N, K, stream);
+  };
+  using Mx = std::integral_constant<Fp4Format, Fp4Format::mxfp4>;
+  using Nv = std::integral_constant<Fp4Format, Fp4Format::nvfp4>;
   if (format == Fp4Format::mxfp4) {
-    launch_fp4_grouped<Fp4Format::mxfp4>(out, in, codes, scales, global_scale, offsets,
-                                         n_groups, rows, N, K, stream);
+    tensor_cores ? launch(Mx{}, std::true_type{}) : launch(Mx{}, std::false_type{});
   } else {
-    launch_fp4_grouped<Fp4Format::nvfp4>(out, in, codes, scales, global_scale, offsets,
-                                         n_groups, rows, N, K, stream);
+    tensor_cores ? launch(Nv{}, std::true_type{}) : launch(Nv{}, std::false_type{});
   }
 }
 
@@ -445,20 +587,20 @@ int64_t few_rows_dense_scratch_floats(int M, int N, int K) {
 
 
 void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
-                           bool accumulate, float* partial, cudaStream_t stream) {
+                           bool accumulate, float* partial, bool tensor_cores,
+                           cudaStream_t stream) {
   if (M <= 0 || N <= 0) return;
-  constexpr size_t kBytes = smem_bytes<FloatWeights>();
-  static const bool ready = (allow_smem(few_rows_split_kernel, kBytes), true);
-  (void)ready;
   const int splits = few_rows_dense_splits(M, N, K);
   // Splits of whole chunks, so every block but the last streams full 16-byte segments.
   const int k_split = ((K + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
   const int used = (K + k_split - 1) / k_split;
   const dim3 grid((N + kColsPerBlock - 1) / kColsPerBlock, used,
                   (M + kRowsPerTile - 1) / kRowsPerTile);
-  few_rows_split_kernel<<<grid, kFewRowsThreads, kBytes, stream>>>(partial, in, w, M, N, K,
-                                                                   k_split);
-  CUDA_CHECK_LAUNCH();
+  if (tensor_cores) {
+    launch_split<true>(partial, in, w, M, N, K, k_split, grid, stream);
+  } else {
+    launch_split<false>(partial, in, w, M, N, K, k_split, grid, stream);
+  }
   const int64_t n = int64_t(M) * N;
   reduce_splits_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, partial, n, used, accumulate);
   CUDA_CHECK_LAUNCH();

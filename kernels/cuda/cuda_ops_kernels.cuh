@@ -61,22 +61,30 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 // out[r, n] = in[r, :] . w_g[n, :] for the rows r of group g (offsets[g]..offsets[g+1]-1; rows
 // in total). w is [n_groups, N, K]. Needs K % 4 == 0 and 16-byte aligned in and w; sized for
 // up to a few dozen rows per group.
+// tensor_cores: the 3xTF32 tensor-core variant (about 2^-21 relative per product against
+// 2^-24 for an FP32 fma; fewer instructions from about 8 rows per matrix) instead of FP32 fmas;
+// few_rows_take_tensor_cores says which is faster for a shape. Either gives the same bits on
+// every run of one shape.
+bool few_rows_take_tensor_cores(int rows, int n_groups);
 void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
-                     int n_groups, int rows, int N, int K, cudaStream_t stream);
+                     int n_groups, int rows, int N, int K, bool tensor_cores,
+                     cudaStream_t stream);
 // The same on packed FP4 weights (fp4.h's layout, n_groups matrices of N rows each, `format`
 // with `global_scale`): each chunk is decoded in shared memory, no float copy of w exists.
 // Needs K % 32 == 0 and the block's scales for all of K within the kernel's shared memory.
 bool few_rows_fp4_fits(Fp4Format format, int K);
 void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
                          float global_scale, Fp4Format format, const int32_t* offsets,
-                         int n_groups, int rows, int N, int K, cudaStream_t stream);
+                         int n_groups, int rows, int N, int K, bool tensor_cores,
+                         cudaStream_t stream);
 // Dense out[M, N] (+)= in[M, K] . w[N, K]^T for small M (up to a few dozen rows): the k range is
 // split across blocks so a single weight matrix still fills the GPU, each split's sum goes to
 // `partial` (few_rows_dense_scratch_floats(M, N, K) floats of scratch), and a second kernel adds
 // the splits in order. Same layout needs as few_rows_matmul.
 int64_t few_rows_dense_scratch_floats(int M, int N, int K);
 void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
-                           bool accumulate, float* partial, cudaStream_t stream);
+                           bool accumulate, float* partial, bool tensor_cores,
+                           cudaStream_t stream);
 
 // ---- MoE (cuda_ops_moe.cu) ----
 // scores, gates and (unless replay) routing.expert_ids.

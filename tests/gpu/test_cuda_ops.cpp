@@ -152,6 +152,11 @@ std::vector<int32_t> ints(Rng& rng, size_t n, int lo, int hi) {
 
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+using FewRowsMath = CudaOps<float>::FewRowsMath;
+const char* math_name(FewRowsMath math) {
+  return math == FewRowsMath::tensor_cores ? "tensor cores" : "fma";
+}
+
 class CudaOpsTest : public testing::Test {
  protected:
   void SetUp() override {
@@ -228,43 +233,50 @@ TEST_F(CudaOpsTest, MatmulForwardAndBackward) {
 // chunks (44) and the realistic 512 and 1024 (198 rows over 7 groups: within the kernel's
 // average of 32 per group).
 // kReduction: each output is one sum of K products in another order than the CPU BLAS's. A
-// second run must repeat the first bit for bit (no atomics, fixed order).
+// second run must repeat the first bit for bit (no atomics, fixed order). Both of the kernels'
+// multiply variants run every shape: FP32 fmas, and the 3xTF32 tensor cores (about 2^-21 of
+// each |x w| per product instead of 2^-24; over K = 1024 standard-normal terms that is some
+// 1e-5 absolute against the 1e-5 x max|out| (about 1e-3) kReduction allows; plain TF32, at
+// 2^-11 per product, would be off by about 1e-2 and fail).
 TEST_F(CudaOpsTest, FewRowsProductsMatchTheCpu) {
   Rng rng(131);
   const std::vector<int32_t> offsets = {0, 1, 1, 32, 64, 97, 167, 198};
   const int E = int(offsets.size()) - 1, R = offsets.back();
   for (const auto& [N, K] : {std::pair{100, 44}, std::pair{64, 1024}, std::pair{200, 512}}) {
-    SCOPED_TRACE(testing::Message() << "N " << N << " K " << K);
-    const auto in = normal(rng, size_t(R) * K), w = normal(rng, size_t(E) * N * K);
-    std::vector<float> out(size_t(R) * N);
-    const float* d_in = dev(in);
-    const float* d_w = dev(w);
-    const int32_t* d_off = dev(offsets);
-    float* d_out = poisoned(out.size());
-    gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_off, E, R, N, K);
-    cpu_.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets.data(), E, R, N, K);
-    const auto first = back(d_out, out.size());
-    EXPECT_TRUE(close(first, out, kReduction)) << "grouped";
-    d_out = poisoned(out.size());
-    gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_off, E, R, N, K);
-    EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
+    for (const auto math : {FewRowsMath::fma, FewRowsMath::tensor_cores}) {
+      gpu_->set_few_rows_math(math);
+      SCOPED_TRACE(testing::Message() << "N " << N << " K " << K << " " << math_name(math));
+      const auto in = normal(rng, size_t(R) * K), w = normal(rng, size_t(E) * N * K);
+      std::vector<float> out(size_t(R) * N);
+      const float* d_in = dev(in);
+      const float* d_w = dev(w);
+      const int32_t* d_off = dev(offsets);
+      float* d_out = poisoned(out.size());
+      gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_off, E, R, N, K);
+      cpu_.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets.data(), E, R, N, K);
+      const auto first = back(d_out, out.size());
+      EXPECT_TRUE(close(first, out, kReduction)) << "grouped";
+      d_out = poisoned(out.size());
+      gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_off, E, R, N, K);
+      EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
 
-    // Dense products of up to 64 rows take the split-k variant (k cut across blocks, the
-    // splits added in order by a second kernel), with and without accumulation; 64 rows are
-    // two row tiles.
-    for (const int M : {1, 7, 64}) {
-      for (const bool accumulate : {false, true}) {
-        auto dense = normal(rng, size_t(M) * N);
-        float* d_dense = accumulate ? dev(dense) : poisoned(dense.size());
-        gpu_->matmul_forward(d_dense, d_in, d_w, M, N, K, accumulate);
-        const auto got = back(d_dense, dense.size());
-        if (!accumulate) {
-          gpu_->matmul_forward(d_dense, d_in, d_w, M, N, K, false);
-          EXPECT_EQ(back(d_dense, dense.size()), got) << "dense repeat, M " << M;
+      // Dense products of up to 64 rows take the split-k variant (k cut across blocks, the
+      // splits added in order by a second kernel), with and without accumulation; 64 rows are
+      // two row tiles.
+      for (const int M : {1, 7, 64}) {
+        for (const bool accumulate : {false, true}) {
+          auto dense = normal(rng, size_t(M) * N);
+          float* d_dense = accumulate ? dev(dense) : poisoned(dense.size());
+          gpu_->matmul_forward(d_dense, d_in, d_w, M, N, K, accumulate);
+          const auto got = back(d_dense, dense.size());
+          if (!accumulate) {
+            gpu_->matmul_forward(d_dense, d_in, d_w, M, N, K, false);
+            EXPECT_EQ(back(d_dense, dense.size()), got) << "dense repeat, M " << M;
+          }
+          cpu_.matmul_forward(dense.data(), in.data(), w.data(), M, N, K, accumulate);
+          EXPECT_TRUE(close(got, dense, kReduction))
+              << "dense M " << M << " accumulate " << accumulate;
         }
-        cpu_.matmul_forward(dense.data(), in.data(), w.data(), M, N, K, accumulate);
-        EXPECT_TRUE(close(got, dense, kReduction))
-            << "dense M " << M << " accumulate " << accumulate;
       }
     }
   }
@@ -868,33 +880,38 @@ TEST_F(CudaOpsTest, Fp4FakeQuantizeIsBitIdentical) {
 // product, on the group sizes of FewRowsProductsMatchTheCpu, 200 rows per expert (not whole
 // 64-column tiles) and K = 1024 and 96 (96: the last 64-value chunk is half past K), in both
 // formats. kReduction as for the float kernels: the dequantized values are exact in float on
-// both sides, only the summation order differs. A second run must repeat the first bit for bit.
+// both sides, only the summation order differs (and, with tensor cores, the 3xTF32 products:
+// FewRowsProductsMatchTheCpu says why that fits). A second run must repeat the first bit for bit.
 TEST_F(CudaOpsTest, FewRowsFp4ProductsMatchTheCpu) {
   Rng rng(133);
   const std::vector<int32_t> offsets = {0, 1, 1, 32, 64, 97, 167, 198};
   const int E = int(offsets.size()) - 1, R = offsets.back(), N = 200;
   for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
     for (const int64_t K : {1024, 96}) {
-      SCOPED_TRACE(testing::Message() << fp4_format_name(format) << " K " << K);
-      const Fp4Tensor w = fp4_quantize(fp4_input(rng, int64_t(E) * N * K).data(), int64_t(E) * N,
-                                       K, format, "w");
-      PackedFp4Matrix cpu_w{format, int64_t(E) * N, K, w.codes.data(), w.scales.data(),
-                            w.global_scale};
-      PackedFp4Matrix gpu_w = cpu_w;
-      gpu_w.codes = dev(w.codes);
-      gpu_w.scales = dev(w.scales);
-      const auto in = normal(rng, size_t(R) * K);
-      const float* d_in = dev(in);
-      const int32_t* d_off = dev(offsets);
-      std::vector<float> out(size_t(R) * N);
-      float* d_out = poisoned(out.size());
-      gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
-      cpu_.fp4_grouped_matmul_forward(out.data(), in.data(), cpu_w, offsets.data(), E, R);
-      const auto first = back(d_out, out.size());
-      EXPECT_TRUE(close(first, out, kReduction));
-      d_out = poisoned(out.size());
-      gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
-      EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
+      for (const auto math : {FewRowsMath::fma, FewRowsMath::tensor_cores}) {
+        gpu_->set_few_rows_math(math);
+        SCOPED_TRACE(testing::Message() << fp4_format_name(format) << " K " << K << " "
+                                        << math_name(math));
+        const Fp4Tensor w = fp4_quantize(fp4_input(rng, int64_t(E) * N * K).data(), int64_t(E) * N,
+                                         K, format, "w");
+        PackedFp4Matrix cpu_w{format, int64_t(E) * N, K, w.codes.data(), w.scales.data(),
+                              w.global_scale};
+        PackedFp4Matrix gpu_w = cpu_w;
+        gpu_w.codes = dev(w.codes);
+        gpu_w.scales = dev(w.scales);
+        const auto in = normal(rng, size_t(R) * K);
+        const float* d_in = dev(in);
+        const int32_t* d_off = dev(offsets);
+        std::vector<float> out(size_t(R) * N);
+        float* d_out = poisoned(out.size());
+        gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
+        cpu_.fp4_grouped_matmul_forward(out.data(), in.data(), cpu_w, offsets.data(), E, R);
+        const auto first = back(d_out, out.size());
+        EXPECT_TRUE(close(first, out, kReduction));
+        d_out = poisoned(out.size());
+        gpu_->fp4_grouped_matmul_forward(d_out, d_in, gpu_w, d_off, E, R);
+        EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
+      }
     }
   }
 }
