@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <stdexcept>
 
 #include "kernels/fp4/fp4.h"
@@ -122,6 +123,19 @@ class Ops {
   // out[M,N] = in[M,K] . w[N,K]^T   (out += ... when accumulate)
   virtual void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                               bool accumulate) = 0;
+  // Several products of one input, out_i[M,n_i] = in[M,K] . w_i[n_i,K]^T: the projections
+  // that read the same activations (q, k and v; a MoE layer's router with its shared expert's
+  // gate and up). A backend may run them as one launch, a decode step's products being too
+  // small to fill a GPU alone; each out_i must be what matmul_forward gives, bit for bit.
+  struct Projection {
+    T* out;
+    const T* w;
+    int n;
+  };
+  virtual void matmul_forward_projections(const T* in, int M, int K,
+                                          std::span<const Projection> projections) {
+    for (const Projection& p : projections) matmul_forward(p.out, in, p.w, M, p.n, K, false);
+  }
   // din[M,K] = dout[M,N] . w[N,K] (+= when accumulate_din; skipped when din is null)
   // dw[N,K] += dout[M,N]^T . in[M,K] (skipped when dw is null)
   virtual void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M,

@@ -509,9 +509,9 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
   LayerActs& a = layer_acts_[l];
   const LayerWeights<T>& w = active_weights().layers[l];
   ops_.rmsnorm_forward(a.attn_in, a.attn_rstd, a.x_in, w.attn_norm, N, D, c.norm_eps);
-  ops_.matmul_forward(a.q, a.attn_in, w.wq, N, c.q_dim(), D, false);
-  ops_.matmul_forward(a.k, a.attn_in, w.wk, N, c.kv_dim(), D, false);
-  ops_.matmul_forward(a.v, a.attn_in, w.wv, N, c.kv_dim(), D, false);
+  const Projection qkv[] = {
+      {a.q, w.wq, c.q_dim()}, {a.k, w.wk, c.kv_dim()}, {a.v, w.wv, c.kv_dim()}};
+  ops_.matmul_forward_projections(a.attn_in, N, D, qkv);
   ops_.rope_forward(a.q, positions_, N, c.n_heads, c.head_dim, c.rope_theta);
   ops_.rope_forward(a.k, positions_, N, c.n_kv_heads, c.head_dim, c.rope_theta);
   AttentionShape shape{batch, n_new, n_new, c.n_heads, c.n_kv_heads, c.head_dim, start_};
@@ -552,17 +552,22 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
       ops_.matmul_forward(dst, in, weight, M, n_out, n_in, accumulate);
     }
   };
-  // out += SwiGLU(ffn_in) through one dense weight triple of hidden width F.
+  // out += SwiGLU(ffn_in) through one dense weight triple of hidden width F; `gate_up_done`:
+  // a.gate and a.up already hold the first two products.
   auto dense_swiglu = [&](const T* wg, const T* wu, const T* wd, int F,
                           const PackedFp4Matrix* pg, const PackedFp4Matrix* pu,
-                          const PackedFp4Matrix* pd) {
-    matmul(a.gate, a.ffn_in, wg, pg, N, F, D, false);
-    matmul(a.up, a.ffn_in, wu, pu, N, F, D, false);
+                          const PackedFp4Matrix* pd, bool gate_up_done) {
+    if (!gate_up_done) {
+      matmul(a.gate, a.ffn_in, wg, pg, N, F, D, false);
+      matmul(a.up, a.ffn_in, wu, pu, N, F, D, false);
+    }
     swiglu(a.h, a.gate, a.up, int64_t(N) * F);
     matmul(out, a.h, wd, pd, N, D, F, true);
   };
   if (!c.is_moe_layer(l)) {
-    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff, nullptr, nullptr, nullptr);
+    const Projection gate_up[] = {{a.gate, w.ffn_gate, c.d_ff}, {a.up, w.ffn_up, c.d_ff}};
+    ops_.matmul_forward_projections(a.ffn_in, N, D, gate_up);
+    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff, nullptr, nullptr, nullptr, true);
     return;
   }
   const bool packed = packed_format_.has_value();
@@ -571,7 +576,17 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   r.n_tokens = N;
   r.top_k = K;
   r.n_experts = E;
-  ops_.matmul_forward(router_logits_, a.ffn_in, w.router, N, E, D, false);
+  // The router and, held in float, the shared expert's gate and up all read ffn_in: one call.
+  const int shared_width = c.n_shared_experts * Fe;
+  const bool shared_gate_up_here = c.n_shared_experts > 0 && !packed;
+  if (shared_gate_up_here) {
+    const Projection projections[] = {{router_logits_, w.router, E},
+                                      {a.gate, w.shared_gate, shared_width},
+                                      {a.up, w.shared_up, shared_width}};
+    ops_.matmul_forward_projections(a.ffn_in, N, D, projections);
+  } else {
+    ops_.matmul_forward(router_logits_, a.ffn_in, w.router, N, E, D, false);
+  }
   if (replay) {
     for (int64_t i = 0; i < int64_t(N) * K; ++i) {
       const int32_t id = replay->layer(m)[i];
@@ -587,9 +602,9 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
                       replay != nullptr || selection_router_on_);
 
   if (c.n_shared_experts > 0) {
-    dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, c.n_shared_experts * Fe,
+    dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, shared_width,
                  packed ? &w.packed_shared_gate : nullptr, packed ? &w.packed_shared_up : nullptr,
-                 packed ? &w.packed_shared_down : nullptr);
+                 packed ? &w.packed_shared_down : nullptr, shared_gate_up_here);
   }
   const int64_t rows = int64_t(N) * K;
   ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);

@@ -242,6 +242,7 @@ class Transformer {
   // one exists, else recorded and replayed, or run op by op where the backend refuses.
   void run_recorded_decode_step(int batch, KvCache<T>& cache);
   void select_with_selection_router(int moe_layer, int n_tokens);
+  using Projection = typename Ops<T>::Projection;
   double backward(int batch, int seq_len);
 
   Ops<T>& ops_;

@@ -326,14 +326,35 @@ void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, i
                                 bool accumulate) {
   if (M == 0 || N == 0) return;
   if (few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K)) {
-    auto* partial = static_cast<float*>(
-        scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, N, K))));
-    cuda::few_rows_dense_matmul(out, in, w, M, N, K, accumulate, partial,
-                                few_rows_tensor_cores(M, 1),
-                                stream_);
+    const cuda::FewRowsDenseProduct product[] = {{out, w, N}};
+    few_rows_dense(product, in, M, K, accumulate);
     return;
   }
   gemm(false, true, M, N, K, in, K, w, K, accumulate ? 1.0f : 0.0f, out, N);
+}
+
+template <typename T>
+void CudaOps<T>::matmul_forward_projections(const T* in, int M, int K,
+                                            std::span<const Projection> projections) {
+  bool one_launch = few_rows_enabled_ && M > 0 && M <= kFewRowsDenseMaxRows &&
+                    projections.size() <= size_t(cuda::kFewRowsMaxProducts);
+  for (const Projection& p : projections) one_launch &= few_rows_kernel_fits(in, p.w, K);
+  if (!one_launch) {
+    Ops<T>::matmul_forward_projections(in, M, K, projections);
+    return;
+  }
+  std::vector<cuda::FewRowsDenseProduct> products;
+  for (const Projection& p : projections) products.push_back({p.out, p.w, p.n});
+  few_rows_dense(products, in, M, K, false);
+}
+
+template <typename T>
+void CudaOps<T>::few_rows_dense(std::span<const cuda::FewRowsDenseProduct> products,
+                                const T* in, int M, int K, bool accumulate) {
+  auto* partial = static_cast<float*>(
+      scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, products, K))));
+  cuda::few_rows_dense_matmul(products, in, M, K, accumulate, partial,
+                              few_rows_tensor_cores(M, 1), stream_);
 }
 
 template <typename T>

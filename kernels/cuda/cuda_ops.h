@@ -41,10 +41,15 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
 #include "kernels/ops.h"
+
+namespace rlhf::cuda {
+struct FewRowsDenseProduct;  // cuda_ops_kernels.cuh
+}  // namespace rlhf::cuda
 
 struct cublasContext;  // cuBLAS's handle type (cublasHandle_t) without its header
 struct CUevent_st;     // CUDA's event type (cudaEvent_t) without its header
@@ -80,6 +85,9 @@ class CudaOps final : public Ops<T> {
   void begin_recording() override;
   std::unique_ptr<OpsRecording> end_recording() override;
 
+  using typename Ops<T>::Projection;
+  void matmul_forward_projections(const T* in, int M, int K,
+                                  std::span<const Projection> projections) override;
   void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                       bool accumulate) override;
   void matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w, int M, int N,
@@ -177,6 +185,9 @@ class CudaOps final : public Ops<T> {
   FewRowsMath few_rows_math_ = FewRowsMath::by_shape;
   // Whether a few-rows product of `rows` rows over n_groups weight matrices takes tensor cores.
   bool few_rows_tensor_cores(int rows, int n_groups) const;
+  // Dense products of M <= kFewRowsDenseMaxRows rows through the few-rows kernel, in one launch.
+  void few_rows_dense(std::span<const cuda::FewRowsDenseProduct> products, const T* in, int M,
+                      int K, bool accumulate);
   // Whether the kernel's layout needs hold: 16-byte rows and 16-byte aligned operands.
   bool few_rows_kernel_fits(const void* in, const void* w, int K) const;
   // A fatal check that no kernel raised the device error flag. Valid after any wait for the

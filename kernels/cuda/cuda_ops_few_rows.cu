@@ -20,6 +20,7 @@
 // dense kernel also by the multiprocessor count, which sets its k splits), so results repeat
 // bit for bit on one GPU.
 #include <algorithm>
+#include <span>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_ops_device.cuh"
@@ -433,29 +434,55 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
                                offsets[group + 1], n_valid, K, K);
 }
 
-// Dense, k split across blocks: block (column tile, split s, row tile) writes the sum over its
-// k range [s * k_split, (s + 1) * k_split) to partial[s] ([M, N]); reduce_splits adds them.
+// Dense, k split across blocks, for up to kFewRowsMaxProducts weight matrices against one
+// input. Block x runs unit x of a product's (column tile, split s) units, the products' units
+// one after another (first_unit); block z is a row tile. It writes the sum over its k range
+// [s * k_split, (s + 1) * k_split) to the product's partial[s] ([M, N]); reduce_splits adds
+// them. A product's blocks do exactly what they would in a launch of their own, so every output
+// has the same bits whichever products share the launch.
+struct DenseUnits {
+  float* out;
+  float* partial;
+  const float* w;
+  int N, k_split, splits;
+  int first_unit;      // its first block x
+  int64_t first_out;   // its first element in the products' outputs taken one after another
+};
+struct DenseLaunch {
+  DenseUnits product[kFewRowsMaxProducts];
+  int count;
+};
+
 template <bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
-    few_rows_split_kernel(float* __restrict__ partial, const float* __restrict__ in,
-                          const float* __restrict__ w, int M, int N, int K, int k_split) {
-  const int split = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
-  const int k0 = split * k_split, k_len = min(k_split, K - k0);
-  const int n_valid = min(kColsPerBlock, N - n0);
-  FloatWeights weights{weights_smem<FloatWeights>(), w + int64_t(n0) * K + k0, n_valid, k_len,
+    few_rows_split_kernel(const DenseLaunch launch, const float* __restrict__ in, int M, int K) {
+  int i = 0;
+  while (i + 1 < launch.count && int(blockIdx.x) >= launch.product[i + 1].first_unit) ++i;
+  const DenseUnits& p = launch.product[i];
+  const int unit = int(blockIdx.x) - p.first_unit;
+  const int column_tiles = (p.N + kColsPerBlock - 1) / kColsPerBlock;
+  const int split = unit / column_tiles, n0 = (unit % column_tiles) * kColsPerBlock;
+  const int k0 = split * p.k_split, k_len = min(p.k_split, K - k0);
+  const int n_valid = min(kColsPerBlock, p.N - n0);
+  FloatWeights weights{weights_smem<FloatWeights>(), p.w + int64_t(n0) * K + k0, n_valid, k_len,
                        K};
-  multiply_tiles<kTensorCores>(weights, row_ring(), partial + int64_t(split) * M * N + n0, N,
-                               in + k0, 0, M, n_valid, k_len, K);
+  multiply_tiles<kTensorCores>(weights, row_ring(), p.partial + int64_t(split) * M * p.N + n0,
+                               p.N, in + k0, 0, M, n_valid, k_len, K);
 }
 
-// out[i] (+)= partial[0][i] + partial[1][i] + ... in split order: deterministic.
-__global__ void reduce_splits_kernel(float* __restrict__ out, const float* __restrict__ partial,
-                                     int64_t n, int splits, bool accumulate) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+// out[i] (+)= partial[0][i] + partial[1][i] + ... in split order (deterministic), for every
+// element of every product: element e of the products' outputs taken one after another.
+__global__ void reduce_splits_kernel(const DenseLaunch launch, int M, int64_t total,
+                                     bool accumulate) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    int i = 0;
+    while (i + 1 < launch.count && e >= launch.product[i + 1].first_out) ++i;
+    const DenseUnits& p = launch.product[i];
+    const int64_t at = e - p.first_out, n = int64_t(M) * p.N;
     float sum = 0.0f;
-    for (int s = 0; s < splits; ++s) sum += partial[s * n + i];
-    out[i] = accumulate ? out[i] + sum : sum;
+    for (int s = 0; s < p.splits; ++s) sum += p.partial[s * n + at];
+    p.out[at] = accumulate ? p.out[at] + sum : sum;
   }
 }
 
@@ -520,13 +547,12 @@ void launch_grouped(float* out, const float* in, const float* w, const int32_t* 
 }
 
 template <bool kTensorCores>
-void launch_split(float* partial, const float* in, const float* w, int M, int N, int K,
-                  int k_split, dim3 grid, cudaStream_t stream) {
+void launch_split(const DenseLaunch& launch, const float* in, int M, int K, dim3 grid,
+                  cudaStream_t stream) {
   constexpr size_t kBytes = smem_bytes<FloatWeights>();
   static const bool ready = (allow_smem(few_rows_split_kernel<kTensorCores>, kBytes), true);
   (void)ready;
-  few_rows_split_kernel<kTensorCores>
-      <<<grid, kFewRowsThreads, kBytes, stream>>>(partial, in, w, M, N, K, k_split);
+  few_rows_split_kernel<kTensorCores><<<grid, kFewRowsThreads, kBytes, stream>>>(launch, in, M, K);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -581,28 +607,45 @@ void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, cons
   }
 }
 
-int64_t few_rows_dense_scratch_floats(int M, int N, int K) {
-  return int64_t(few_rows_dense_splits(M, N, K)) * M * N;
+int64_t few_rows_dense_scratch_floats(int M, std::span<const FewRowsDenseProduct> products,
+                                      int K) {
+  int64_t floats = 0;
+  for (const FewRowsDenseProduct& p : products) {
+    floats += int64_t(few_rows_dense_splits(M, p.N, K)) * M * p.N;
+  }
+  return floats;
 }
 
-
-void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
-                           bool accumulate, float* partial, bool tensor_cores,
+void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
+                           int M, int K, bool accumulate, float* partial, bool tensor_cores,
                            cudaStream_t stream) {
-  if (M <= 0 || N <= 0) return;
-  const int splits = few_rows_dense_splits(M, N, K);
-  // Splits of whole chunks, so every block but the last streams full 16-byte segments.
-  const int k_split = ((K + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
-  const int used = (K + k_split - 1) / k_split;
-  const dim3 grid((N + kColsPerBlock - 1) / kColsPerBlock, used,
-                  (M + kRowsPerTile - 1) / kRowsPerTile);
-  if (tensor_cores) {
-    launch_split<true>(partial, in, w, M, N, K, k_split, grid, stream);
-  } else {
-    launch_split<false>(partial, in, w, M, N, K, k_split, grid, stream);
+  CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
+               "more products than one few-rows launch takes");
+  if (M <= 0) return;
+  DenseLaunch launch{};
+  int units = 0;
+  int64_t outputs = 0;
+  for (const FewRowsDenseProduct& product : products) {
+    if (product.N <= 0) continue;
+    const int splits = few_rows_dense_splits(M, product.N, K);
+    // Splits of whole chunks, so every block but the last streams full 16-byte segments.
+    const int k_split = ((K + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+    DenseUnits& p = launch.product[launch.count++];
+    p = {product.out, partial, product.w, product.N, k_split, (K + k_split - 1) / k_split,
+         units, outputs};
+    units += p.splits * ((product.N + kColsPerBlock - 1) / kColsPerBlock);
+    outputs += int64_t(M) * product.N;
+    partial += int64_t(p.splits) * M * product.N;
   }
-  const int64_t n = int64_t(M) * N;
-  reduce_splits_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, partial, n, used, accumulate);
+  if (launch.count == 0) return;
+  const dim3 grid(units, 1, (M + kRowsPerTile - 1) / kRowsPerTile);
+  if (tensor_cores) {
+    launch_split<true>(launch, in, M, K, grid, stream);
+  } else {
+    launch_split<false>(launch, in, M, K, grid, stream);
+  }
+  reduce_splits_kernel<<<grid_for(outputs), kThreads, 0, stream>>>(launch, M, outputs,
+                                                                    accumulate);
   CUDA_CHECK_LAUNCH();
 }
 

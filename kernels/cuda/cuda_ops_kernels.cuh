@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <span>
 
 #include "kernels/ops.h"
 
@@ -77,13 +78,22 @@ void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, cons
                          float global_scale, Fp4Format format, const int32_t* offsets,
                          int n_groups, int rows, int N, int K, bool tensor_cores,
                          cudaStream_t stream);
-// Dense out[M, N] (+)= in[M, K] . w[N, K]^T for small M (up to a few dozen rows): the k range is
-// split across blocks so a single weight matrix still fills the GPU, each split's sum goes to
-// `partial` (few_rows_dense_scratch_floats(M, N, K) floats of scratch), and a second kernel adds
-// the splits in order. Same layout needs as few_rows_matmul.
-int64_t few_rows_dense_scratch_floats(int M, int N, int K);
-void few_rows_dense_matmul(float* out, const float* in, const float* w, int M, int N, int K,
-                           bool accumulate, float* partial, bool tensor_cores,
+// Dense out_i[M, N_i] (+)= in[M, K] . w_i[N_i, K]^T for small M (up to a few dozen rows), for
+// up to kFewRowsMaxProducts weight matrices against one input in one launch (the projections of
+// a decode step, each too small to fill the GPU alone). The k range is split across blocks,
+// each split's sum goes to `partial` (few_rows_dense_scratch_floats floats of scratch), and a
+// second kernel adds the splits in order. Each output has the same bits as in a launch of its
+// own. Same layout needs as few_rows_matmul.
+struct FewRowsDenseProduct {
+  float* out;
+  const float* w;
+  int N;
+};
+constexpr int kFewRowsMaxProducts = 4;
+int64_t few_rows_dense_scratch_floats(int M, std::span<const FewRowsDenseProduct> products,
+                                      int K);
+void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
+                           int M, int K, bool accumulate, float* partial, bool tensor_cores,
                            cudaStream_t stream);
 
 // ---- MoE (cuda_ops_moe.cu) ----

@@ -282,6 +282,49 @@ TEST_F(CudaOpsTest, FewRowsProductsMatchTheCpu) {
   }
 }
 
+// Projections of one input in one launch (q, k and v; router, shared gate and up) must give
+// each output the bits of its own matmul_forward: the kernel runs each product's blocks as a
+// launch of its own would. Widths that do not fill 64-column tiles, 1 to 64 rows, both
+// multiply variants; above the few-rows sizes (65 rows) the call falls back to one product at
+// a time. The CPU backend's default (one matmul_forward each) is the reference.
+TEST_F(CudaOpsTest, ProjectionsInOneLaunchEqualSeparateProducts) {
+  Rng rng(134);
+  const int K = 320;
+  const std::vector<int> widths = {200, 64, 36};
+  for (const auto math : {FewRowsMath::fma, FewRowsMath::tensor_cores}) {
+    gpu_->set_few_rows_math(math);
+    for (const int M : {1, 7, 64, 65}) {
+      SCOPED_TRACE(testing::Message() << "M " << M << " " << math_name(math));
+      const auto in = normal(rng, size_t(M) * K);
+      const float* d_in = dev(in);
+      std::vector<std::vector<float>> w;
+      std::vector<const float*> d_w;
+      std::vector<float*> d_together, d_alone;
+      std::vector<Ops<float>::Projection> gpu_projections, cpu_projections;
+      std::vector<std::vector<float>> cpu_out;
+      for (const int n : widths) {
+        w.push_back(normal(rng, size_t(n) * K));
+        d_w.push_back(dev(w.back()));
+        d_together.push_back(poisoned(size_t(M) * n));
+        d_alone.push_back(poisoned(size_t(M) * n));
+        cpu_out.emplace_back(size_t(M) * n);
+      }
+      for (size_t i = 0; i < widths.size(); ++i) {
+        gpu_projections.push_back({d_together[i], d_w[i], widths[i]});
+        cpu_projections.push_back({cpu_out[i].data(), w[i].data(), widths[i]});
+        gpu_->matmul_forward(d_alone[i], d_in, d_w[i], M, widths[i], K, false);
+      }
+      gpu_->matmul_forward_projections(d_in, M, K, gpu_projections);
+      cpu_.matmul_forward_projections(in.data(), M, K, cpu_projections);
+      for (size_t i = 0; i < widths.size(); ++i) {
+        const auto together = back(d_together[i], cpu_out[i].size());
+        EXPECT_EQ(together, back(d_alone[i], cpu_out[i].size())) << "projection " << i;
+        EXPECT_TRUE(close(together, cpu_out[i], kReduction)) << "projection " << i;
+      }
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, GroupedMatmulForwardAndBackward) {
   Rng rng(102);
   const int N = 24, K = 41;
