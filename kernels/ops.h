@@ -145,6 +145,21 @@ class Ops {
   // as tokens x top_k) so a GPU backend can size its launch without reading the offsets back.
   virtual void grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
                                       int n_groups, int rows, int N, int K) = 0;
+  // Grouped products of one input and one routing against weight sets of one shape:
+  // out_i = grouped_matmul_forward(in, w_i) (a MoE layer's expert gate and up). As with
+  // matmul_forward_projections, a backend may run them together; each out_i must have the
+  // bits of its own call.
+  struct GroupedProjection {
+    T* out;
+    const T* w;
+  };
+  virtual void grouped_matmul_forward_projections(const T* in, const int32_t* offsets,
+                                                  int n_groups, int rows, int N, int K,
+                                                  std::span<const GroupedProjection> projections) {
+    for (const GroupedProjection& p : projections) {
+      grouped_matmul_forward(p.out, in, p.w, offsets, n_groups, rows, N, K);
+    }
+  }
   // din[R,K] = dout . w[e] (+= when accumulate_din); dw[E,N,K] += dout^T . in (per group)
   virtual void grouped_matmul_backward(T* din, T* dw, const T* dout, const T* in, const T* w,
                                        const int32_t* offsets, int n_groups, int N, int K,
@@ -250,6 +265,18 @@ class Ops {
   // grouped_matmul_forward.
   virtual void fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4Matrix& w,
                                           const int32_t* offsets, int n_groups, int rows) = 0;
+  // grouped_matmul_forward_projections on packed weights.
+  struct Fp4GroupedProjection {
+    T* out;
+    const PackedFp4Matrix* w;
+  };
+  virtual void fp4_grouped_matmul_forward_projections(
+      const T* in, const int32_t* offsets, int n_groups, int rows,
+      std::span<const Fp4GroupedProjection> projections) {
+    for (const Fp4GroupedProjection& p : projections) {
+      fp4_grouped_matmul_forward(p.out, in, *p.w, offsets, n_groups, rows);
+    }
+  }
 
   // ---- elementwise and reductions ----
   virtual void copy(T* dst, const T* src, int64_t n) = 0;  // same backend

@@ -609,12 +609,12 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   const int64_t rows = int64_t(N) * K;
   ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);
   if (packed) {
-    ops_.fp4_grouped_matmul_forward(a.e_gate, a.xe, w.packed_expert_gate, r.offsets, E,
-                                    int(rows));
-    ops_.fp4_grouped_matmul_forward(a.e_up, a.xe, w.packed_expert_up, r.offsets, E, int(rows));
+    const Fp4GroupedProjection gate_up[] = {{a.e_gate, &w.packed_expert_gate},
+                                            {a.e_up, &w.packed_expert_up}};
+    ops_.fp4_grouped_matmul_forward_projections(a.xe, r.offsets, E, int(rows), gate_up);
   } else {
-    ops_.grouped_matmul_forward(a.e_gate, a.xe, w.expert_gate, r.offsets, E, int(rows), Fe, D);
-    ops_.grouped_matmul_forward(a.e_up, a.xe, w.expert_up, r.offsets, E, int(rows), Fe, D);
+    const GroupedProjection gate_up[] = {{a.e_gate, w.expert_gate}, {a.e_up, w.expert_up}};
+    ops_.grouped_matmul_forward_projections(a.xe, r.offsets, E, int(rows), Fe, D, gate_up);
   }
   swiglu(a.e_h, a.e_gate, a.e_up, rows * Fe);
   if (packed) {

@@ -243,6 +243,8 @@ class Transformer {
   void run_recorded_decode_step(int batch, KvCache<T>& cache);
   void select_with_selection_router(int moe_layer, int n_tokens);
   using Projection = typename Ops<T>::Projection;
+  using GroupedProjection = typename Ops<T>::GroupedProjection;
+  using Fp4GroupedProjection = typename Ops<T>::Fp4GroupedProjection;
   double backward(int batch, int seq_len);
 
   Ops<T>& ops_;

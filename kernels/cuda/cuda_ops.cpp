@@ -369,17 +369,76 @@ void CudaOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, cons
 // one per expert: an MoE layer of E experts issues 3 calls forward and 6 backward rather than
 // 3E and 6E, which is what bounded small-batch training (docs/cuda.md).
 template <typename T>
+bool CudaOps<T>::few_rows_grouped(const void* in, const void* w, int rows, int n_groups,
+                                  int K) const {
+  return few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+         few_rows_kernel_fits(in, w, K);
+}
+
+template <typename T>
+bool CudaOps<T>::few_rows_fp4_grouped(const void* in, const PackedFp4Matrix& w, int rows,
+                                      int n_groups) const {
+  return few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+         cuda::few_rows_fp4_fits(w.format, int(w.cols)) &&
+         few_rows_kernel_fits(in, w.codes, int(w.cols));
+}
+
+template <typename T>
+void CudaOps<T>::grouped_matmul_forward_projections(
+    const T* in, const int32_t* offsets, int n_groups, int rows, int N, int K,
+    std::span<const GroupedProjection> projections) {
+  bool one_launch = rows > 0 && N > 0 && !projections.empty() &&
+                    projections.size() <= size_t(cuda::kFewRowsMaxGroupedProducts);
+  for (const GroupedProjection& p : projections) {
+    one_launch &= few_rows_grouped(in, p.w, rows, n_groups, K);
+  }
+  if (!one_launch) {
+    Ops<T>::grouped_matmul_forward_projections(in, offsets, n_groups, rows, N, K, projections);
+    return;
+  }
+  std::vector<cuda::FewRowsGroupedProduct> products;
+  for (const GroupedProjection& p : projections) products.push_back({p.out, p.w});
+  cuda::few_rows_matmul(products, in, offsets, n_groups, rows, N, K,
+                        few_rows_tensor_cores(rows, n_groups), stream_);
+}
+
+template <typename T>
+void CudaOps<T>::fp4_grouped_matmul_forward_projections(
+    const T* in, const int32_t* offsets, int n_groups, int rows,
+    std::span<const Fp4GroupedProjection> projections) {
+  bool one_launch = rows > 0 && n_groups > 0 && !projections.empty() &&
+                    projections.size() <= size_t(cuda::kFewRowsMaxGroupedProducts);
+  for (const Fp4GroupedProjection& p : projections) {
+    const PackedFp4Matrix& first = *projections.front().w;
+    one_launch &= p.w->format == first.format && p.w->rows == first.rows &&
+                  p.w->cols == first.cols && p.w->rows % n_groups == 0 && p.w->rows > 0 &&
+                  few_rows_fp4_grouped(in, *p.w, rows, n_groups);
+  }
+  if (!one_launch) {
+    Ops<T>::fp4_grouped_matmul_forward_projections(in, offsets, n_groups, rows, projections);
+    return;
+  }
+  const PackedFp4Matrix& first = *projections.front().w;
+  std::vector<cuda::FewRowsFp4GroupedProduct> products;
+  for (const Fp4GroupedProjection& p : projections) {
+    products.push_back({p.out, p.w->codes, p.w->scales, p.w->global_scale});
+  }
+  cuda::few_rows_fp4_matmul(products, in, first.format, offsets, n_groups, rows,
+                            int(first.rows / n_groups), int(first.cols),
+                            few_rows_tensor_cores(rows, n_groups), stream_);
+}
+
+template <typename T>
 void CudaOps<T>::grouped_matmul_forward(T* out, const T* in, const T* w, const int32_t* offsets,
                                         int n_groups, int rows, int N, int K) {
   RLHF_CHECK(rows >= 0 && n_groups > 0, "grouped matmul of {} rows over {} groups", rows,
              n_groups);
   // Decode-sized groups (a few dozen rows per expert on average) go to the few-rows kernel,
   // which reads the offsets on the device: no wait, and the weights stream at HBM speed.
-  if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
-      few_rows_kernel_fits(in, w, K)) {
-    cuda::few_rows_matmul(
-        out, in, w, offsets, n_groups, rows, N, K,
-        few_rows_tensor_cores(rows, n_groups), stream_);
+  if (few_rows_grouped(in, w, rows, n_groups, K)) {
+    const cuda::FewRowsGroupedProduct product[] = {{out, w}};
+    cuda::few_rows_matmul(product, in, offsets, n_groups, rows, N, K,
+                          few_rows_tensor_cores(rows, n_groups), stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);
@@ -671,12 +730,10 @@ void CudaOps<T>::fp4_grouped_matmul_forward(T* out, const T* in, const PackedFp4
   RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
              block);
   // Decode-sized products read the packed weights directly (no wait, no float copy).
-  if (few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
-      cuda::few_rows_fp4_fits(w.format, int(K)) && few_rows_kernel_fits(in, w.codes, int(K))) {
-    cuda::few_rows_fp4_matmul(out, in, w.codes, w.scales, w.global_scale, w.format, offsets,
-                              n_groups, rows, int(N), int(K),
-                              few_rows_tensor_cores(rows, n_groups),
-                              stream_);
+  if (few_rows_fp4_grouped(in, w, rows, n_groups)) {
+    const cuda::FewRowsFp4GroupedProduct product[] = {{out, w.codes, w.scales, w.global_scale}};
+    cuda::few_rows_fp4_matmul(product, in, w.format, offsets, n_groups, rows, int(N), int(K),
+                              few_rows_tensor_cores(rows, n_groups), stream_);
     return;
   }
   const int32_t* off = host_offsets(offsets, n_groups);

@@ -86,6 +86,14 @@ class CudaOps final : public Ops<T> {
   std::unique_ptr<OpsRecording> end_recording() override;
 
   using typename Ops<T>::Projection;
+  using typename Ops<T>::GroupedProjection;
+  using typename Ops<T>::Fp4GroupedProjection;
+  void grouped_matmul_forward_projections(const T* in, const int32_t* offsets, int n_groups,
+                                          int rows, int N, int K,
+                                          std::span<const GroupedProjection> projections) override;
+  void fp4_grouped_matmul_forward_projections(
+      const T* in, const int32_t* offsets, int n_groups, int rows,
+      std::span<const Fp4GroupedProjection> projections) override;
   void matmul_forward_projections(const T* in, int M, int K,
                                   std::span<const Projection> projections) override;
   void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
@@ -188,6 +196,11 @@ class CudaOps final : public Ops<T> {
   // Dense products of M <= kFewRowsDenseMaxRows rows through the few-rows kernel, in one launch.
   void few_rows_dense(std::span<const cuda::FewRowsDenseProduct> products, const T* in, int M,
                       int K, bool accumulate);
+  // Whether grouped products of `rows` rows over n_groups matrices of K columns (in float, or
+  // packed in `format`) go to the few-rows kernels.
+  bool few_rows_grouped(const void* in, const void* w, int rows, int n_groups, int K) const;
+  bool few_rows_fp4_grouped(const void* in, const PackedFp4Matrix& w, int rows,
+                            int n_groups) const;
   // Whether the kernel's layout needs hold: 16-byte rows and 16-byte aligned operands.
   bool few_rows_kernel_fits(const void* in, const void* w, int K) const;
   // A fatal check that no kernel raised the device error flag. Valid after any wait for the

@@ -395,18 +395,27 @@ constexpr size_t smem_bytes() {
   return sizeof(RowTile) * kStages + sizeof(typename Weights::Shared);
 }
 
-// Grouped: block (column tile, group g, row slice). Rows offsets[g]..offsets[g+1]-1 of in
-// against w_g = w[g] ([N, K]).
+// Up to kFewRowsMaxGroupedProducts grouped products of one input and one routing, with weight
+// sets of the same shape (a MoE layer's gate and up): block x covers product x / column tiles.
+template <typename Product>
+struct GroupedLaunch {
+  Product product[kFewRowsMaxGroupedProducts];
+};
+
+// Grouped: block (product and column tile, group g, row slice). Rows offsets[g]..offsets[g+1]-1
+// of in against w_g = w[g] ([N, K]).
 template <bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
-    few_rows_grouped_kernel(float* __restrict__ out, const float* __restrict__ in,
-                            const float* __restrict__ w, const int32_t* __restrict__ offsets,
+    few_rows_grouped_kernel(const GroupedLaunch<FewRowsGroupedProduct> launch,
+                            const float* __restrict__ in, const int32_t* __restrict__ offsets,
                             int N, int K) {
-  const int group = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
+  const int column_tiles = (N + kColsPerBlock - 1) / kColsPerBlock;
+  const FewRowsGroupedProduct& p = launch.product[blockIdx.x / column_tiles];
+  const int group = blockIdx.y, n0 = (blockIdx.x % column_tiles) * kColsPerBlock;
   const int n_valid = min(kColsPerBlock, N - n0);
-  FloatWeights weights{weights_smem<FloatWeights>(), w + (int64_t(group) * N + n0) * K, n_valid,
-                       K, K};
-  multiply_tiles<kTensorCores>(weights, row_ring(), out + n0, N, in, offsets[group],
+  FloatWeights weights{weights_smem<FloatWeights>(), p.w + (int64_t(group) * N + n0) * K,
+                       n_valid, K, K};
+  multiply_tiles<kTensorCores>(weights, row_ring(), p.out + n0, N, in, offsets[group],
                                offsets[group + 1], n_valid, K, K);
 }
 
@@ -414,23 +423,24 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
 // matrix.
 template <Fp4Format Format, bool kTensorCores>
 __global__ void __launch_bounds__(kFewRowsThreads, 2)
-    few_rows_fp4_grouped_kernel(float* __restrict__ out, const float* __restrict__ in,
-                                const uint8_t* __restrict__ codes,
-                                const uint8_t* __restrict__ scales, float global_scale,
+    few_rows_fp4_grouped_kernel(const GroupedLaunch<FewRowsFp4GroupedProduct> launch,
+                                const float* __restrict__ in,
                                 const int32_t* __restrict__ offsets, int N, int K) {
   using Weights = Fp4Weights<Format>;
-  const int group = blockIdx.y, n0 = blockIdx.x * kColsPerBlock;
+  const int column_tiles = (N + kColsPerBlock - 1) / kColsPerBlock;
+  const FewRowsFp4GroupedProduct& p = launch.product[blockIdx.x / column_tiles];
+  const int group = blockIdx.y, n0 = (blockIdx.x % column_tiles) * kColsPerBlock;
   const int n_valid = min(kColsPerBlock, N - n0);
   const int64_t first_row = int64_t(group) * N + n0;
   auto& shared = weights_smem<Weights>();
   Weights weights{shared,
                   reinterpret_cast<uint8_t*>(&shared + 1),
-                  codes + first_row * (K / 2),
-                  scales + first_row * (K / Weights::kBlock),
-                  global_scale,
+                  p.codes + first_row * (K / 2),
+                  p.scales + first_row * (K / Weights::kBlock),
+                  p.global_scale,
                   n_valid,
                   K};
-  multiply_tiles<kTensorCores>(weights, row_ring(), out + n0, N, in, offsets[group],
+  multiply_tiles<kTensorCores>(weights, row_ring(), p.out + n0, N, in, offsets[group],
                                offsets[group + 1], n_valid, K, K);
 }
 
@@ -504,10 +514,19 @@ int multiprocessors() {
 
 // Row-tile slices per group: enough that an average group's tiles run side by side; a group
 // with more rows than that loops, re-reading its weight tile from L2.
-dim3 grouped_grid(int n_groups, int rows, int N) {
+dim3 grouped_grid(int products, int n_groups, int rows, int N) {
   const int tiles = (rows + kRowsPerTile - 1) / kRowsPerTile;
   const int slices = std::max(1, std::min(tiles, (tiles + n_groups - 1) / n_groups));
-  return dim3((N + kColsPerBlock - 1) / kColsPerBlock, n_groups, slices);
+  return dim3(products * ((N + kColsPerBlock - 1) / kColsPerBlock), n_groups, slices);
+}
+
+template <typename Product>
+GroupedLaunch<Product> grouped_launch(std::span<const Product> products) {
+  CUDA_REQUIRE(!products.empty() && products.size() <= size_t(kFewRowsMaxGroupedProducts),
+               "a grouped few-rows launch takes one or two products");
+  GroupedLaunch<Product> launch{};
+  std::copy(products.begin(), products.end(), launch.product);
+  return launch;
 }
 
 // The FP4 kernel keeps a block's scale codes for all of k in shared memory.
@@ -520,29 +539,30 @@ size_t fp4_smem_bytes(int K) {
 }
 
 template <Fp4Format Format, bool kTensorCores>
-void launch_fp4_grouped(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
-                        float global_scale, const int32_t* offsets, int n_groups, int rows,
-                        int N, int K, cudaStream_t stream) {
+void launch_fp4_grouped(std::span<const FewRowsFp4GroupedProduct> products, const float* in,
+                        const int32_t* offsets, int n_groups, int rows, int N, int K,
+                        cudaStream_t stream) {
   static const bool ready =
       (allow_smem(few_rows_fp4_grouped_kernel<Format, kTensorCores>,
                   smem_bytes<Fp4Weights<Format>>() + kFp4MaxScaleBytes),
        true);
   (void)ready;
   few_rows_fp4_grouped_kernel<Format, kTensorCores>
-      <<<grouped_grid(n_groups, rows, N), kFewRowsThreads, fp4_smem_bytes<Format>(K), stream>>>(
-          out, in, codes, scales, global_scale, offsets, N, K);
+      <<<grouped_grid(int(products.size()), n_groups, rows, N), kFewRowsThreads,
+         fp4_smem_bytes<Format>(K), stream>>>(grouped_launch(products), in, offsets, N, K);
   CUDA_CHECK_LAUNCH();
 }
 
 template <bool kTensorCores>
-void launch_grouped(float* out, const float* in, const float* w, const int32_t* offsets,
-                    int n_groups, int rows, int N, int K, cudaStream_t stream) {
+void launch_grouped(std::span<const FewRowsGroupedProduct> products, const float* in,
+                    const int32_t* offsets, int n_groups, int rows, int N, int K,
+                    cudaStream_t stream) {
   constexpr size_t kBytes = smem_bytes<FloatWeights>();  // above the 48 KB static limit
   static const bool ready = (allow_smem(few_rows_grouped_kernel<kTensorCores>, kBytes), true);
   (void)ready;
   few_rows_grouped_kernel<kTensorCores>
-      <<<grouped_grid(n_groups, rows, N), kFewRowsThreads, kBytes, stream>>>(out, in, w, offsets,
-                                                                             N, K);
+      <<<grouped_grid(int(products.size()), n_groups, rows, N), kFewRowsThreads, kBytes,
+         stream>>>(grouped_launch(products), in, offsets, N, K);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -573,14 +593,14 @@ bool few_rows_take_tensor_cores(int rows, int n_groups) {
   return rows >= 8 * n_groups;
 }
 
-void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
-                     int n_groups, int rows, int N, int K, bool tensor_cores,
-                     cudaStream_t stream) {
+void few_rows_matmul(std::span<const FewRowsGroupedProduct> products, const float* in,
+                     const int32_t* offsets, int n_groups, int rows, int N, int K,
+                     bool tensor_cores, cudaStream_t stream) {
   if (rows <= 0 || N <= 0) return;
   if (tensor_cores) {
-    launch_grouped<true>(out, in, w, offsets, n_groups, rows, N, K, stream);
+    launch_grouped<true>(products, in, offsets, n_groups, rows, N, K, stream);
   } else {
-    launch_grouped<false>(out, in, w, offsets, n_groups, rows, N, K, stream);
+    launch_grouped<false>(products, in, offsets, n_groups, rows, N, K, stream);
   }
 }
 
@@ -589,14 +609,13 @@ bool few_rows_fp4_fits(Fp4Format format, int K) {
   return K % 32 == 0 && scale_bytes <= kFp4MaxScaleBytes;
 }
 
-void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
-                         float global_scale, Fp4Format format, const int32_t* offsets,
-                         int n_groups, int rows, int N, int K, bool tensor_cores,
-                         cudaStream_t stream) {
+void few_rows_fp4_matmul(std::span<const FewRowsFp4GroupedProduct> products, const float* in,
+                         Fp4Format format, const int32_t* offsets, int n_groups, int rows,
+                         int N, int K, bool tensor_cores, cudaStream_t stream) {
   if (rows <= 0 || N <= 0) return;
   const auto launch = [&](auto format_tag, auto tensor_cores_tag) {
     launch_fp4_grouped<decltype(format_tag)::value, decltype(tensor_cores_tag)::value>(
-        out, in, codes, scales, global_scale, offsets, n_groups, rows, N, K, stream);
+        products, in, offsets, n_groups, rows, N, K, stream);
   };
   using Mx = std::integral_constant<Fp4Format, Fp4Format::mxfp4>;
   using Nv = std::integral_constant<Fp4Format, Fp4Format::nvfp4>;

@@ -66,18 +66,32 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
 // 2^-24 for an FP32 fma; fewer instructions from about 8 rows per matrix) instead of FP32 fmas;
 // few_rows_take_tensor_cores says which is faster for a shape. Either gives the same bits on
 // every run of one shape.
+// Up to kFewRowsMaxGroupedProducts weight sets of one shape against the same input and
+// routing (a MoE layer's gate and up) run in one launch; each output has the bits it would
+// have alone.
 bool few_rows_take_tensor_cores(int rows, int n_groups);
-void few_rows_matmul(float* out, const float* in, const float* w, const int32_t* offsets,
-                     int n_groups, int rows, int N, int K, bool tensor_cores,
-                     cudaStream_t stream);
+struct FewRowsGroupedProduct {
+  float* out;
+  const float* w;
+};
+constexpr int kFewRowsMaxGroupedProducts = 2;
+void few_rows_matmul(std::span<const FewRowsGroupedProduct> products, const float* in,
+                     const int32_t* offsets, int n_groups, int rows, int N, int K,
+                     bool tensor_cores, cudaStream_t stream);
 // The same on packed FP4 weights (fp4.h's layout, n_groups matrices of N rows each, `format`
 // with `global_scale`): each chunk is decoded in shared memory, no float copy of w exists.
 // Needs K % 32 == 0 and the block's scales for all of K within the kernel's shared memory.
+// Products as for few_rows_matmul, all in `format`.
 bool few_rows_fp4_fits(Fp4Format format, int K);
-void few_rows_fp4_matmul(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
-                         float global_scale, Fp4Format format, const int32_t* offsets,
-                         int n_groups, int rows, int N, int K, bool tensor_cores,
-                         cudaStream_t stream);
+struct FewRowsFp4GroupedProduct {
+  float* out;
+  const uint8_t* codes;
+  const uint8_t* scales;
+  float global_scale;
+};
+void few_rows_fp4_matmul(std::span<const FewRowsFp4GroupedProduct> products, const float* in,
+                         Fp4Format format, const int32_t* offsets, int n_groups, int rows,
+                         int N, int K, bool tensor_cores, cudaStream_t stream);
 // Dense out_i[M, N_i] (+)= in[M, K] . w_i[N_i, K]^T for small M (up to a few dozen rows), for
 // up to kFewRowsMaxProducts weight matrices against one input in one launch (the projections of
 // a decode step, each too small to fill the GPU alone). The k range is split across blocks,

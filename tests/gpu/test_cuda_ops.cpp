@@ -959,6 +959,76 @@ TEST_F(CudaOpsTest, FewRowsFp4ProductsMatchTheCpu) {
   }
 }
 
+// The grouped counterpart (a MoE layer's expert gate and up in one launch), in float and in
+// both packed formats: each output has the bits of its own grouped call. Group sizes from 0 to
+// 33 rows (one over a 32-row tile), both multiply variants; with 40 rows per group (above the
+// few-rows sizes) the calls fall back to one product at a time.
+TEST_F(CudaOpsTest, GroupedProjectionsInOneLaunchEqualSeparateProducts) {
+  Rng rng(135);
+  const int N = 136, K = 192;
+  for (const std::vector<int32_t>& offsets :
+       {std::vector<int32_t>{0, 1, 1, 34, 40, 52}, std::vector<int32_t>{0, 40, 80, 120}}) {
+    const int E = int(offsets.size()) - 1, R = offsets.back();
+    const auto in = normal(rng, size_t(R) * K);
+    const float* d_in = dev(in);
+    const int32_t* d_off = dev(offsets);
+    for (const auto math : {FewRowsMath::fma, FewRowsMath::tensor_cores}) {
+      gpu_->set_few_rows_math(math);
+      SCOPED_TRACE(testing::Message() << R << " rows over " << E << " groups, "
+                                      << math_name(math));
+      // Float weights.
+      const auto w0 = normal(rng, size_t(E) * N * K), w1 = normal(rng, size_t(E) * N * K);
+      const float* d_w[] = {dev(w0), dev(w1)};
+      float* together[] = {poisoned(size_t(R) * N), poisoned(size_t(R) * N)};
+      const Ops<float>::GroupedProjection projections[] = {{together[0], d_w[0]},
+                                                           {together[1], d_w[1]}};
+      gpu_->grouped_matmul_forward_projections(d_in, d_off, E, R, N, K, projections);
+      for (int i = 0; i < 2; ++i) {
+        float* alone = poisoned(size_t(R) * N);
+        gpu_->grouped_matmul_forward(alone, d_in, d_w[i], d_off, E, R, N, K);
+        std::vector<float> want(size_t(R) * N);
+        cpu_.grouped_matmul_forward(want.data(), in.data(), (i == 0 ? w0 : w1).data(),
+                                    offsets.data(), E, R, N, K);
+        const auto got = back(together[i], want.size());
+        EXPECT_EQ(got, back(alone, want.size())) << "float projection " << i;
+        EXPECT_TRUE(close(got, want, kReduction)) << "float projection " << i;
+      }
+      // Packed weights.
+      for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
+        std::vector<Fp4Tensor> packed;
+        std::vector<PackedFp4Matrix> cpu_w, gpu_w;
+        for (int i = 0; i < 2; ++i) {
+          packed.push_back(fp4_quantize(fp4_input(rng, int64_t(E) * N * K).data(),
+                                        int64_t(E) * N, K, format, "w"));
+        }
+        for (const Fp4Tensor& t : packed) {
+          cpu_w.push_back({format, int64_t(E) * N, K, t.codes.data(), t.scales.data(),
+                           t.global_scale});
+          gpu_w.push_back(cpu_w.back());
+          gpu_w.back().codes = dev(t.codes);
+          gpu_w.back().scales = dev(t.scales);
+        }
+        float* fp4_together[] = {poisoned(size_t(R) * N), poisoned(size_t(R) * N)};
+        const Ops<float>::Fp4GroupedProjection fp4_projections[] = {
+            {fp4_together[0], &gpu_w[0]}, {fp4_together[1], &gpu_w[1]}};
+        gpu_->fp4_grouped_matmul_forward_projections(d_in, d_off, E, R, fp4_projections);
+        for (int i = 0; i < 2; ++i) {
+          float* alone = poisoned(size_t(R) * N);
+          gpu_->fp4_grouped_matmul_forward(alone, d_in, gpu_w[i], d_off, E, R);
+          std::vector<float> want(size_t(R) * N);
+          cpu_.fp4_grouped_matmul_forward(want.data(), in.data(), cpu_w[i], offsets.data(), E,
+                                          R);
+          const auto got = back(fp4_together[i], want.size());
+          EXPECT_EQ(got, back(alone, want.size()))
+              << fp4_format_name(format) << " projection " << i;
+          EXPECT_TRUE(close(got, want, kReduction))
+              << fp4_format_name(format) << " projection " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, Fp4Matmuls) {
   Rng rng(117);
   for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
