@@ -184,6 +184,13 @@ class Ops {
   // Pairs (2i, 2i+1) rotate by angle pos * theta^(-2i/hd).
   virtual void rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
                             double theta) = 0;
+  // rope_forward of q[N, Hq, hd] and k[N, Hk, hd] at the same positions: one launch where the
+  // backend can (a decode step's RoPE is all launch latency); the same values either way.
+  virtual void rope_forward_qk(T* q, T* k, const int32_t* positions, int N, int Hq, int Hk,
+                               int hd, double theta) {
+    rope_forward(q, positions, N, Hq, hd, theta);
+    rope_forward(k, positions, N, Hk, hd, theta);
+  }
   // The inverse rotation applied to the gradient.
   virtual void rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
                              double theta) = 0;
@@ -191,6 +198,12 @@ class Ops {
   // ---- causal attention with grouped-query heads ----
   // cache[B,S,Hkv,hd] at positions start[b]+t <- kv[B,T,Hkv,hd]
   virtual void kv_cache_write(T* cache, const T* kv, const AttentionShape& shape) = 0;
+  // kv_cache_write of k and v into their two caches, one launch where the backend can.
+  virtual void kv_cache_write_kv(T* cache_k, T* cache_v, const T* k, const T* v,
+                                 const AttentionShape& shape) {
+    kv_cache_write(cache_k, k, shape);
+    kv_cache_write(cache_v, v, shape);
+  }
   // out[B,T,Hq,hd] = softmax(q k^T / sqrt(hd)) v; lse[B,Hq,T] (log-sum-exp of the scaled
   // scores, kept for backward; may be null at inference). q[B,T,Hq,hd], k/v[B,S,Hkv,hd].
   virtual void attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,

@@ -512,13 +512,12 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
   const Projection qkv[] = {
       {a.q, w.wq, c.q_dim()}, {a.k, w.wk, c.kv_dim()}, {a.v, w.wv, c.kv_dim()}};
   ops_.matmul_forward_projections(a.attn_in, N, D, qkv);
-  ops_.rope_forward(a.q, positions_, N, c.n_heads, c.head_dim, c.rope_theta);
-  ops_.rope_forward(a.k, positions_, N, c.n_kv_heads, c.head_dim, c.rope_theta);
+  ops_.rope_forward_qk(a.q, a.k, positions_, N, c.n_heads, c.n_kv_heads, c.head_dim,
+                       c.rope_theta);
   AttentionShape shape{batch, n_new, n_new, c.n_heads, c.n_kv_heads, c.head_dim, start_};
   if (cache) {
     shape.capacity = cache->capacity();
-    ops_.kv_cache_write(cache->k(l), a.k, shape);
-    ops_.kv_cache_write(cache->v(l), a.v, shape);
+    ops_.kv_cache_write_kv(cache->k(l), cache->v(l), a.k, a.v, shape);
     ops_.attention_forward(a.attn_out, nullptr, a.q, cache->k(l), cache->v(l), shape);
   } else {
     ops_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, shape);

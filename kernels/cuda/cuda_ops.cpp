@@ -509,6 +509,13 @@ void CudaOps<T>::rope_forward(T* x, const int32_t* positions, int N, int H, int 
 }
 
 template <typename T>
+void CudaOps<T>::rope_forward_qk(T* q, T* k, const int32_t* positions, int N, int Hq, int Hk,
+                                 int hd, double theta) {
+  RLHF_CHECK(hd % 2 == 0, "RoPE needs an even head_dim, got {}", hd);
+  cuda::rope_pair(q, Hq, k, Hk, positions, N, hd, theta, 1.0f, stream_);
+}
+
+template <typename T>
 void CudaOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
                                double theta) {
   // The rotation is orthogonal, so its gradient is the rotation by the negative angle.
@@ -524,6 +531,12 @@ void CudaOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) 
   // start[b] + n_new <= capacity on its host copy (Transformer::forward); the kernel writes
   // nothing outside the cache even if that check were skipped.
   cuda::kv_cache_write(cache, kv, s, stream_);
+}
+
+template <typename T>
+void CudaOps<T>::kv_cache_write_kv(T* cache_k, T* cache_v, const T* k, const T* v,
+                                   const AttentionShape& s) {
+  cuda::kv_cache_write_pair(cache_k, k, cache_v, v, s, stream_);  // bounds: kv_cache_write
 }
 
 template <typename T>

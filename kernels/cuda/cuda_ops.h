@@ -86,6 +86,10 @@ class CudaOps final : public Ops<T> {
   std::unique_ptr<OpsRecording> end_recording() override;
 
   using typename Ops<T>::Projection;
+  void rope_forward_qk(T* q, T* k, const int32_t* positions, int N, int Hq, int Hk, int hd,
+                       double theta) override;
+  void kv_cache_write_kv(T* cache_k, T* cache_v, const T* k, const T* v,
+                         const AttentionShape& shape) override;
   using typename Ops<T>::GroupedProjection;
   using typename Ops<T>::Fp4GroupedProjection;
   void grouped_matmul_forward_projections(const T* in, const int32_t* offsets, int n_groups,

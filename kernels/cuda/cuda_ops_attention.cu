@@ -50,11 +50,17 @@ __device__ __forceinline__ float dot_shared(const float* shared_vec, const float
   return s;
 }
 
-__global__ void kv_cache_write_kernel(float* cache, const float* kv, AttentionShape s) {
+// cache0 <- kv0, then (when cache1 is given) cache1 <- kv1, in one launch.
+__global__ void kv_cache_write_kernel(float* cache0, const float* kv0, float* cache1,
+                                      const float* kv1, AttentionShape s) {
   const int64_t row = int64_t(s.n_kv_heads) * s.head_dim;
-  const int64_t n = int64_t(s.batch) * s.n_new * row;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t n0 = int64_t(s.batch) * s.n_new * row, n = cache1 ? 2 * n0 : n0;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const bool first = j < n0;
+    float* cache = first ? cache0 : cache1;
+    const float* kv = first ? kv0 : kv1;
+    const int64_t i = first ? j : j - n0;
     const int64_t c = i % row, bt = i / row;
     const int64_t b = bt / s.n_new, t = bt % s.n_new;
     const int64_t pos = int64_t(s.start[b]) + t;
@@ -665,7 +671,17 @@ void kv_cache_write(float* cache, const float* kv, const AttentionShape& shape,
                     cudaStream_t stream) {
   const int64_t n = int64_t(shape.batch) * shape.n_new * shape.n_kv_heads * shape.head_dim;
   if (n == 0) return;
-  kv_cache_write_kernel<<<grid_for(n), kThreads, 0, stream>>>(cache, kv, shape);
+  kv_cache_write_kernel<<<grid_for(n), kThreads, 0, stream>>>(cache, kv, nullptr, nullptr,
+                                                               shape);
+  CUDA_CHECK_LAUNCH();
+}
+
+void kv_cache_write_pair(float* cache0, const float* kv0, float* cache1, const float* kv1,
+                         const AttentionShape& shape, cudaStream_t stream) {
+  const int64_t n = int64_t(shape.batch) * shape.n_new * shape.n_kv_heads * shape.head_dim;
+  if (n == 0) return;
+  kv_cache_write_kernel<<<grid_for(2 * n), kThreads, 0, stream>>>(cache0, kv0, cache1, kv1,
+                                                                   shape);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -44,10 +44,16 @@ void rmsnorm_backward(float* din, float* dweight, const float* dout, const float
 // Rotates pairs by sign * pos * theta^(-2i/hd) (sign -1: the backward).
 void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta, float sign,
           cudaStream_t stream);
+// rope of x0 [N, H0, hd] and x1 [N, H1, hd] in one launch.
+void rope_pair(float* x0, int H0, float* x1, int H1, const int32_t* positions, int N, int hd,
+               double theta, float sign, cudaStream_t stream);
 
 // ---- attention (cuda_ops_attention.cu) ----
 void kv_cache_write(float* cache, const float* kv, const AttentionShape& shape,
                     cudaStream_t stream);
+// kv_cache_write of cache0 <- kv0 and cache1 <- kv1 in one launch.
+void kv_cache_write_pair(float* cache0, const float* kv0, float* cache1, const float* kv1,
+                         const AttentionShape& shape, cudaStream_t stream);
 // partials is scratch of attention_forward_scratch_floats(shape) floats (null when 0): the
 // per-split softmax state when the keys are split across blocks (decode, small batches).
 int64_t attention_forward_scratch_floats(const AttentionShape& shape);

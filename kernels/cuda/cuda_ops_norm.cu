@@ -67,16 +67,21 @@ __global__ void rmsnorm_backward_weight_kernel(float* dweight, const float* dout
   dweight[c] += sum;
 }
 
-// One thread per (token, pair): the angle in double (as the CPU's table), then every head.
-__global__ void rope_kernel(float* x, const int32_t* positions, int N, int H, int hd,
-                            double theta, float sign) {
+// The angle in double (as the CPU's table). x0 [N, H0, hd], then x1 [N, H1, hd] (H1 = 0: none),
+// in one launch.
+__global__ void rope_kernel(float* x0, int H0, float* x1, int H1, const int32_t* positions,
+                            int N, int hd, double theta, float sign) {
   // One thread per (token, head, pair): the angle is recomputed per head rather than looped
   // over the heads, because at decode sizes (one token per sequence) a loop left the GPU with a
   // few thousand threads each waiting on H serial load-stores. Same formula, same values.
   const int half = hd / 2;
-  const int64_t n = int64_t(N) * H * half;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t n0 = int64_t(N) * H0 * half, n = n0 + int64_t(N) * H1 * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const bool first = i < n0;
+    float* x = first ? x0 : x1;
+    const int H = first ? H0 : H1;
+    const int64_t idx = first ? i : i - n0;
     const int64_t row = idx / half;  // token i, head h: row i * H + h
     const int p = int(idx % half);
     const double angle = double(positions[row / H]) * pow(theta, -2.0 * p / hd);
@@ -124,9 +129,15 @@ void rmsnorm_backward(float* din, float* dweight, const float* dout, const float
 
 void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta, float sign,
           cudaStream_t stream) {
-  const int64_t n = int64_t(N) * H * (hd / 2);
+  rope_pair(x, H, nullptr, 0, positions, N, hd, theta, sign, stream);
+}
+
+void rope_pair(float* x0, int H0, float* x1, int H1, const int32_t* positions, int N, int hd,
+               double theta, float sign, cudaStream_t stream) {
+  const int64_t n = int64_t(N) * (H0 + H1) * (hd / 2);
   if (n == 0) return;
-  rope_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, positions, N, H, hd, theta, sign);
+  rope_kernel<<<grid_for(n), kThreads, 0, stream>>>(x0, H0, x1, H1, positions, N, hd, theta,
+                                                    sign);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -422,6 +422,28 @@ TEST_F(CudaOpsTest, Rope) {
   }
 }
 
+// q and k rotated in one launch: the bits of two rope_forward calls (same formula per element).
+TEST_F(CudaOpsTest, RopeOfQAndKInOneLaunch) {
+  Rng rng(136);
+  const int N = 7, Hq = 8, Hk = 2, hd = 64;
+  const auto positions = ints(rng, N, 0, 4000);
+  const int32_t* d_pos = dev(positions);
+  const auto q = normal(rng, size_t(N) * Hq * hd), k = normal(rng, size_t(N) * Hk * hd);
+  float* d_q = dev(q);
+  float* d_k = dev(k);
+  float* d_q_alone = dev(q);
+  float* d_k_alone = dev(k);
+  gpu_->rope_forward_qk(d_q, d_k, d_pos, N, Hq, Hk, hd, 10000.0);
+  gpu_->rope_forward(d_q_alone, d_pos, N, Hq, hd, 10000.0);
+  gpu_->rope_forward(d_k_alone, d_pos, N, Hk, hd, 10000.0);
+  EXPECT_TRUE(close(back(d_q, q.size()), back(d_q_alone, q.size()), kExact)) << "q";
+  EXPECT_TRUE(close(back(d_k, k.size()), back(d_k_alone, k.size()), kExact)) << "k";
+  auto cpu_q = q, cpu_k = k;
+  cpu_.rope_forward_qk(cpu_q.data(), cpu_k.data(), positions.data(), N, Hq, Hk, hd, 10000.0);
+  EXPECT_TRUE(close(back(d_q, q.size()), cpu_q, kElementwise)) << "q against the CPU";
+  EXPECT_TRUE(close(back(d_k, k.size()), cpu_k, kElementwise)) << "k against the CPU";
+}
+
 // ---------------------------------------------------------------- attention
 
 struct AttnCase {
@@ -518,6 +540,16 @@ TEST_F(CudaOpsTest, KvCacheWrite) {
   gpu_->kv_cache_write(d_cache, dev(kv), gpu_shape);
   cpu_.kv_cache_write(cache.data(), kv.data(), shape);
   EXPECT_TRUE(close(back(d_cache, cache.size()), cache, kExact));
+
+  // k and v into their caches in one launch.
+  const auto v = normal(rng, size_t(B) * T * row);
+  auto cache_v = normal(rng, size_t(B) * S * row);
+  float* d_cache_k = dev(cache);
+  float* d_cache_v = dev(cache_v);
+  gpu_->kv_cache_write_kv(d_cache_k, d_cache_v, dev(kv), dev(v), gpu_shape);
+  cpu_.kv_cache_write(cache_v.data(), v.data(), shape);
+  EXPECT_TRUE(close(back(d_cache_k, cache.size()), cache, kExact)) << "k, paired";
+  EXPECT_TRUE(close(back(d_cache_v, cache_v.size()), cache_v, kExact)) << "v, paired";
 }
 
 // The bounds are the caller's to check (the model does, on its host copy of start[]; a
