@@ -371,14 +371,14 @@ void CudaOps<T>::matmul_backward(T* din, T* dw, const T* dout, const T* in, cons
 template <typename T>
 bool CudaOps<T>::few_rows_grouped(const void* in, const void* w, int rows, int n_groups,
                                   int K) const {
-  return few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+  return few_rows_enabled_ && rows <= few_rows_grouped_max_average() * n_groups &&
          few_rows_kernel_fits(in, w, K);
 }
 
 template <typename T>
 bool CudaOps<T>::few_rows_fp4_grouped(const void* in, const PackedFp4Matrix& w, int rows,
                                       int n_groups) const {
-  return few_rows_enabled_ && rows <= kFewRowsGroupedMaxAverage * n_groups &&
+  return few_rows_enabled_ && rows <= few_rows_grouped_max_average() * n_groups &&
          cuda::few_rows_fp4_fits(w.format, int(w.cols)) &&
          few_rows_kernel_fits(in, w.codes, int(w.cols));
 }

@@ -188,11 +188,18 @@ class CudaOps final : public Ops<T> {
                     float beta, int ldc);
   // The few-rows kernels (cuda_ops_few_rows.cu) take the forward products of decode and
   // small-batch sizes, where cuBLAS's large tiles leave HBM mostly idle: grouped products of at
-  // most 32 rows per expert on average (at 64, batch 256 of bench-gpu.yaml, the kernel's first
-  // version was slower than cuBLAS), dense ones of at most 64 rows (their k is split across
-  // blocks so one weight matrix still fills the GPU). Measured in docs/perf.md.
-  static constexpr int kFewRowsGroupedMaxAverage = 32;
+  // most 64 rows per expert on average with tensor cores (batch 256 of bench-gpu.yaml: the step
+  // took 4.0 ms against 6.1 through cuBLAS), 32 with FP32 fmas only (at 64 their first version
+  // was slower than cuBLAS), and dense ones of at most 64 rows (their k is split across blocks
+  // so one weight matrix still fills the GPU). Measured in docs/perf.md.
+  static constexpr int kFewRowsGroupedMaxAverage = 64;
+  static constexpr int kFewRowsGroupedMaxAverageFma = 32;
   static constexpr int kFewRowsDenseMaxRows = 64;
+  // The most rows per group on average the grouped few-rows kernels take.
+  int few_rows_grouped_max_average() const {
+    return few_rows_math_ == FewRowsMath::fma ? kFewRowsGroupedMaxAverageFma
+                                              : kFewRowsGroupedMaxAverage;
+  }
   bool few_rows_enabled_ = true;
   FewRowsMath few_rows_math_ = FewRowsMath::by_shape;
   // Whether a few-rows product of `rows` rows over n_groups weight matrices takes tensor cores.

@@ -33,7 +33,7 @@ namespace {
 constexpr int kColsPerBlock = 64;
 constexpr int kRowsPerTile = 32;
 constexpr int kChunk = 64;           // k values per pipeline stage
-constexpr int kStages = 3;
+constexpr int kStages = 4;
 constexpr int kPitch = kChunk + 4;   // floats per smem row: 16-byte aligned, banks shifted by 4
 constexpr int kFewRowsThreads = 256;
 constexpr int kRowGroups = 4;                                // warps sharing a k half

@@ -682,7 +682,7 @@ TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
   }
 }
 
-// Grouped products above the few-rows kernel's sizes (here 40 rows per expert) go to cuBLAS,
+// Grouped products above the few-rows kernel's sizes (here 80 rows per expert) go to cuBLAS,
 // sized from a host mirror of the offsets read back once per routing. Both directions must
 // hold: after router_forward, a grouped product over those offsets equals the CPU's over the
 // CPU router's offsets; and after the same device buffer is overwritten by copy_from_host, the
@@ -690,7 +690,7 @@ TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
 // multiply most rows by other experts).
 TEST_F(CudaRouterTest, GroupedProductsFollowTheRoutersOffsetsAndLaterRewrites) {
   Rng rng(121);
-  const int N = 160, E = 8, K = 2, D = 24, F = 16;
+  const int N = 320, E = 8, K = 2, D = 24, F = 16;
   const auto logits = untied_logits(rng, N, E);
   HostRouting h(N, K, E);
   MoeRouting hr = h.view();
@@ -993,13 +993,13 @@ TEST_F(CudaOpsTest, FewRowsFp4ProductsMatchTheCpu) {
 
 // The grouped counterpart (a MoE layer's expert gate and up in one launch), in float and in
 // both packed formats: each output has the bits of its own grouped call. Group sizes from 0 to
-// 33 rows (one over a 32-row tile), both multiply variants; with 40 rows per group (above the
+// 33 rows (one over a 32-row tile), both multiply variants; with 70 rows per group (above the
 // few-rows sizes) the calls fall back to one product at a time.
 TEST_F(CudaOpsTest, GroupedProjectionsInOneLaunchEqualSeparateProducts) {
   Rng rng(135);
   const int N = 136, K = 192;
   for (const std::vector<int32_t>& offsets :
-       {std::vector<int32_t>{0, 1, 1, 34, 40, 52}, std::vector<int32_t>{0, 40, 80, 120}}) {
+       {std::vector<int32_t>{0, 1, 1, 34, 40, 52}, std::vector<int32_t>{0, 70, 140, 210}}) {
     const int E = int(offsets.size()) - 1, R = offsets.back();
     const auto in = normal(rng, size_t(R) * K);
     const float* d_in = dev(in);
@@ -1208,13 +1208,13 @@ TEST_F(CudaOpsTest, RecordingRefusesHostCopiesAndRunsNothing) {
   gpu_->begin_recording();
   EXPECT_THROW(gpu_->alloc_bytes(16), OpNotRecordable);
   // Training-sized grouped products read their offsets back.
-  const std::vector<int32_t> offsets = {0, 40, 80};
+  const std::vector<int32_t> offsets = {0, 80, 160};
   const int32_t* d_offsets = dev(offsets);
-  float* d_in = dev(std::vector<float>(80 * 16, 1.0f));
+  float* d_in = dev(std::vector<float>(160 * 16, 1.0f));
   const float* d_w = dev(std::vector<float>(2 * 8 * 16, 1.0f));
-  float* d_out = poisoned(80 * 8);
+  float* d_out = poisoned(160 * 8);
   gpu_->begin_recording();
-  EXPECT_THROW(gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_offsets, 2, 80, 8, 16),
+  EXPECT_THROW(gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_offsets, 2, 160, 8, 16),
                OpNotRecordable);
 
   gpu_->fill(d_x, 2.0f, 64);
