@@ -594,12 +594,17 @@ template <typename T>
 void CudaOps<T>::router_forward(T* scores, T* gates, MoeRouting& r, const T* logits,
                                 const T* bias, double route_scale, bool replay) {
   const int E = r.n_experts;
+  forget_offsets(r.offsets, sizeof(int32_t) * (size_t(E) + 1));
+  if (r.n_tokens > 0 && cuda::router_fits_one_block(r)) {  // decode sizes: one launch
+    cuda::router_one_block(scores, gates, r, logits, bias, float(route_scale), replay,
+                           device_flags_, stream_);
+    return;
+  }
   cuda::router_select(scores, gates, r, logits, bias, float(route_scale), replay, stream_);
   // Counted and scanned on the device: the host does not wait for the routing. Ids outside
   // [0, E) raise the device flag (reported at the next read-back).
   auto* counts = static_cast<int32_t*>(scratch(sizeof(int32_t) * (size_t(E) + 1)));
   cuda::router_count(counts, r, stream_);
-  forget_offsets(r.offsets, sizeof(int32_t) * (size_t(E) + 1));
   cuda::router_offsets(r.offsets, counts, E, device_flags_, stream_);
   cuda::router_fill(r, stream_);
 }

@@ -122,6 +122,13 @@ void router_select(float* scores, float* gates, const MoeRouting& routing, const
                    const float* bias, float route_scale, bool replay, cudaStream_t stream);
 // counts[e] = pairs routed to e; counts[E] = pairs whose id lies outside [0, E).
 void router_count(int32_t* counts, const MoeRouting& routing, cudaStream_t stream);
+// router_select, router_count, router_offsets and router_fill in one launch, with the same
+// results, for up to 32 tokens, 1024 (token, choice) pairs and 256 experts
+// (router_fits_one_block): decode at small batches.
+bool router_fits_one_block(const MoeRouting& routing);
+void router_one_block(float* scores, float* gates, const MoeRouting& routing,
+                      const float* logits, const float* bias, float route_scale, bool replay,
+                      int32_t* flag, cudaStream_t stream);
 // offsets[E + 1] = the exclusive scan of counts[0..E-1]; a nonzero counts[E] is written to the
 // host-mapped word `flag` (device address).
 void router_offsets(int32_t* offsets, const int32_t* counts, int E, int32_t* flag,

@@ -54,12 +54,10 @@ __global__ void router_select_kernel(float* scores, float* gates, MoeRouting r,
 constexpr int kWarpRouterChunks = 8;
 constexpr int kWarpRouterMaxExperts = 32 * kWarpRouterChunks;
 
-__global__ void router_select_warp_kernel(float* scores, float* gates, MoeRouting r,
-                                          const float* logits, const float* bias,
-                                          float route_scale, bool replay) {
-  const int t = int((blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32);
-  const int lane = threadIdx.x & 31;
-  if (t >= r.n_tokens) return;  // uniform over the warp
+// Token t's selection by the calling warp (lane = its lane).
+__device__ void router_select_token(float* scores, float* gates, const MoeRouting& r,
+                                    const float* logits, const float* bias, float route_scale,
+                                    bool replay, int t, int lane) {
   const int E = r.n_experts, K = r.top_k;
   const float* lt = logits + int64_t(t) * E;
   float* st = scores + int64_t(t) * E;
@@ -111,6 +109,89 @@ __global__ void router_select_warp_kernel(float* scores, float* gates, MoeRoutin
   for (int j = 0; j < K; ++j) {
     const float s = ids[j] >= 0 && ids[j] < E ? st[ids[j]] : 0.0f;
     gates[int64_t(t) * K + j] = route_scale * s / sum;
+  }
+}
+
+__global__ void router_select_warp_kernel(float* scores, float* gates, MoeRouting r,
+                                          const float* logits, const float* bias,
+                                          float route_scale, bool replay) {
+  const int t = int((blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32);
+  if (t >= r.n_tokens) return;  // uniform over the warp
+  router_select_token(scores, gates, r, logits, bias, route_scale, replay, t, threadIdx.x & 31);
+}
+
+// The whole routing of a decode-sized batch in one block, instead of select, count, offsets
+// and fill (four launches of 3 to 5 us each, most of it launch latency): every warp selects
+// tokens as router_select_warp_kernel does, then thread i takes pair i. Its row in the stable
+// counting sort is offsets[e] + (pairs of expert e in earlier warps) + (in earlier lanes of its
+// warp), the CPU's order; the index arrays are the same as the four kernels' exactly.
+constexpr int kRouterOneBlockThreads = 1024;
+constexpr int kRouterOneBlockWarps = kRouterOneBlockThreads / 32;
+
+__global__ void __launch_bounds__(kRouterOneBlockThreads)
+    router_one_block_kernel(float* scores, float* gates, MoeRouting r, const float* logits,
+                            const float* bias, float route_scale, bool replay, int32_t* flag) {
+  // earlier[w][b]: pairs of bucket b (expert b; E: an id out of range) in warp w, then in the
+  // warps before w. total[b]: all pairs of bucket b, then offsets[b].
+  __shared__ int32_t earlier[kRouterOneBlockWarps][kWarpRouterMaxExperts + 1];
+  __shared__ int32_t total[kWarpRouterMaxExperts + 1];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int E = r.n_experts, K = r.top_k;
+  for (int t = warp; t < r.n_tokens; t += kRouterOneBlockWarps) {
+    router_select_token(scores, gates, r, logits, bias, route_scale, replay, t, lane);
+  }
+  for (int b = lane; b <= E; b += 32) earlier[warp][b] = 0;
+  __syncthreads();  // the ids (global writes of this block) and the zeroed counts are visible
+
+  const int pairs = r.n_tokens * K, i = threadIdx.x;
+  int bucket = E + 1;  // past the pairs: in no bucket
+  if (i < pairs) {
+    const int32_t e = r.expert_ids[i];
+    bucket = e >= 0 && e < E ? e : E;
+  }
+  const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+  const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));
+  if (i < pairs && rank_in_warp == 0) earlier[warp][bucket] = __popc(peers);
+  __syncthreads();
+  if (i <= E) {
+    int32_t running = 0;
+    for (int w = 0; w < kRouterOneBlockWarps; ++w) {
+      const int32_t count = earlier[w][i];
+      earlier[w][i] = running;
+      running += count;
+    }
+    total[i] = running;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    // As router_offsets_kernel: lane l scans a contiguous chunk of experts.
+    const int per_lane = (E + 31) / 32;
+    const int first = min(E, lane * per_lane), last = min(E, first + per_lane);
+    int32_t chunk = 0;
+    for (int e = first; e < last; ++e) chunk += total[e];
+    int32_t inclusive = chunk;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int32_t before = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += before;
+    }
+    const int32_t invalid = total[E];
+    __syncwarp();  // every lane has read total[] before lanes overwrite it with offsets
+    int32_t running = inclusive - chunk;
+    for (int e = first; e < last; ++e) {
+      const int32_t count = total[e];
+      total[e] = running;
+      r.offsets[e] = running;
+      running += count;
+    }
+    if (lane == 31) r.offsets[E] = inclusive;
+    if (lane == 0 && invalid != 0) *reinterpret_cast<volatile int32_t*>(flag) = invalid;
+  }
+  __syncthreads();
+  if (i < pairs && bucket < E) {
+    const int32_t row = total[bucket] + earlier[warp][bucket] + rank_in_warp;
+    r.sorted_token[row] = int32_t(i / K);
+    r.sorted_choice[row] = int32_t(i % K);
+    r.slot[i] = row;
   }
 }
 
@@ -318,6 +399,23 @@ void router_select(float* scores, float* gates, const MoeRouting& routing, const
     router_select_kernel<<<(routing.n_tokens + 127) / 128, 128, 0, stream>>>(
         scores, gates, routing, logits, bias, route_scale, replay);
   }
+  CUDA_CHECK_LAUNCH();
+}
+
+bool router_fits_one_block(const MoeRouting& routing) {
+  // At most one token per warp: with two (64 tokens) the serial selections made the step 1.4%
+  // slower than the four kernels on the H100, with eight (256 tokens) 7% (docs/perf.md).
+  return routing.n_experts <= kWarpRouterMaxExperts &&
+         routing.n_tokens <= kRouterOneBlockWarps &&
+         int64_t(routing.n_tokens) * routing.top_k <= kRouterOneBlockThreads;
+}
+
+void router_one_block(float* scores, float* gates, const MoeRouting& routing,
+                      const float* logits, const float* bias, float route_scale, bool replay,
+                      int32_t* flag, cudaStream_t stream) {
+  CUDA_REQUIRE(router_fits_one_block(routing), "routing too large for one block");
+  router_one_block_kernel<<<1, kRouterOneBlockThreads, 0, stream>>>(
+      scores, gates, routing, logits, bias, route_scale, replay, flag);
   CUDA_CHECK_LAUNCH();
 }
 

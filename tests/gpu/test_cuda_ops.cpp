@@ -660,8 +660,12 @@ class CudaRouterTest : public CudaOpsTest {
 TEST_F(CudaRouterTest, ForwardSelectsAndSortsLikeCpu) {
   Rng rng(109);
   struct Case { int N, E, K; bool bias; double route_scale; };
+  // Up to 32 tokens (and 256 experts) take the one-block kernel, more the four separate
+  // kernels: 32 and 33 tokens sit on either side of that line; 32 x 32 is its 1024 pairs.
   for (const Case c : {Case{37, 16, 4, true, 2.5}, Case{1, 8, 1, false, 1.0},
-                       Case{300, 64, 6, true, 1.0}, Case{5, 3, 3, true, 1.0}}) {
+                       Case{300, 64, 6, true, 1.0}, Case{5, 3, 3, true, 1.0},
+                       Case{32, 16, 4, true, 1.0}, Case{33, 16, 4, true, 1.0},
+                       Case{4, 256, 8, false, 1.0}, Case{32, 64, 32, true, 1.0}}) {
     SCOPED_TRACE(testing::Message() << "N=" << c.N << " E=" << c.E << " K=" << c.K);
     const auto logits = untied_logits(rng, c.N, c.E);
     std::vector<float> bias(c.E);
