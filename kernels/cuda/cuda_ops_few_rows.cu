@@ -10,15 +10,18 @@
 // fp4.h's layout) and decodes each chunk into shared memory with fp4.h's functions, so a
 // packed model's decode reads 4.25 or 4.5 bits per weight and keeps no full-precision copy.
 //
-// Block (x: a tile of 64 output columns, y: a group, z: a slice of the group's 32-row tiles),
-// 8 warps. A 3-stage cp.async ring brings 64-value chunks of the 64 weight rows and of the 32
-// x rows into shared memory. Warp w takes the rows w%4, w%4 + 4, ..., w%4 + 28 and half w/4 of
-// every chunk; lane l computes columns l and l + 32. At 16 rows per expert (decode at batch 64)
-// the kernel is bound by instruction issue as much as by HBM, so the layout maximizes the
-// multiply-adds per shared-memory load (32 per 6 loads). The two k halves are added at the end
-// of a row tile in a fixed order. Every output is a sum in an order fixed by the shape (for the
-// dense kernel also by the multiprocessor count, which sets its k splits), so results repeat
-// bit for bit on one GPU.
+// Block (x: a tile of 64 output columns of one of the launch's products, y: a group, z: a
+// slice of the group's 32-row tiles), 8 warps. A 4-stage cp.async ring brings 64-value chunks
+// of the 64 weight rows and of the 32 x rows into shared memory. Two ways to multiply a chunk:
+// - FP32 fmas (a handful of rows): warp w takes the rows w%4, w%4 + 4, ..., w%4 + 28 and half
+//   w/4 of every chunk; lane l computes columns l and l + 32. The layout maximizes the
+//   multiply-adds per shared-memory load (32 per 6 loads).
+// - 3xTF32 tensor cores (from 8 rows per matrix): warp w takes columns 16 (w%4) .. +15 and
+//   half w/4 of every chunk, against all rows (see multiply_chunk_mma).
+// The two k halves are added at the end of a row tile in a fixed order. Every output is a sum in
+// an order fixed by the shape (for the dense kernel also by the multiprocessor count, which
+// sets its k splits), so results repeat bit for bit on one GPU; several products in one launch
+// each run their blocks as a launch of their own would, so sharing a launch changes no bit.
 #include <algorithm>
 #include <span>
 #include <type_traits>
