@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -343,9 +344,11 @@ void CudaOps<T>::matmul_forward_projections(const T* in, int M, int K,
     Ops<T>::matmul_forward_projections(in, M, K, projections);
     return;
   }
-  std::vector<cuda::FewRowsDenseProduct> products;
-  for (const Projection& p : projections) products.push_back({p.out, p.w, p.n});
-  few_rows_dense(products, in, M, K, false);
+  std::array<cuda::FewRowsDenseProduct, cuda::kFewRowsMaxProducts> products;
+  for (size_t i = 0; i < projections.size(); ++i) {
+    products[i] = {projections[i].out, projections[i].w, projections[i].n};
+  }
+  few_rows_dense(std::span(products.data(), projections.size()), in, M, K, false);
 }
 
 template <typename T>
@@ -396,9 +399,11 @@ void CudaOps<T>::grouped_matmul_forward_projections(
     Ops<T>::grouped_matmul_forward_projections(in, offsets, n_groups, rows, N, K, projections);
     return;
   }
-  std::vector<cuda::FewRowsGroupedProduct> products;
-  for (const GroupedProjection& p : projections) products.push_back({p.out, p.w});
-  cuda::few_rows_matmul(products, in, offsets, n_groups, rows, N, K,
+  std::array<cuda::FewRowsGroupedProduct, cuda::kFewRowsMaxGroupedProducts> products;
+  for (size_t i = 0; i < projections.size(); ++i) {
+    products[i] = {projections[i].out, projections[i].w};
+  }
+  cuda::few_rows_matmul(std::span(products.data(), projections.size()), in, offsets, n_groups, rows, N, K,
                         few_rows_tensor_cores(rows, n_groups), stream_);
 }
 
@@ -408,8 +413,12 @@ void CudaOps<T>::fp4_grouped_matmul_forward_projections(
     std::span<const Fp4GroupedProjection> projections) {
   bool one_launch = rows > 0 && n_groups > 0 && !projections.empty() &&
                     projections.size() <= size_t(cuda::kFewRowsMaxGroupedProducts);
+  if (!one_launch) {
+    Ops<T>::fp4_grouped_matmul_forward_projections(in, offsets, n_groups, rows, projections);
+    return;
+  }
+  const PackedFp4Matrix& first = *projections.front().w;
   for (const Fp4GroupedProjection& p : projections) {
-    const PackedFp4Matrix& first = *projections.front().w;
     one_launch &= p.w->format == first.format && p.w->rows == first.rows &&
                   p.w->cols == first.cols && p.w->rows % n_groups == 0 && p.w->rows > 0 &&
                   few_rows_fp4_grouped(in, *p.w, rows, n_groups);
@@ -418,12 +427,12 @@ void CudaOps<T>::fp4_grouped_matmul_forward_projections(
     Ops<T>::fp4_grouped_matmul_forward_projections(in, offsets, n_groups, rows, projections);
     return;
   }
-  const PackedFp4Matrix& first = *projections.front().w;
-  std::vector<cuda::FewRowsFp4GroupedProduct> products;
-  for (const Fp4GroupedProjection& p : projections) {
-    products.push_back({p.out, p.w->codes, p.w->scales, p.w->global_scale});
+  std::array<cuda::FewRowsFp4GroupedProduct, cuda::kFewRowsMaxGroupedProducts> products;
+  for (size_t i = 0; i < projections.size(); ++i) {
+    const PackedFp4Matrix& w = *projections[i].w;
+    products[i] = {projections[i].out, w.codes, w.scales, w.global_scale};
   }
-  cuda::few_rows_fp4_matmul(products, in, first.format, offsets, n_groups, rows,
+  cuda::few_rows_fp4_matmul(std::span(products.data(), projections.size()), in, first.format, offsets, n_groups, rows,
                             int(first.rows / n_groups), int(first.cols),
                             few_rows_tensor_cores(rows, n_groups), stream_);
 }

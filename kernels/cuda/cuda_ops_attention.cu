@@ -669,19 +669,15 @@ int64_t attention_forward_scratch_floats(const AttentionShape& shape) {
 
 void kv_cache_write(float* cache, const float* kv, const AttentionShape& shape,
                     cudaStream_t stream) {
-  const int64_t n = int64_t(shape.batch) * shape.n_new * shape.n_kv_heads * shape.head_dim;
-  if (n == 0) return;
-  kv_cache_write_kernel<<<grid_for(n), kThreads, 0, stream>>>(cache, kv, nullptr, nullptr,
-                                                               shape);
-  CUDA_CHECK_LAUNCH();
+  kv_cache_write_pair(cache, kv, nullptr, nullptr, shape, stream);
 }
 
 void kv_cache_write_pair(float* cache0, const float* kv0, float* cache1, const float* kv1,
                          const AttentionShape& shape, cudaStream_t stream) {
   const int64_t n = int64_t(shape.batch) * shape.n_new * shape.n_kv_heads * shape.head_dim;
   if (n == 0) return;
-  kv_cache_write_kernel<<<grid_for(2 * n), kThreads, 0, stream>>>(cache0, kv0, cache1, kv1,
-                                                                   shape);
+  kv_cache_write_kernel<<<grid_for(cache1 ? 2 * n : n), kThreads, 0, stream>>>(
+      cache0, kv0, cache1, kv1, shape);
   CUDA_CHECK_LAUNCH();
 }
 

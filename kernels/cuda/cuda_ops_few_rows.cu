@@ -217,6 +217,13 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
 // does, against the first RowTiles 8-row tiles. acc[j] is the MMA's accumulator fragment of
 // row tile j: element c holds column col0 + lane / 4 + 8 (c / 2), row 8 j + 2 (lane % 4) + c % 2.
 constexpr int kMmaRowTiles = kRowsPerTile / 8;
+// Row and column (within the tile) of element c of row tile j's accumulator fragment.
+__device__ __forceinline__ int mma_fragment_row(int j, int c, int lane) {
+  return 8 * j + 2 * (lane & 3) + c % 2;
+}
+__device__ __forceinline__ int mma_fragment_column(int col0, int c, int lane) {
+  return col0 + (lane >> 2) + 8 * (c / 2);
+}
 template <int RowTiles>
 __device__ __forceinline__ void multiply_chunk_mma(float (&acc)[kMmaRowTiles][4],
                                                    const WeightTile& w, const RowTile& x,
@@ -327,14 +334,15 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
     wait_async<0>();
     __syncthreads();  // every warp is done with the rings: the row ring now holds upper halves
     if constexpr (kTensorCores) {
-      const int g = lane >> 2, t = lane & 3, col0 = 16 * row_group;
+      const int col0 = 16 * row_group;
       if (k_half == 1) {
 #pragma unroll
         for (int j = 0; j < kMmaRowTiles; ++j) {
           if (j >= mma_row_tiles) break;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            halves[8 * j + 2 * t + c % 2][col0 + g + 8 * (c / 2)] = acc_mma[j][c];
+            halves[mma_fragment_row(j, c, lane)][mma_fragment_column(col0, c, lane)] =
+                acc_mma[j][c];
           }
         }
       }
@@ -345,7 +353,7 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
           if (j >= mma_row_tiles) break;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int m = 8 * j + 2 * t + c % 2, n = col0 + g + 8 * (c / 2);
+            const int m = mma_fragment_row(j, c, lane), n = mma_fragment_column(col0, c, lane);
             if (m < rows_valid && n < n_valid) {
               out[(t0 + m) * ld_out + n] = acc_mma[j][c] + halves[m][n];
             }

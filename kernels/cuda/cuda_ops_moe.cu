@@ -54,6 +54,29 @@ __global__ void router_select_kernel(float* scores, float* gates, MoeRouting r,
 constexpr int kWarpRouterChunks = 8;
 constexpr int kWarpRouterMaxExperts = 32 * kWarpRouterChunks;
 
+// One warp: offsets[e] = counts[0] + ... + counts[e-1] for e in 0..E. Lane l scans a contiguous
+// chunk of experts, the lanes' totals are scanned with shuffles. offsets may be counts itself:
+// each lane reads an expert's count before it writes that expert's offset, and only lane 31
+// writes offsets[E].
+__device__ void warp_offsets_scan(int32_t* offsets, const int32_t* counts, int E, int lane) {
+  const int per_lane = (E + 31) / 32;
+  const int first = min(E, lane * per_lane), last = min(E, first + per_lane);
+  int32_t chunk = 0;
+  for (int e = first; e < last; ++e) chunk += counts[e];
+  int32_t inclusive = chunk;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int32_t before = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += before;
+  }
+  int32_t running = inclusive - chunk;
+  for (int e = first; e < last; ++e) {
+    const int32_t count = counts[e];
+    offsets[e] = running;
+    running += count;
+  }
+  if (lane == 31) offsets[E] = inclusive;
+}
+
 // Token t's selection by the calling warp (lane = its lane).
 __device__ void router_select_token(float* scores, float* gates, const MoeRouting& r,
                                     const float* logits, const float* bias, float route_scale,
@@ -164,29 +187,13 @@ __global__ void __launch_bounds__(kRouterOneBlockThreads)
   }
   __syncthreads();
   if (warp == 0) {
-    // As router_offsets_kernel: lane l scans a contiguous chunk of experts.
-    const int per_lane = (E + 31) / 32;
-    const int first = min(E, lane * per_lane), last = min(E, first + per_lane);
-    int32_t chunk = 0;
-    for (int e = first; e < last; ++e) chunk += total[e];
-    int32_t inclusive = chunk;
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t before = __shfl_up_sync(0xffffffffu, inclusive, d);
-      if (lane >= d) inclusive += before;
-    }
     const int32_t invalid = total[E];
-    __syncwarp();  // every lane has read total[] before lanes overwrite it with offsets
-    int32_t running = inclusive - chunk;
-    for (int e = first; e < last; ++e) {
-      const int32_t count = total[e];
-      total[e] = running;
-      r.offsets[e] = running;
-      running += count;
-    }
-    if (lane == 31) r.offsets[E] = inclusive;
+    __syncwarp();  // lane 0 has read total[E] before lane 31 overwrites it with offsets[E]
+    warp_offsets_scan(total, total, E, lane);  // in place
     if (lane == 0 && invalid != 0) *reinterpret_cast<volatile int32_t*>(flag) = invalid;
   }
   __syncthreads();
+  if (i <= E) r.offsets[i] = total[i];
   if (i < pairs && bucket < E) {
     const int32_t row = total[bucket] + earlier[warp][bucket] + rank_in_warp;
     r.sorted_token[row] = int32_t(i / K);
@@ -204,27 +211,12 @@ __global__ void router_count_kernel(int32_t* counts, const int32_t* ids, int64_t
   }
 }
 
-// One warp: offsets[e] = counts[0] + ... + counts[e-1] for e in 0..E. Lane l scans a contiguous
-// chunk of experts, the lanes' totals are scanned with shuffles. counts[E] (ids out of range)
+// One warp: the offsets of counts[0..E-1] (warp_offsets_scan). counts[E] (ids out of range)
 // goes to the host-mapped flag, which the host reads after its next wait.
 __global__ void router_offsets_kernel(int32_t* offsets, const int32_t* counts, int E,
                                       int32_t* flag) {
   const int lane = threadIdx.x;
-  const int per_lane = (E + 31) / 32;
-  const int first = min(E, lane * per_lane), last = min(E, first + per_lane);
-  int32_t chunk = 0;
-  for (int e = first; e < last; ++e) chunk += counts[e];
-  int32_t inclusive = chunk;
-  for (int d = 1; d < 32; d <<= 1) {
-    const int32_t before = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane >= d) inclusive += before;
-  }
-  int32_t running = inclusive - chunk;
-  for (int e = first; e < last; ++e) {
-    offsets[e] = running;
-    running += counts[e];
-  }
-  if (lane == 31) offsets[E] = inclusive;
+  warp_offsets_scan(offsets, counts, E, lane);
   if (lane == 0 && counts[E] != 0) *reinterpret_cast<volatile int32_t*>(flag) = counts[E];
 }
 
