@@ -149,11 +149,18 @@ std::vector<float> random_weights(uint64_t seed, int64_t n, int64_t k) {
   return w;
 }
 
-// --config: "auto" (nullopt) or decode/T/R | prefill/T.
+// --config: "auto" (nullopt) or decode/T/R | warp/T | prefill/T.
 std::optional<Sm90Fp4MoeConfig> parse_config(const std::string& text) {
   if (text == "auto") return std::nullopt;
   Sm90Fp4MoeConfig c;
   int tokens = 0, rows = 0;
+  if (std::sscanf(text.c_str(), "warp/%d", &tokens) == 1 && (tokens == 8 || tokens == 16)) {
+    c.kernel = Sm90Fp4MoeKernel::decode;
+    c.schedule = Sm90Fp4MoeSchedule::warp;
+    c.tokens_per_tile = tokens;
+    c.row_tiles_per_block = 1;
+    return c;
+  }
   if (std::sscanf(text.c_str(), "decode/%d/%d", &tokens, &rows) == 2 &&
       (tokens == 8 || tokens == 16) && rows >= 1 && rows <= 8) {
     c.kernel = Sm90Fp4MoeKernel::decode;
@@ -167,11 +174,13 @@ std::optional<Sm90Fp4MoeConfig> parse_config(const std::string& text) {
     c.row_tiles_per_block = 2;
     return c;
   }
-  fail("bench fp4: --config '{}' is not auto, decode/8|16/1..8 or prefill/128|256", text);
+  fail("bench fp4: --config '{}' is not auto, decode/8|16/1..8, warp/8|16 or prefill/128|256",
+       text);
 }
 
 std::string config_name(const Sm90Fp4MoeConfig& c) {
   if (c.kernel == Sm90Fp4MoeKernel::prefill) return fmt::format("prefill/{}", c.tokens_per_tile);
+  if (c.schedule == Sm90Fp4MoeSchedule::warp) return fmt::format("warp/{}", c.tokens_per_tile);
   return fmt::format("decode/{}/R{}", c.tokens_per_tile, c.row_tiles_per_block);
 }
 
@@ -259,7 +268,8 @@ void bench_fp4_add_options(CLI::App& command, BenchFp4Options& o) {
   command.add_option("--seed", o.seed, "weights and activations seed")->capture_default_str();
   command.add_option("--config", o.configs,
                      "auto (the heuristic) or forced kernels, each measured: "
-                     "decode/TOKENS/ROW_TILES (8|16, 1..8) or prefill/TOKENS (128|256)")
+                     "decode/TOKENS/ROW_TILES (8|16, 1..8; the block schedule), warp/TOKENS "
+                     "(8|16; the warp schedule) or prefill/TOKENS (128|256)")
       ->capture_default_str();
   command.add_flag("--no-pdl", o.no_pdl,
                    "launch the decode kernel without programmatic dependent launch (each launch "

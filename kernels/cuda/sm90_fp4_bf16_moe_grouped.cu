@@ -60,6 +60,7 @@ struct MoeTile {
   int32_t row0;       // first row of x and y
   int32_t rows;       // rows of x and y in the tile, 1..tokens_per_tile
   int32_t row_block;  // which block of row_tiles_per_block row tiles
+  int32_t units;      // units of the whole launch (m-tiles times row blocks), from moe_find_tile
 };
 
 // ---- PTX wrappers ----
@@ -320,7 +321,7 @@ __device__ MoeTile moe_find_tile(const MoeKernelParams& p, const int32_t* offset
   }
   const int key = unit / p.row_blocks;  // which m-tile, counted over all experts
   const unsigned owners = __ballot_sync(0xffffffffu, key >= inclusive - count && key < inclusive);
-  MoeTile tile{-1, 0, 0, 0};
+  MoeTile tile{-1, 0, 0, 0, __shfl_sync(0xffffffffu, inclusive, 31) * p.row_blocks};
   if (owners == 0) return tile;
   const int owner = __ffs(owners) - 1;
   if (lane == owner) {
@@ -356,7 +357,7 @@ struct MoeSchedule {
 
 // All threads copy the offsets with independent loads: one memory round trip (a lane walking
 // its experts in global memory took several).
-__device__ __forceinline__ void moe_load_offsets(const MoeKernelParams& p, MoeSchedule& s) {
+__device__ __forceinline__ void moe_load_offsets(const MoeKernelParams& p, int32_t* offsets) {
   constexpr int kPerThread = (kFp4MoeMaxExperts + 1 + kThreads - 1) / kThreads;
   int32_t v[kPerThread];
 #pragma unroll
@@ -367,7 +368,7 @@ __device__ __forceinline__ void moe_load_offsets(const MoeKernelParams& p, MoeSc
 #pragma unroll
   for (int u = 0; u < kPerThread; ++u) {
     const int i = static_cast<int>(threadIdx.x) + u * kThreads;
-    if (i <= p.experts) s.offsets[i] = v[u];
+    if (i <= p.experts) offsets[i] = v[u];
   }
   __syncthreads();
 }
@@ -705,11 +706,136 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
-  moe_load_offsets(p, schedule);
+  moe_load_offsets(p, schedule.offsets);
   for (int unit = blockIdx.x;; unit += gridDim.x) {
     const MoeTile tile = moe_next_tile(p, schedule, unit);
     if (tile.expert < 0) return;
     decode_unit<F, kGroups>(p, tile, smem);
+    // Leave without another scan and barrier when no unit is left for this block: 0.3 to 0.9
+    // us per launch on the H100 (docs/perf.md).
+    if (unit + static_cast<int>(gridDim.x) >= tile.units) return;
+  }
+}
+
+// ---- decode, warp schedule: each warp owns whole row tiles (Sm90Fp4MoeSchedule::warp) ----
+//
+// Where the block schedule would give every warp a whole row tile anyway (one k slice), its
+// per-unit scan, barriers and shared-memory epilogue buy nothing. Here the warps run on their
+// own after the start: a "column" is one (m-tile, row tile); warp w of block b takes columns
+// b * 8 + w, then that plus 8 * gridDim.x, ..., each over all of k, and stores its y from its
+// accumulator fragments. Same products, same order within k as the block schedule with one
+// slice.
+
+// Shared memory of the warp schedule: the offsets, and where each expert's m-tiles start in the
+// count over all experts.
+struct WarpSchedule {
+  int32_t offsets[kFp4MoeMaxExperts + 1];
+  int32_t mtile_begin[kFp4MoeMaxExperts + 1];  // [e]: m-tiles of experts before e; [E]: all
+};
+
+// Warp 0 counts the m-tiles of every expert (each lane a run of E / 32 experts) and scans them.
+__device__ __forceinline__ void warp_schedule_count_mtiles(const MoeKernelParams& p,
+                                                           WarpSchedule& s) {
+  const int lane = threadIdx.x & 31;
+  const int per_lane = (p.experts + 31) / 32;
+  const int e_begin = min(p.experts, lane * per_lane);
+  const int e_end = min(p.experts, e_begin + per_lane);
+  int count = 0;
+  for (int e = e_begin; e < e_end; ++e) {
+    count += moe_tiles_of(s.offsets[e + 1] - s.offsets[e], p.tokens_per_tile);
+  }
+  int inclusive = count;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += v;
+  }
+  int run = inclusive - count;
+  for (int e = e_begin; e < e_end; ++e) {
+    s.mtile_begin[e] = run;
+    run += moe_tiles_of(s.offsets[e + 1] - s.offsets[e], p.tokens_per_tile);
+  }
+  if (lane == 31) s.mtile_begin[p.experts] = inclusive;
+}
+
+// The rows of m-tile `mtile` (counted over all experts): the expert e with mtile_begin[e] <=
+// mtile < mtile_begin[e + 1] (experts without rows have an empty range), by binary search. Every
+// lane searches the same entries (shared-memory broadcasts).
+__device__ __forceinline__ MoeTile warp_schedule_find_mtile(const MoeKernelParams& p,
+                                                            const WarpSchedule& s, int mtile) {
+  int lo = 0, hi = p.experts;  // mtile_begin[lo] <= mtile < mtile_begin[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (s.mtile_begin[mid] <= mtile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int m = mtile - s.mtile_begin[lo];
+  const int rows = s.offsets[lo + 1] - s.offsets[lo];
+  return MoeTile{lo, s.offsets[lo] + m * p.tokens_per_tile,
+                 min(p.tokens_per_tile, rows - m * p.tokens_per_tile), 0, 0};
+}
+
+// y for the rows of `tile` and row tile `row_tile`, from accumulator fragments (mma.sync's C
+// layout: lane = 4 * g8 + c4 holds rows g8 and g8 + 8 of each 16-row sub-tile, tokens 2 c4 and
+// 2 c4 + 1 of each 8-token group).
+template <int kGroups>
+__device__ __forceinline__ void store_y_fragments(
+    const MoeKernelParams& p, const MoeTile& tile, int row_tile,
+    const float (&acc)[kTilesPerRowTile][kGroups][4]) {
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
+  const float factor = p.expert_factors[tile.expert];
+#pragma unroll
+  for (int t = 0; t < kTilesPerRowTile; ++t) {
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = t * kFp4MoeTileRows + g8 + 8 * (i >> 1);
+        const int token = g * 8 + 2 * c4 + (i & 1);
+        if (token < tile.rows) {
+          store_y(p, tile.row0 + token, row_tile * kRowTileRows + row, acc[t][g][i] * factor);
+        }
+      }
+    }
+  }
+}
+
+template <Fp4Format F, int kGroups>
+__global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
+    sm90_fp4_moe_decode_warp_kernel(const MoeKernelParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];  // per warp: its ring
+  __shared__ WarpSchedule schedule;
+  if constexpr (decode_programmatic<kGroups>()) {  // as in sm90_fp4_moe_decode_kernel
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+  moe_load_offsets(p, schedule.offsets);
+  if (threadIdx.x < 32) warp_schedule_count_mtiles(p, schedule);
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32;
+  const uint32_t ring =
+      smem_u32(smem) + warp * decode_stages<kGroups>() * decode_slot_bytes<F, kGroups>();
+  const int columns = schedule.mtile_begin[p.experts] * p.row_tiles;
+  // Consecutive warps of a block take consecutive row tiles of one m-tile: they share x.
+  for (int column = blockIdx.x * kWarps + warp; column < columns;
+       column += gridDim.x * kWarps) {
+    const MoeTile tile = warp_schedule_find_mtile(p, schedule, column / p.row_tiles);
+    const int row_tile = column % p.row_tiles;
+    float acc[kTilesPerRowTile][kGroups][4];
+#pragma unroll
+    for (int t = 0; t < kTilesPerRowTile; ++t) {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][g][i] = 0.0f;
+      }
+    }
+    decode_warp<F, kGroups>(p, tile, row_tile, 0, p.k_chunks, ring, acc);
+    store_y_fragments<kGroups>(p, tile, row_tile, acc);
   }
 }
 
@@ -886,7 +1012,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_fence_init();
   }
   uint32_t phases = 0;
-  moe_load_offsets(p, schedule);  // its barrier also publishes the mbarrier initialization
+  moe_load_offsets(p, schedule.offsets);  // its barrier also publishes the mbarrier initialization
   for (int unit = blockIdx.x;; unit += gridDim.x) {
     const MoeTile tile = moe_next_tile(p, schedule, unit);
     if (tile.expert < 0) return;
@@ -906,8 +1032,16 @@ constexpr int decode_smem_bytes() {
 using DecodeKernelFn = void (*)(MoeKernelParams);
 using PrefillKernelFn = void (*)(MoeKernelParams, CUtensorMap);
 
-DecodeKernelFn decode_kernel_for(Fp4Format format, int tokens) {
+DecodeKernelFn decode_kernel_for(Fp4Format format, int tokens, Sm90Fp4MoeSchedule schedule) {
   const bool mx = format == Fp4Format::mxfp4;
+  if (schedule == Sm90Fp4MoeSchedule::warp) {
+    if (tokens == 8) {
+      return mx ? sm90_fp4_moe_decode_warp_kernel<Fp4Format::mxfp4, 1>
+                : sm90_fp4_moe_decode_warp_kernel<Fp4Format::nvfp4, 1>;
+    }
+    return mx ? sm90_fp4_moe_decode_warp_kernel<Fp4Format::mxfp4, 2>
+              : sm90_fp4_moe_decode_warp_kernel<Fp4Format::nvfp4, 2>;
+  }
   if (tokens == 8) {
     return mx ? sm90_fp4_moe_decode_kernel<Fp4Format::mxfp4, 1>
               : sm90_fp4_moe_decode_kernel<Fp4Format::nvfp4, 1>;
@@ -981,6 +1115,12 @@ void check_config(const Sm90Fp4MoeConfig& c) {
   }
 }
 
+// Upper bound of the m-tiles: sum_e ceil(rows_e / T) <= total_rows / T + (experts with rows).
+int64_t mtiles_bound(const Sm90Fp4MoeParams& p, int tokens_per_tile) {
+  return p.total_rows / tokens_per_tile + std::min<int64_t>(p.experts, p.total_rows);
+}
+
+
 void check_params(const char* op, const Sm90Fp4MoeParams& p) {
   fp4_moe_check_shape(op, p.format, p.experts, p.n, p.k);
   fp4_moe_check_rows(op, p.total_rows);
@@ -1013,16 +1153,21 @@ Sm90Fp4MoeConfig sm90_fp4_moe_choose_config(const Sm90Fp4MoeParams& p, int sm_co
   // Fewer, longer weight streams beat many short ones (measured on the H100, docs/perf.md): the
   // fewest row tiles per block (the most k slices per row tile) that still give at most one
   // block per multiprocessor. Larger problems take 8 row tiles per block and loop.
-  // 8-token tiles take any R up to 8: the down shape's 112 row tiles per expert go 7 to a block
-  // (128 blocks; one warp of each idles) where 8 left 20 of the 132 multiprocessors idle, 0.1 to
-  // 0.25 us faster. 16-token tiles keep powers of two: R = 7 measured 1% faster for MXFP4 but 5%
-  // slower for NVFP4 there (docs/perf.md).
+  // 8-token tiles take any R up to 8, 16-token tiles powers of two (R = 7 measured 1% faster for
+  // MXFP4 but 5% slower for NVFP4 there, docs/perf.md).
   const int64_t row_tiles = p.n / kRowTileRows, k_chunks = p.k / kFp4MoeChunkCols;
   const auto grow = [&](int r) { return c.tokens_per_tile == 8 ? r + 1 : 2 * r; };
   int r = 1;
   while (r < kWarps && active * ((row_tiles + r - 1) / r) > sm_count) r = grow(r);
   while (r < kWarps && k_chunks < 2 * (kWarps / r)) r = grow(r);  // at least 2 chunks per slice
   c.row_tiles_per_block = r;
+  // One k slice per row tile (8 / R == 1): every warp would own a whole row tile, so let the
+  // warps run on their own, without the block's epilogue. For the down shape (R = 7 with 8
+  // tokens, 8 with 16) measured 4 to 10% faster on the H100 (docs/perf.md).
+  if (kWarps / r == 1) {
+    c.schedule = Sm90Fp4MoeSchedule::warp;
+    c.row_tiles_per_block = 1;
+  }
   return c;
 }
 
@@ -1048,9 +1193,14 @@ void sm90_fp4_moe_grouped_launch(const Sm90Fp4MoeParams& p, const Sm90Fp4MoeConf
   kp.row_blocks = (kp.row_tiles + kp.row_tiles_per_block - 1) / kp.row_tiles_per_block;
   kp.out_f32 = p.out_type == MoeOutType::f32 ? 1 : 0;
 
-  // Upper bound of the m-tiles: sum_e ceil(rows_e / T) <= total_rows / T + (experts with rows).
-  const int64_t tiles = p.total_rows / config.tokens_per_tile +
-                        std::min<int64_t>(p.experts, p.total_rows);
+  const bool warp_schedule = config.kernel == Sm90Fp4MoeKernel::decode &&
+                             config.schedule == Sm90Fp4MoeSchedule::warp;
+  if (warp_schedule) {
+    kp.row_tiles_per_block = 1;
+    kp.row_blocks = kp.row_tiles;
+  }
+
+  const int64_t tiles = mtiles_bound(p, config.tokens_per_tile);
   const int smem = moe_smem_bytes(p.format, config);
   // Persistent grid: at most one block per multiprocessor (prefill: one fits; decode: the
   // heuristic sizes the work so, and with two resident per multiprocessor the hardware may put
@@ -1059,13 +1209,17 @@ void sm90_fp4_moe_grouped_launch(const Sm90Fp4MoeParams& p, const Sm90Fp4MoeConf
   int device = 0, sm_count = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const auto grid = static_cast<unsigned>(std::min<int64_t>(tiles * kp.row_blocks, sm_count));
+  // The warp schedule: one warp per (m-tile, row tile) at most.
+  const int64_t units =
+      warp_schedule ? (tiles * kp.row_tiles + kWarps - 1) / kWarps : tiles * kp.row_blocks;
+  const auto grid = static_cast<unsigned>(std::min<int64_t>(units, sm_count));
   if (config.kernel == Sm90Fp4MoeKernel::prefill) {
     const PrefillKernelFn kernel = prefill_kernel_for(p.format, config.tokens_per_tile);
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, kThreads, smem, stream>>>(kp, make_x_map(p, config.tokens_per_tile));
   } else {
-    const DecodeKernelFn kernel = decode_kernel_for(p.format, config.tokens_per_tile);
+    const DecodeKernelFn kernel =
+        decode_kernel_for(p.format, config.tokens_per_tile, config.schedule);
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     // Programmatic dependent launch (8-token tiles): the kernel waits for the previous kernel in
     // the stream (griddepcontrol.wait) before its first global access and lets the next one

@@ -57,18 +57,34 @@ enum class Sm90Fp4MoeKernel : uint8_t {
             //   tokens
 };
 
+// How the decode kernel shares the work out.
+enum class Sm90Fp4MoeSchedule : uint8_t {
+  // A block owns row_tiles_per_block row tiles of an m-tile; its other warps split k, and the
+  // block sums the slices in shared memory. For few row tiles with long k (gate_up: k = 7168).
+  block,
+  // Every warp owns whole row tiles (all of k) of an m-tile and writes y itself: no block
+  // barrier after the start, so a warp's results leave as soon as it is done. For many row
+  // tiles with short k (down: 112 row tiles per expert, k = 2048), where the block schedule
+  // would give each warp a whole row tile anyway; measured 4 to 10% faster there
+  // (docs/perf.md).
+  warp,
+};
+
 // Launch configuration; sm90_fp4_moe_choose_config picks one, tests may force any valid one.
 struct Sm90Fp4MoeConfig {
   Sm90Fp4MoeKernel kernel = Sm90Fp4MoeKernel::decode;
   int tokens_per_tile = 8;      // decode: 8 or 16 rows of x per tile; prefill: 128 or 256
-  int row_tiles_per_block = 1;  // decode: 64-row tiles per block (1 to 8); the block's other
-                                //   warps split k: 8 / row_tiles_per_block slices (rounded
-                                //   down; the warps past the last whole slice idle). prefill: 2
+  int row_tiles_per_block = 1;  // decode, block schedule: 64-row tiles per block (1 to 8); the
+                                //   block's other warps split k: 8 / row_tiles_per_block slices
+                                //   (rounded down; the warps past the last whole slice idle).
+                                //   decode, warp schedule: unused (1). prefill: 2
+  Sm90Fp4MoeSchedule schedule = Sm90Fp4MoeSchedule::block;  // decode only
 };
 
 // The heuristic: decode when the average active expert (active_experts_hint, else
-// min(E, total_rows)) has at most 16 rows, with at most one block per multiprocessor; else
-// prefill with 128- or 256-row tiles.
+// min(E, total_rows)) has at most 16 rows, with at most one block per multiprocessor (the warp
+// schedule where the block schedule would leave one k slice per row tile); else prefill with
+// 128- or 256-row tiles.
 Sm90Fp4MoeConfig sm90_fp4_moe_choose_config(const Sm90Fp4MoeParams& p, int sm_count);
 
 // Queues the kernel of `config` on `stream`. Shapes and config are checked (rlhf::Error for an

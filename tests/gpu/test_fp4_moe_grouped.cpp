@@ -203,6 +203,7 @@ class DeviceMoe {
 std::string config_name(const Sm90Fp4MoeConfig* c) {
   if (c == nullptr) return "auto";
   if (c->kernel == Sm90Fp4MoeKernel::prefill) return "prefill/" + std::to_string(c->tokens_per_tile);
+  if (c->schedule == Sm90Fp4MoeSchedule::warp) return "warp/" + std::to_string(c->tokens_per_tile);
   return "decode/" + std::to_string(c->tokens_per_tile) + "/R" +
          std::to_string(c->row_tiles_per_block);
 }
@@ -259,6 +260,9 @@ Sm90Fp4MoeConfig decode_config(int tokens, int row_tiles) {
   return {Sm90Fp4MoeKernel::decode, tokens, row_tiles};
 }
 Sm90Fp4MoeConfig prefill_config(int tokens) { return {Sm90Fp4MoeKernel::prefill, tokens, 2}; }
+Sm90Fp4MoeConfig warp_config(int tokens) {
+  return {Sm90Fp4MoeKernel::decode, tokens, 1, Sm90Fp4MoeSchedule::warp};
+}
 
 std::vector<int> random_rows(Rng& rng, int experts, int max_rows) {
   std::vector<int> rows(static_cast<size_t>(experts));
@@ -266,7 +270,9 @@ std::vector<int> random_rows(Rng& rng, int experts, int max_rows) {
   return rows;
 }
 
-// 1..16 rows per expert (and empty experts): the decode kernel, every block shape.
+// 1..16 rows per expert (and empty experts): the decode kernel, every block shape, and the
+// warp schedule (whose warps each loop over several row tiles here: the shapes have fewer row
+// tiles than a block has warps, so most blocks' warps find none, and with grid-stride columns).
 TEST(Fp4MoeGrouped, DecodeShapesMatchCpu) {
   SKIP_WITHOUT_GPU();
   const struct {
@@ -275,7 +281,8 @@ TEST(Fp4MoeGrouped, DecodeShapesMatchCpu) {
   // Row tiles per block that do not divide the warps (7, 3, 5) leave warps idle.
   const std::vector<Sm90Fp4MoeConfig> configs = {
       decode_config(8, 1), decode_config(16, 2), decode_config(8, 8), decode_config(16, 4),
-      decode_config(8, 7), decode_config(16, 3), decode_config(8, 5)};
+      decode_config(8, 7), decode_config(16, 3), decode_config(8, 5), warp_config(8),
+      warp_config(16)};
   uint64_t seed = 100;
   for (Fp4Format format : kFormats) {
     for (const auto& s : shapes) {
@@ -328,7 +335,8 @@ TEST(Fp4MoeGrouped, OneHotActivationsReturnEveryWeight) {
     DeviceMoe dev(p);
     ASSERT_TRUE(dev.ok());
     const Sm90Fp4MoeConfig configs[] = {prefill_config(128), prefill_config(256),
-                                        decode_config(16, 2), decode_config(8, 8)};
+                                        decode_config(16, 2), decode_config(8, 8),
+                                        warp_config(8), warp_config(16)};
     for (const Sm90Fp4MoeConfig& c : configs) {
       SCOPED_TRACE(config_name(&c));
       const std::vector<float> y = dev.run(MoeOutType::f32, &c);
@@ -354,9 +362,17 @@ TEST(Fp4MoeGrouped, OneHotActivationsReturnEveryWeight) {
 
 // Programmatic dependent launch: a second launch that reads the first one's output as its x
 // (n == k) must see all of it. Two back-to-back launches in one stream against the same two run
-// with a device synchronization between them: the same bits.
-TEST(Fp4MoeGrouped, ChainedLaunchesSeeThePreviousOutput) {
-  SKIP_WITHOUT_GPU();
+// with a device synchronization between them: the same bits. Both decode schedules, 8-token
+// tiles (the programmatic ones); `config` null: the checked entry point's choice.
+void check_chained_launches(const Sm90Fp4MoeConfig* config) {
+  SCOPED_TRACE(config_name(config));
+  const auto launch = [config](const Sm90Fp4MoeParams& p) {
+    if (config != nullptr) {
+      sm90_fp4_moe_grouped_launch(p, *config, nullptr);
+    } else {
+      sm90_fp4_moe_grouped(p, nullptr);
+    }
+  };
   const int64_t n = 1024, k = 1024;
   Rng rng(800);
   const std::vector<int> rows = random_rows(rng, 40, 16);
@@ -377,11 +393,11 @@ TEST(Fp4MoeGrouped, ChainedLaunchesSeeThePreviousOutput) {
     CUDA_OK(cudaMemset(y1.ptr, 0xff, elems * 2));
     CUDA_OK(cudaMemset(y2.ptr, 0xff, elems * 2));
     CUDA_OK(cudaDeviceSynchronize());
-    sm90_fp4_moe_grouped(first, nullptr);
+    launch(first);
     if (sync_between) {
       CUDA_OK(cudaDeviceSynchronize());
     }
-    sm90_fp4_moe_grouped(second, nullptr);
+    launch(second);
     CUDA_OK(cudaDeviceSynchronize());
     std::vector<uint16_t>& out = sync_between ? separate : chained;
     CUDA_OK(cudaMemcpy(out.data(), y2.ptr, elems * 2, cudaMemcpyDeviceToHost));
@@ -390,6 +406,39 @@ TEST(Fp4MoeGrouped, ChainedLaunchesSeeThePreviousOutput) {
   int64_t nan = 0;
   for (uint16_t v : separate) nan += (v & 0x7fffu) > 0x7f80u;
   EXPECT_EQ(nan, 0) << "unwritten elements";
+}
+
+TEST(Fp4MoeGrouped, ChainedLaunchesSeeThePreviousOutput) {
+  SKIP_WITHOUT_GPU();
+  const Sm90Fp4MoeConfig block = decode_config(8, 2), warp = warp_config(8);
+  check_chained_launches(nullptr);
+  check_chained_launches(&block);
+  check_chained_launches(&warp);
+}
+
+// The heuristic's schedule: the warp schedule exactly where the block schedule would leave one
+// k slice per row tile (the down shape), the block schedule where k is split (gate_up).
+TEST(Fp4MoeGrouped, HeuristicTakesTheWarpScheduleForOneSlice) {
+  Sm90Fp4MoeParams p;
+  p.experts = 256;
+  p.active_experts_hint = 8;
+  p.total_rows = 8;
+  p.n = 7168;  // down: 112 row tiles per expert, R = 7: one slice
+  p.k = 2048;
+  Sm90Fp4MoeConfig c = sm90_fp4_moe_choose_config(p, 132);
+  EXPECT_EQ(c.kernel, Sm90Fp4MoeKernel::decode);
+  EXPECT_EQ(c.schedule, Sm90Fp4MoeSchedule::warp);
+  EXPECT_EQ(c.tokens_per_tile, 8);
+  p.total_rows = 128;  // 16 tokens per expert: R = 8
+  c = sm90_fp4_moe_choose_config(p, 132);
+  EXPECT_EQ(c.schedule, Sm90Fp4MoeSchedule::warp);
+  EXPECT_EQ(c.tokens_per_tile, 16);
+  p.n = 2048;  // gate_up: 32 row tiles per expert, R = 2: four k slices
+  p.k = 7168;
+  p.total_rows = 8;
+  c = sm90_fp4_moe_choose_config(p, 132);
+  EXPECT_EQ(c.schedule, Sm90Fp4MoeSchedule::block);
+  EXPECT_EQ(c.row_tiles_per_block, 2);
 }
 
 // Many experts, most of them empty, up to the scheduler's bound.
@@ -405,7 +454,7 @@ TEST(Fp4MoeGrouped, ManyMostlyEmptyExperts) {
     }
     rows.back() = 3;  // the last expert's rows end the tensor
     check_problem(random_problem(400 + experts, Fp4Format::mxfp4, 128, 128, rows),
-                  {decode_config(8, 2), prefill_config(128)});
+                  {decode_config(8, 2), prefill_config(128), warp_config(8), warp_config(16)});
   }
 }
 
