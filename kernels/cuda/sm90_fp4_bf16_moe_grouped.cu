@@ -445,6 +445,12 @@ template <int kGroups>
 __host__ __device__ constexpr int decode_stages() {
   return kGroups == 1 ? 3 : 6;
 }
+// The warp schedule's ring (each warp streams a whole row tile): 3 stages for 8-token tiles as
+// above (4 and 6 measured slower); 4 for 16-token tiles, 3 to 4% faster than 6 (docs/perf.md).
+template <int kGroups>
+__host__ __device__ constexpr int decode_warp_stages() {
+  return kGroups == 1 ? 3 : 4;
+}
 // Programmatic dependent launch (see the launcher) for 8-token tiles only: 0.2 to 0.5 us per
 // launch faster there; with it the 16-token kernel ran 2% slower (docs/perf.md).
 template <int kGroups>
@@ -560,11 +566,10 @@ __device__ __forceinline__ void decode_chunk_mx(uint32_t slot, int lane,
   }
 }
 
-template <Fp4Format F, int kGroups>
+template <Fp4Format F, int kGroups, int kS = decode_stages<kGroups>()>
 __device__ __forceinline__ void decode_warp(const MoeKernelParams& p, const MoeTile& tile,
                                             int row_tile, int c_begin, int c_end, uint32_t ring,
                                             float (&acc)[kTilesPerRowTile][kGroups][4]) {
-  constexpr int kS = decode_stages<kGroups>();
   constexpr int kSlotBytes = decode_slot_bytes<F, kGroups>();
   constexpr int kChunkBytes = fp4_moe_chunk_bytes(F);
   constexpr int kRowChunkBytes = kFp4MoeSubTiles * kChunkBytes;  // one chunk of a row tile
@@ -806,6 +811,7 @@ __device__ __forceinline__ void store_y_fragments(
 template <Fp4Format F, int kGroups>
 __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
     sm90_fp4_moe_decode_warp_kernel(const MoeKernelParams p) {
+  constexpr int kS = decode_warp_stages<kGroups>();
   extern __shared__ __align__(128) uint8_t smem[];  // per warp: its ring
   __shared__ WarpSchedule schedule;
   if constexpr (decode_programmatic<kGroups>()) {  // as in sm90_fp4_moe_decode_kernel
@@ -817,8 +823,7 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
   __syncthreads();
 
   const int warp = threadIdx.x / 32;
-  const uint32_t ring =
-      smem_u32(smem) + warp * decode_stages<kGroups>() * decode_slot_bytes<F, kGroups>();
+  const uint32_t ring = smem_u32(smem) + warp * kS * decode_slot_bytes<F, kGroups>();
   const int columns = schedule.mtile_begin[p.experts] * p.row_tiles;
   // Consecutive warps of a block take consecutive row tiles of one m-tile: they share x.
   for (int column = blockIdx.x * kWarps + warp; column < columns;
@@ -834,7 +839,7 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
         for (int i = 0; i < 4; ++i) acc[t][g][i] = 0.0f;
       }
     }
-    decode_warp<F, kGroups>(p, tile, row_tile, 0, p.k_chunks, ring, acc);
+    decode_warp<F, kGroups, kS>(p, tile, row_tile, 0, p.k_chunks, ring, acc);
     store_y_fragments<kGroups>(p, tile, row_tile, acc);
   }
 }
@@ -1029,6 +1034,12 @@ constexpr int decode_smem_bytes() {
   return ring > partials ? ring : partials;
 }
 
+// The warp schedule's rings (it sums no slices, so no partials).
+template <Fp4Format F, int kGroups>
+constexpr int decode_warp_smem_bytes() {
+  return kWarps * decode_warp_stages<kGroups>() * decode_slot_bytes<F, kGroups>();
+}
+
 using DecodeKernelFn = void (*)(MoeKernelParams);
 using PrefillKernelFn = void (*)(MoeKernelParams, CUtensorMap);
 
@@ -1095,6 +1106,14 @@ int moe_smem_bytes(Fp4Format format, const Sm90Fp4MoeConfig& config) {
     }
     return mx ? PrefillShape<Fp4Format::mxfp4, 2>::kSmemBytes
               : PrefillShape<Fp4Format::nvfp4, 2>::kSmemBytes;
+  }
+  if (config.schedule == Sm90Fp4MoeSchedule::warp) {
+    if (config.tokens_per_tile == 8) {
+      return mx ? decode_warp_smem_bytes<Fp4Format::mxfp4, 1>()
+                : decode_warp_smem_bytes<Fp4Format::nvfp4, 1>();
+    }
+    return mx ? decode_warp_smem_bytes<Fp4Format::mxfp4, 2>()
+              : decode_warp_smem_bytes<Fp4Format::nvfp4, 2>();
   }
   if (config.tokens_per_tile == 8) {
     return mx ? decode_smem_bytes<Fp4Format::mxfp4, 1>() : decode_smem_bytes<Fp4Format::nvfp4, 1>();
