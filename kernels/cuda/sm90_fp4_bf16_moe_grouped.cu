@@ -1228,7 +1228,7 @@ void sm90_fp4_moe_grouped_launch(const Sm90Fp4MoeParams& p, const Sm90Fp4MoeConf
   int device = 0, sm_count = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  // The warp schedule: one warp per (m-tile, row tile) at most.
+  // Blocks: the warp schedule needs no more than one warp per (m-tile, row tile).
   const int64_t units =
       warp_schedule ? (tiles * kp.row_tiles + kWarps - 1) / kWarps : tiles * kp.row_blocks;
   const auto grid = static_cast<unsigned>(std::min<int64_t>(units, sm_count));
