@@ -65,8 +65,8 @@ enum class Sm90Fp4MoeSchedule : uint8_t {
   // Every warp owns whole row tiles (all of k) of an m-tile and writes y itself: no block
   // barrier after the start, so a warp's results leave as soon as it is done. For many row
   // tiles with short k (down: 112 row tiles per expert, k = 2048), where the block schedule
-  // would give each warp a whole row tile anyway; measured 4 to 10% faster there
-  // (docs/perf.md).
+  // would give each warp a whole row tile anyway; there it took 9 to 20% less time than the
+  // block schedule on the H100 (docs/perf.md).
   warp,
 };
 
