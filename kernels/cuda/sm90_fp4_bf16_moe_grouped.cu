@@ -1139,7 +1139,6 @@ int64_t mtiles_bound(const Sm90Fp4MoeParams& p, int tokens_per_tile) {
   return p.total_rows / tokens_per_tile + std::min<int64_t>(p.experts, p.total_rows);
 }
 
-
 void check_params(const char* op, const Sm90Fp4MoeParams& p) {
   fp4_moe_check_shape(op, p.format, p.experts, p.n, p.k);
   fp4_moe_check_rows(op, p.total_rows);
@@ -1214,11 +1213,6 @@ void sm90_fp4_moe_grouped_launch(const Sm90Fp4MoeParams& p, const Sm90Fp4MoeConf
 
   const bool warp_schedule = config.kernel == Sm90Fp4MoeKernel::decode &&
                              config.schedule == Sm90Fp4MoeSchedule::warp;
-  if (warp_schedule) {
-    kp.row_tiles_per_block = 1;
-    kp.row_blocks = kp.row_tiles;
-  }
-
   const int64_t tiles = mtiles_bound(p, config.tokens_per_tile);
   const int smem = moe_smem_bytes(p.format, config);
   // Persistent grid: at most one block per multiprocessor (prefill: one fits; decode: the

@@ -271,8 +271,7 @@ std::vector<int> random_rows(Rng& rng, int experts, int max_rows) {
 }
 
 // 1..16 rows per expert (and empty experts): the decode kernel, every block shape, and the
-// warp schedule (whose warps each loop over several row tiles here: the shapes have fewer row
-// tiles than a block has warps, so most blocks' warps find none, and with grid-stride columns).
+// warp schedule (here with fewer (m-tile, row tile) columns than warps: many warps find none).
 TEST(Fp4MoeGrouped, DecodeShapesMatchCpu) {
   SKIP_WITHOUT_GPU();
   const struct {
@@ -439,6 +438,22 @@ TEST(Fp4MoeGrouped, HeuristicTakesTheWarpScheduleForOneSlice) {
   c = sm90_fp4_moe_choose_config(p, 132);
   EXPECT_EQ(c.schedule, Sm90Fp4MoeSchedule::block);
   EXPECT_EQ(c.row_tiles_per_block, 2);
+}
+
+// The warp schedule with more (m-tile, row tile) columns than the grid has warps (64 row tiles
+// times 40 to 80 m-tiles against at most 8 warps on each of 132 multiprocessors), so each warp
+// takes several, one grid stride apart; both token widths, both formats.
+TEST(Fp4MoeGrouped, WarpScheduleLoopsOverColumns) {
+  SKIP_WITHOUT_GPU();
+  uint64_t seed = 700;
+  for (Fp4Format format : kFormats) {
+    Rng rng(++seed);
+    std::vector<int> rows = random_rows(rng, 48, 16);
+    rows[5] = 16;  // at least one full 16-token m-tile
+    SCOPED_TRACE(fp4_format_name(format));
+    check_problem(random_problem(++seed, format, 4096, 128, rows),
+                  {warp_config(8), warp_config(16)});
+  }
 }
 
 // Many experts, most of them empty, up to the scheduler's bound.
