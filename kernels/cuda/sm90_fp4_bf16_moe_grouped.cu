@@ -509,7 +509,8 @@ __device__ __forceinline__ void lds_chunk(uint32_t chunk, int lane, ChunkRegs<F>
 // to the FP32 partial sum of each 32-column block instead of to every weight: the MMA takes the
 // placed E2M1 bits as they are (values times 2^-126; the code 0.5 a bf16 subnormal) and x times
 // 2^64 (exact), and each block's partial is scaled by 2^(f - 191) = 2^(e - 1 - B - 64), which
-// undoes both offsets. Saves the bf16x2 multiply of every weight pair.
+// undoes both offsets. Saves the bf16x2 multiply of every weight pair; used for 8-token tiles
+// (decode_warp says why not for 16).
 constexpr uint32_t kXBias = 0x5f805f80u;  // bf16x2 (2^64, 2^64)
 
 __device__ __forceinline__ float mx_block_multiplier(uint32_t scales, int i) {
@@ -611,7 +612,10 @@ __device__ __forceinline__ void decode_warp(const MoeKernelParams& p, const MoeT
             ldmatrix_x4(xs + r * kXRowBytes + ((c ^ (r & 7)) << 4), b[g][h]);
           }
         }
-        if constexpr (F == Fp4Format::mxfp4) {
+        // MXFP4 with 8-token tiles scales the partial sums (decode_chunk_mx); 16-token tiles
+        // scale the weights as NVFP4 does: two token groups double the partials' zeroing and
+        // fmas but not the weight multiplies, and this measured 1 to 2% faster (docs/perf.md).
+        if constexpr (F == Fp4Format::mxfp4 && kGroups == 1) {
           decode_chunk_mx<kGroups>(slot, lane, b, acc);
         } else {
 #pragma unroll
