@@ -20,8 +20,8 @@ struct BenchFp4Options {
   std::vector<std::string> formats = {"mxfp4", "nvfp4"};
   int warmup = 3;                                  // untimed graph replays per measurement
   int reps = 20;                                   // timed graph replays; the median is reported
-  // the kernel heuristic's choice ("auto"), or decode/T/R | prefill/T forced; several are
-  // measured one after the other on the same weights
+  // the kernel heuristic's choice ("auto"), or decode/T/R | warp/T | prefill/T forced;
+  // several are measured one after the other on the same weights
   std::vector<std::string> configs = {"auto"};
   bool no_pdl = false;  // decode launches without programmatic dependent launch
   uint64_t seed = 1;
