@@ -352,7 +352,7 @@ __device__ MoeTile moe_find_tile(const MoeKernelParams& p, const int32_t* offset
 // Shared-memory state of the tile scheduler.
 struct MoeSchedule {
   int32_t offsets[kFp4MoeMaxExperts + 1];  // copy of p.offsets [E + 1]
-  MoeTile tile;                            // the current unit's tile
+  MoeTile tile[2];                         // the current unit's tile, by the unit's parity
 };
 
 // All threads copy the offsets with independent loads: one memory round trip (a lane walking
@@ -375,16 +375,18 @@ __device__ __forceinline__ void moe_load_offsets(const MoeKernelParams& p, int32
 
 // The tile of `unit`, found by warp 0, for the whole block. The grid is persistent (at most one
 // block per multiprocessor): block b takes units b, b + gridDim.x, ... until one is past the last
-// tile. Every unit's work passes a block barrier after reading s.tile, so warp 0 never
-// overwrites a tile another warp has yet to read.
+// tile. Consecutive units of a block use the two tile slots in turn: a warp may still be about
+// to read unit i's slot when warp 0 writes unit i + 1's (a unit's work need not pass a block
+// barrier), but not unit i + 2's, whose barrier waits for every warp to come back from unit i.
 __device__ __forceinline__ MoeTile moe_next_tile(const MoeKernelParams& p, MoeSchedule& s,
                                                  int unit) {
+  const int slot = ((unit - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x)) & 1;
   if (threadIdx.x < 32) {
     const MoeTile t = moe_find_tile(p, s.offsets, unit);
-    if (threadIdx.x == 0) s.tile = t;
+    if (threadIdx.x == 0) s.tile[slot] = t;
   }
   __syncthreads();
-  return s.tile;
+  return s.tile[slot];
 }
 
 // Copies x chunks (64 columns of the tile's rows) into a [kRows][128 B] tile in shared memory,
@@ -641,20 +643,34 @@ __device__ __forceinline__ void decode_warp(const MoeKernelParams& p, const MoeT
   cp_async_wait<0>();
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) of `threads` threads of the block.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // One unit: an m-tile of kTokens rows times row_tiles_per_block (R) row tiles. Warp w takes row
 // tile w % R and k slice w / R of warps / R (rounded down; warps past the last whole slice
-// idle); the slices are summed in shared memory in a fixed order (deterministic).
+// idle). The warps of one row tile (its group: w % R equal) sum their slices in shared memory in
+// a fixed order (deterministic), meeting at a named barrier of their own, so a group stores its
+// row tile as soon as its own slices are done, whatever the other groups do.
 template <Fp4Format F, int kGroups>
 __device__ __forceinline__ void decode_unit(const MoeKernelParams& p, const MoeTile& tile,
                                             uint8_t* smem) {
   constexpr int kTokens = 8 * kGroups;
+  constexpr int kRingBytes = decode_stages<kGroups>() * decode_slot_bytes<F, kGroups>();
+  // With R >= 2 a group has at most 4 slices, whose partials fit in one warp's ring; with R = 1
+  // the group is the whole block and may use every ring.
+  static_assert(4 * kTokens * kRowTileRows * sizeof(float) <= kRingBytes,
+                "a group's partials fit in the ring of its first warp");
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const int r_per_block = p.row_tiles_per_block;
   const int slices = kWarps / r_per_block;
-  const int row_tile = tile.row_block * r_per_block + warp % r_per_block;
+  const int group = warp % r_per_block;
+  const int row_tile = tile.row_block * r_per_block + group;
   const int slice = warp / r_per_block;
+  if (slice >= slices) return;  // past the last whole slice: idle
   const int c_begin = slice * p.k_chunks / slices;
-  const int c_end = slice < slices ? (slice + 1) * p.k_chunks / slices : c_begin;
+  const int c_end = (slice + 1) * p.k_chunks / slices;
 
   float acc[kTilesPerRowTile][kGroups][4];
 #pragma unroll
@@ -666,13 +682,14 @@ __device__ __forceinline__ void decode_unit(const MoeKernelParams& p, const MoeT
     }
   }
   if (row_tile < p.row_tiles && c_begin < c_end) {
-    const uint32_t ring =
-        smem_u32(smem) + warp * decode_stages<kGroups>() * decode_slot_bytes<F, kGroups>();
-    decode_warp<F, kGroups>(p, tile, row_tile, c_begin, c_end, ring, acc);
+    decode_warp<F, kGroups>(p, tile, row_tile, c_begin, c_end,
+                            smem_u32(smem) + warp * kRingBytes, acc);
   }
-  __syncthreads();  // the ring's memory becomes the partials
+  const int group_threads = slices * 32;
+  named_barrier(1 + group, group_threads);  // the group's rings are free: they take the partials
 
-  float* partial = reinterpret_cast<float*>(smem);  // [warps][kTokens][64 rows]
+  // [slices][kTokens][64 rows] in the ring of the group's first warp (warp `group`)
+  float* partial = reinterpret_cast<float*>(smem + group * kRingBytes);
   const int g8 = lane >> 2, c4 = lane & 3;
 #pragma unroll
   for (int t = 0; t < kTilesPerRowTile; ++t) {
@@ -682,24 +699,20 @@ __device__ __forceinline__ void decode_unit(const MoeKernelParams& p, const MoeT
       for (int i = 0; i < 4; ++i) {
         const int row = t * kFp4MoeTileRows + g8 + 8 * (i >> 1);
         const int token = g * 8 + 2 * c4 + (i & 1);
-        partial[(warp * kTokens + token) * kRowTileRows + row] = acc[t][g][i];
+        partial[(slice * kTokens + token) * kRowTileRows + row] = acc[t][g][i];
       }
     }
   }
-  __syncthreads();
+  named_barrier(1 + group, group_threads);
 
+  if (row_tile >= p.row_tiles) return;
   const float factor = p.expert_factors[tile.expert];
-  const int block_rows = r_per_block * kRowTileRows;
-  for (int idx = threadIdx.x; idx < block_rows * kTokens; idx += kThreads) {
-    const int token = idx / block_rows, rr = idx % block_rows;
-    const int local_tile = rr / kRowTileRows, row = rr % kRowTileRows;
-    const int rt = tile.row_block * r_per_block + local_tile;
-    if (token >= tile.rows || rt >= p.row_tiles) continue;
+  for (int idx = slice * 32 + lane; idx < kTokens * kRowTileRows; idx += group_threads) {
+    const int token = idx / kRowTileRows, row = idx % kRowTileRows;
+    if (token >= tile.rows) continue;
     float sum = 0.0f;
-    for (int s = 0; s < slices; ++s) {
-      sum += partial[((s * r_per_block + local_tile) * kTokens + token) * kRowTileRows + row];
-    }
-    store_y(p, tile.row0 + token, rt * kRowTileRows + row, sum * factor);
+    for (int s = 0; s < slices; ++s) sum += partial[(s * kTokens + token) * kRowTileRows + row];
+    store_y(p, tile.row0 + token, row_tile * kRowTileRows + row, sum * factor);
   }
 }
 
