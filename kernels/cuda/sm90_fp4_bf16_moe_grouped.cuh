@@ -59,8 +59,9 @@ enum class Sm90Fp4MoeKernel : uint8_t {
 
 // How the decode kernel shares the work out.
 enum class Sm90Fp4MoeSchedule : uint8_t {
-  // A block owns row_tiles_per_block row tiles of an m-tile; its other warps split k, and the
-  // block sums the slices in shared memory. For few row tiles with long k (gate_up: k = 7168).
+  // A block owns row_tiles_per_block row tiles of an m-tile; its other warps split k, and each
+  // row tile's warps sum their slices in shared memory. For few row tiles with long k (gate_up:
+  // k = 7168).
   block,
   // Every warp owns whole row tiles (all of k) of an m-tile and writes y itself: no block
   // barrier after the start, so a warp's results leave as soon as it is done. For many row
