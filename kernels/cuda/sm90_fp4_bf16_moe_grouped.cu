@@ -304,29 +304,43 @@ __device__ __forceinline__ int moe_tiles_of(int rows, int tokens_per_tile) {
 // expert by expert, then row block, then m-tile, so the blocks that share an expert's weights run
 // close together. Experts with no rows have no units. Each lane sums the m-tiles of E / 32
 // experts; a warp scan finds the expert.
-__device__ MoeTile moe_find_tile(const MoeKernelParams& p, const int32_t* offsets, int unit) {
+// One lane's share of a whole-warp scan of the experts' m-tiles: lane L sums the m-tiles of
+// its run of E / 32 experts [e_begin, e_end); `inclusive` is the warp's inclusive prefix sum of
+// those counts (lane 31: all m-tiles).
+struct LaneMtiles {
+  int e_begin, e_end, count, inclusive;
+};
+__device__ __forceinline__ LaneMtiles scan_lane_mtiles(const MoeKernelParams& p,
+                                                       const int32_t* offsets) {
   const int lane = threadIdx.x & 31;
   const int per_lane = (p.experts + 31) / 32;
-  const int e_begin = min(p.experts, lane * per_lane);
-  const int e_end = min(p.experts, e_begin + per_lane);
-  int count = 0;
-  for (int e = e_begin; e < e_end; ++e) {
-    count += moe_tiles_of(offsets[e + 1] - offsets[e], p.tokens_per_tile);
+  LaneMtiles m;
+  m.e_begin = min(p.experts, lane * per_lane);
+  m.e_end = min(p.experts, m.e_begin + per_lane);
+  m.count = 0;
+  for (int e = m.e_begin; e < m.e_end; ++e) {
+    m.count += moe_tiles_of(offsets[e + 1] - offsets[e], p.tokens_per_tile);
   }
-  int inclusive = count;
+  m.inclusive = m.count;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += v;
+    const int v = __shfl_up_sync(0xffffffffu, m.inclusive, o);
+    if (lane >= o) m.inclusive += v;
   }
+  return m;
+}
+
+__device__ MoeTile moe_find_tile(const MoeKernelParams& p, const int32_t* offsets, int unit) {
+  const int lane = threadIdx.x & 31;
+  const LaneMtiles lm = scan_lane_mtiles(p, offsets);
   const int key = unit / p.row_blocks;  // which m-tile, counted over all experts
-  const unsigned owners = __ballot_sync(0xffffffffu, key >= inclusive - count && key < inclusive);
-  MoeTile tile{-1, 0, 0, 0, __shfl_sync(0xffffffffu, inclusive, 31) * p.row_blocks};
+  const unsigned owners = __ballot_sync(0xffffffffu, key >= lm.inclusive - lm.count && key < lm.inclusive);
+  MoeTile tile{-1, 0, 0, 0, __shfl_sync(0xffffffffu, lm.inclusive, 31) * p.row_blocks};
   if (owners == 0) return tile;
   const int owner = __ffs(owners) - 1;
   if (lane == owner) {
-    int run = inclusive - count;
-    for (int e = e_begin; e < e_end; ++e) {
+    int run = lm.inclusive - lm.count;
+    for (int e = lm.e_begin; e < lm.e_end; ++e) {
       const int row_begin = offsets[e];
       const int rows = offsets[e + 1] - row_begin;
       const int tiles = moe_tiles_of(rows, p.tokens_per_tile);
@@ -438,6 +452,39 @@ __device__ __forceinline__ void store_y(const MoeKernelParams& p, int row, int c
 
 // ---- decode: mma.sync, one warp = 64 weight rows x one k slice ----
 
+// A warp's accumulators for one row tile: [sub-tile][8-token group][4], mma.sync's C layout.
+template <int kGroups>
+using RowTileAcc = float[kTilesPerRowTile][kGroups][4];
+
+template <int kGroups>
+__device__ __forceinline__ void zero_acc(RowTileAcc<kGroups>& acc) {
+#pragma unroll
+  for (int t = 0; t < kTilesPerRowTile; ++t) {
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[t][g][i] = 0.0f;
+    }
+  }
+}
+
+// Calls f(row, token, value) for each of this lane's accumulators: lane = 4 * g8 + c4 holds rows
+// g8 and g8 + 8 of each 16-row sub-tile, tokens 2 c4 and 2 c4 + 1 of each 8-token group.
+template <int kGroups, typename F>
+__device__ __forceinline__ void for_each_acc(const RowTileAcc<kGroups>& acc, F&& f) {
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
+#pragma unroll
+  for (int t = 0; t < kTilesPerRowTile; ++t) {
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        f(t * kFp4MoeTileRows + g8 + 8 * (i >> 1), g * 8 + 2 * c4 + (i & 1), acc[t][g][i]);
+      }
+    }
+  }
+}
+
 // Decode ring: per warp, kStages slots of [row-tile chunk of weights][x chunk, swizzled], kStages
 // - 1 of them in flight. Both arrive by cp.async, so the depth costs shared memory, not
 // registers. 8-token tiles: 3 stages, two blocks may share a multiprocessor (128 registers).
@@ -458,6 +505,16 @@ __host__ __device__ constexpr int decode_warp_stages() {
 template <int kGroups>
 __host__ __device__ constexpr bool decode_programmatic() {
   return kGroups == 1;
+}
+// First thing in a decode kernel. 8-token tiles are launched as programmatic dependents (see
+// the launcher): everything the previous kernel wrote is visible after the wait, and nothing
+// global is touched before it; the next launch may start at once.
+template <int kGroups>
+__device__ __forceinline__ void decode_programmatic_start() {
+  if constexpr (decode_programmatic<kGroups>()) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
 }
 template <Fp4Format F, int kGroups>
 __host__ __device__ constexpr int decode_slot_bytes() {
@@ -523,7 +580,7 @@ __device__ __forceinline__ float mx_block_multiplier(uint32_t scales, int i) {
 template <int kGroups>
 __device__ __forceinline__ void decode_chunk_mx(uint32_t slot, int lane,
                                                 uint32_t (&b)[kGroups][2][4],
-                                                float (&acc)[kTilesPerRowTile][kGroups][4]) {
+                                                RowTileAcc<kGroups>& acc) {
   constexpr int kChunkBytes = fp4_moe_chunk_bytes(Fp4Format::mxfp4);
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
@@ -572,7 +629,7 @@ __device__ __forceinline__ void decode_chunk_mx(uint32_t slot, int lane,
 template <Fp4Format F, int kGroups, int kS = decode_stages<kGroups>()>
 __device__ __forceinline__ void decode_warp(const MoeKernelParams& p, const MoeTile& tile,
                                             int row_tile, int c_begin, int c_end, uint32_t ring,
-                                            float (&acc)[kTilesPerRowTile][kGroups][4]) {
+                                            RowTileAcc<kGroups>& acc) {
   constexpr int kSlotBytes = decode_slot_bytes<F, kGroups>();
   constexpr int kChunkBytes = fp4_moe_chunk_bytes(F);
   constexpr int kRowChunkBytes = kFp4MoeSubTiles * kChunkBytes;  // one chunk of a row tile
@@ -672,15 +729,8 @@ __device__ __forceinline__ void decode_unit(const MoeKernelParams& p, const MoeT
   const int c_begin = slice * p.k_chunks / slices;
   const int c_end = (slice + 1) * p.k_chunks / slices;
 
-  float acc[kTilesPerRowTile][kGroups][4];
-#pragma unroll
-  for (int t = 0; t < kTilesPerRowTile; ++t) {
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[t][g][i] = 0.0f;
-    }
-  }
+  RowTileAcc<kGroups> acc;
+  zero_acc<kGroups>(acc);
   if (row_tile < p.row_tiles && c_begin < c_end) {
     decode_warp<F, kGroups>(p, tile, row_tile, c_begin, c_end,
                             smem_u32(smem) + warp * kRingBytes, acc);
@@ -690,19 +740,9 @@ __device__ __forceinline__ void decode_unit(const MoeKernelParams& p, const MoeT
 
   // [slices][kTokens][64 rows] in the ring of the group's first warp (warp `group`)
   float* partial = reinterpret_cast<float*>(smem + group * kRingBytes);
-  const int g8 = lane >> 2, c4 = lane & 3;
-#pragma unroll
-  for (int t = 0; t < kTilesPerRowTile; ++t) {
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = t * kFp4MoeTileRows + g8 + 8 * (i >> 1);
-        const int token = g * 8 + 2 * c4 + (i & 1);
-        partial[(slice * kTokens + token) * kRowTileRows + row] = acc[t][g][i];
-      }
-    }
-  }
+  for_each_acc<kGroups>(acc, [&](int row, int token, float v) {
+    partial[(slice * kTokens + token) * kRowTileRows + row] = v;
+  });
   named_barrier(1 + group, group_threads);
 
   if (row_tile >= p.row_tiles) return;
@@ -722,12 +762,7 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
   // ring [warps][decode_stages][decode_slot_bytes], reused for the partials of decode_unit
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ MoeSchedule schedule;
-  // 8-token tiles are launched as programmatic dependents (see the launcher): everything the
-  // previous kernel wrote is visible after the wait, and nothing global is touched before it.
-  if constexpr (decode_programmatic<kGroups>()) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
+  decode_programmatic_start<kGroups>();
   moe_load_offsets(p, schedule.offsets);
   for (int unit = blockIdx.x;; unit += gridDim.x) {
     const MoeTile tile = moe_next_tile(p, schedule, unit);
@@ -758,26 +793,13 @@ struct WarpSchedule {
 // Warp 0 counts the m-tiles of every expert (each lane a run of E / 32 experts) and scans them.
 __device__ __forceinline__ void warp_schedule_count_mtiles(const MoeKernelParams& p,
                                                            WarpSchedule& s) {
-  const int lane = threadIdx.x & 31;
-  const int per_lane = (p.experts + 31) / 32;
-  const int e_begin = min(p.experts, lane * per_lane);
-  const int e_end = min(p.experts, e_begin + per_lane);
-  int count = 0;
-  for (int e = e_begin; e < e_end; ++e) {
-    count += moe_tiles_of(s.offsets[e + 1] - s.offsets[e], p.tokens_per_tile);
-  }
-  int inclusive = count;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += v;
-  }
-  int run = inclusive - count;
-  for (int e = e_begin; e < e_end; ++e) {
+  const LaneMtiles lm = scan_lane_mtiles(p, s.offsets);
+  int run = lm.inclusive - lm.count;
+  for (int e = lm.e_begin; e < lm.e_end; ++e) {
     s.mtile_begin[e] = run;
     run += moe_tiles_of(s.offsets[e + 1] - s.offsets[e], p.tokens_per_tile);
   }
-  if (lane == 31) s.mtile_begin[p.experts] = inclusive;
+  if ((threadIdx.x & 31) == 31) s.mtile_begin[p.experts] = lm.inclusive;
 }
 
 // The rows of m-tile `mtile` (counted over all experts): the expert e with mtile_begin[e] <=
@@ -800,29 +822,14 @@ __device__ __forceinline__ MoeTile warp_schedule_find_mtile(const MoeKernelParam
                  min(p.tokens_per_tile, rows - m * p.tokens_per_tile), 0, 0};
 }
 
-// y for the rows of `tile` and row tile `row_tile`, from accumulator fragments (mma.sync's C
-// layout: lane = 4 * g8 + c4 holds rows g8 and g8 + 8 of each 16-row sub-tile, tokens 2 c4 and
-// 2 c4 + 1 of each 8-token group).
+// y for the rows of `tile` and row tile `row_tile`, straight from the accumulators.
 template <int kGroups>
-__device__ __forceinline__ void store_y_fragments(
-    const MoeKernelParams& p, const MoeTile& tile, int row_tile,
-    const float (&acc)[kTilesPerRowTile][kGroups][4]) {
-  const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
+__device__ __forceinline__ void store_y_fragments(const MoeKernelParams& p, const MoeTile& tile,
+                                                  int row_tile, const RowTileAcc<kGroups>& acc) {
   const float factor = p.expert_factors[tile.expert];
-#pragma unroll
-  for (int t = 0; t < kTilesPerRowTile; ++t) {
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = t * kFp4MoeTileRows + g8 + 8 * (i >> 1);
-        const int token = g * 8 + 2 * c4 + (i & 1);
-        if (token < tile.rows) {
-          store_y(p, tile.row0 + token, row_tile * kRowTileRows + row, acc[t][g][i] * factor);
-        }
-      }
-    }
-  }
+  for_each_acc<kGroups>(acc, [&](int row, int token, float v) {
+    if (token < tile.rows) store_y(p, tile.row0 + token, row_tile * kRowTileRows + row, v * factor);
+  });
 }
 
 template <Fp4Format F, int kGroups>
@@ -831,10 +838,7 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
   constexpr int kS = decode_warp_stages<kGroups>();
   extern __shared__ __align__(128) uint8_t smem[];  // per warp: its ring
   __shared__ WarpSchedule schedule;
-  if constexpr (decode_programmatic<kGroups>()) {  // as in sm90_fp4_moe_decode_kernel
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
+  decode_programmatic_start<kGroups>();
   moe_load_offsets(p, schedule.offsets);
   if (threadIdx.x < 32) warp_schedule_count_mtiles(p, schedule);
   __syncthreads();
@@ -847,15 +851,8 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
        column += gridDim.x * kWarps) {
     const MoeTile tile = warp_schedule_find_mtile(p, schedule, column / p.row_tiles);
     const int row_tile = column % p.row_tiles;
-    float acc[kTilesPerRowTile][kGroups][4];
-#pragma unroll
-    for (int t = 0; t < kTilesPerRowTile; ++t) {
-#pragma unroll
-      for (int g = 0; g < kGroups; ++g) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][g][i] = 0.0f;
-      }
-    }
+    RowTileAcc<kGroups> acc;
+    zero_acc<kGroups>(acc);
     decode_warp<F, kGroups, kS>(p, tile, row_tile, 0, p.k_chunks, ring, acc);
     store_y_fragments<kGroups>(p, tile, row_tile, acc);
   }
