@@ -168,18 +168,25 @@ std::optional<Sm90Fp4MoeConfig> parse_config(const std::string& text) {
     c.row_tiles_per_block = rows;
     return c;
   }
-  if (std::sscanf(text.c_str(), "prefill/%d", &tokens) == 1 && (tokens == 128 || tokens == 256)) {
+  char suffix[8] = {};
+  const int fields = std::sscanf(text.c_str(), "prefill/%d/%7s", &tokens, suffix);
+  if ((fields == 1 || (fields == 2 && std::string(suffix) == "mc")) &&
+      (tokens == 128 || tokens == 256)) {
     c.kernel = Sm90Fp4MoeKernel::prefill;
     c.tokens_per_tile = tokens;
     c.row_tiles_per_block = 2;
+    c.x_multicast = fields == 2;
     return c;
   }
-  fail("bench fp4: --config '{}' is not auto, decode/8|16/1..8, warp/8|16 or prefill/128|256",
+  fail("bench fp4: --config '{}' is not auto, decode/8|16/1..8, warp/8|16 or "
+       "prefill/128|256[/mc]",
        text);
 }
 
 std::string config_name(const Sm90Fp4MoeConfig& c) {
-  if (c.kernel == Sm90Fp4MoeKernel::prefill) return fmt::format("prefill/{}", c.tokens_per_tile);
+  if (c.kernel == Sm90Fp4MoeKernel::prefill) {
+    return fmt::format("prefill/{}{}", c.tokens_per_tile, c.x_multicast ? "/mc" : "");
+  }
   if (c.schedule == Sm90Fp4MoeSchedule::warp) return fmt::format("warp/{}", c.tokens_per_tile);
   return fmt::format("decode/{}/R{}", c.tokens_per_tile, c.row_tiles_per_block);
 }
@@ -269,7 +276,8 @@ void bench_fp4_add_options(CLI::App& command, BenchFp4Options& o) {
   command.add_option("--config", o.configs,
                      "auto (the heuristic) or forced kernels, each measured: "
                      "decode/TOKENS/ROW_TILES (8|16, 1..8; the block schedule), warp/TOKENS "
-                     "(8|16; the warp schedule) or prefill/TOKENS (128|256)")
+                     "(8|16; the warp schedule), prefill/TOKENS (128|256) or prefill/TOKENS/mc (x "
+                     "multicast to pairs of blocks)")
       ->capture_default_str();
   command.add_flag("--no-pdl", o.no_pdl,
                    "launch the decode kernel without programmatic dependent launch (each launch "

@@ -387,14 +387,15 @@ __device__ __forceinline__ void moe_load_offsets(const MoeKernelParams& p, int32
   __syncthreads();
 }
 
-// The tile of `unit`, found by warp 0, for the whole block. The grid is persistent (at most one
-// block per multiprocessor): block b takes units b, b + gridDim.x, ... until one is past the last
-// tile. Consecutive units of a block use the two tile slots in turn: a warp may still be about
-// to read unit i's slot when warp 0 writes unit i + 1's (a unit's work need not pass a block
-// barrier), but not unit i + 2's, whose barrier waits for every warp to come back from unit i.
+// The tile of `unit`, found by warp 0, for the whole block; `iteration` counts the block's units
+// from 0. The grid is persistent (at most one block per multiprocessor): block b takes units b,
+// b + gridDim.x, ... until one is past the last tile. Consecutive units of a block use the two
+// tile slots in turn: a warp may still be about to read unit i's slot when warp 0 writes unit
+// i + 1's (a unit's work need not pass a block barrier), but not unit i + 2's, whose barrier
+// waits for every warp to come back from unit i.
 __device__ __forceinline__ MoeTile moe_next_tile(const MoeKernelParams& p, MoeSchedule& s,
-                                                 int unit) {
-  const int slot = ((unit - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x)) & 1;
+                                                 int unit, int iteration) {
+  const int slot = iteration & 1;
   if (threadIdx.x < 32) {
     const MoeTile t = moe_find_tile(p, s.offsets, unit);
     if (threadIdx.x == 0) s.tile[slot] = t;
@@ -764,8 +765,8 @@ __global__ void __launch_bounds__(kThreads, kGroups == 1 ? 2 : 1)
   __shared__ MoeSchedule schedule;
   decode_programmatic_start<kGroups>();
   moe_load_offsets(p, schedule.offsets);
-  for (int unit = blockIdx.x;; unit += gridDim.x) {
-    const MoeTile tile = moe_next_tile(p, schedule, unit);
+  for (int unit = blockIdx.x, iteration = 0;; unit += gridDim.x, ++iteration) {
+    const MoeTile tile = moe_next_tile(p, schedule, unit, iteration);
     if (tile.expert < 0) return;
     decode_unit<F, kGroups>(p, tile, smem);
     // Leave without another scan and barrier when no unit is left for this block: 0.3 to 0.9
@@ -870,7 +871,6 @@ struct PrefillShape {
   static constexpr int kStageBytes =
       (kXBytes + 2 * kWgWBytes + kSwizzleAlign - 1) / kSwizzleAlign * kSwizzleAlign;
   static constexpr int kStages = kHalves == 1 ? 6 : 5;  // as many as fit
-  static constexpr int kAhead = kStages - 2;  // the other two may be read by wgmmas in flight
   static constexpr int kSmemBytes = kStages * kStageBytes + kSwizzleAlign;
 };
 
@@ -915,19 +915,131 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// One unit: an m-tile of 128 * kHalves rows times 128 weight rows (warpgroup w: row tile
-// 2 * row_block + w). Stage j % kStages holds x chunk j (a box of the tensor map, which the copy
-// engine writes in wgmma's 128-byte swizzle; rows past the tile are another expert's or zeros,
-// never stored) and weight chunk j + 1, all landing on the stage's mbarrier. Thread 0 issues the
-// copies kAhead chunks ahead. Per chunk: wait for the stage, issue the wgmmas of chunk j, then
-// dequantize chunk j + 1's A from shared memory while they run (wait_group 1 frees the other A
-// buffer). bars: the kStages mbarriers; phases: bit s is the parity stage s completes next.
-template <Fp4Format F, int kHalves>
-__device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUtensorMap* x_map,
-                                             const MoeTile& tile, uint32_t ring, uint32_t bars,
-                                             uint32_t& phases) {
+// The same box delivered by one copy to the same shared-memory offset in every block of the
+// cluster named in `cta_mask`, each block's mbarrier at offset `bar` counting its bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0,
+                                                      int c1, uint32_t bar, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_index() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_count() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return r;
+}
+// Every thread of every block of the cluster; what each wrote before is visible to all after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// One arrival on the mbarrier at offset `bar` in block `rank` of the cluster (this one or
+// another).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  asm volatile(
+      "{\n .reg .b32 remote;\n mapa.shared::cluster.u32 remote, %0, %1;\n"
+      " mbarrier.arrive.shared::cluster.b64 _, [remote];\n}" ::"r"(bar),
+      "r"(rank)
+      : "memory");
+}
+
+// One arrival on this block's mbarrier at `bar`.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// The prefill pipeline is warp-specialized: warps 0-7 (two warpgroups) consume, warp 8 produces.
+// Stage s of the ring holds an x chunk and the next chunk's weights; `full` + 8 s completes when
+// their bytes have landed, `empty` + 8 s when every consumer warp is done with them (one arrival
+// per warp: kPrefillConsumerWarps, or twice that with multicast, where the stage also receives
+// the peer block's half of x and so must be free in both blocks before either refills it).
+// Every warp finds its own units (moe_find_tile), so no block barrier follows the start: the
+// producer runs up to kStages chunks ahead, across unit boundaries, while the consumers finish
+// a unit's wgmmas and store its y.
+constexpr int kPrefillConsumerWarps = kWarps;
+// The producer is a whole warpgroup (warp 8 issues, 9 to 11 idle): registers are handed out per
+// warpgroup, and setmaxnreg moves them from the producer's to the consumers' (which hold a
+// 64 x 256 FP32 accumulator fragment, 128 registers, plus two A buffers).
+constexpr int kPrefillThreads = kThreads + 128;
+constexpr int kPrefillProducerRegs = 40, kPrefillConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64K
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+// The producer (lane 0 of warp 8) for one unit: x chunk c and weight chunk c + 1 into stage
+// c % kStages, for c = 0 .. k_chunks - 1 (chunk 0's weights the consumers read from global
+// memory). With multicast, x rows [rank * T / 2, (rank + 1) * T / 2) into both blocks.
+// empty_parity: bit s is the parity of stage s's next "done" phase; filled: bit s, stage s has
+// been filled before (its first fill waits for nothing).
+template <Fp4Format F, int kHalves, bool kMulticast>
+__device__ __forceinline__ void prefill_produce(const MoeKernelParams& p, const CUtensorMap* x_map,
+                                                const MoeTile& tile, uint32_t ring, uint32_t full,
+                                                uint32_t empty, uint32_t rank,
+                                                uint32_t& empty_parity, uint32_t& filled) {
   using Shape = PrefillShape<F, kHalves>;
-  constexpr int kS = Shape::kStages, kAhead = Shape::kAhead;
+  const int kc = p.k_chunks;
+  const uint8_t* w_expert = p.weights + tile.expert * p.expert_bytes;
+  const int64_t w_row_tile_bytes = static_cast<int64_t>(kc) * Shape::kWgWBytes;
+  // 0 for the second block of a pair past the last row tile: it only fetches its half of x.
+  const int row_tiles = max(0, min(2, p.row_tiles - tile.row_block * 2));
+  for (int c = 0; c < kc; ++c) {
+    const int stage = c % Shape::kStages;
+    if ((filled >> stage) & 1u) {
+      mbar_wait(empty + 8 * stage, (empty_parity >> stage) & 1u);
+      empty_parity ^= 1u << stage;
+    }
+    filled |= 1u << stage;
+    const uint32_t base = ring + stage * Shape::kStageBytes, bar = full + 8 * stage;
+    const bool weights = c + 1 < kc;
+    mbar_arrive_expect_tx(bar, Shape::kXBytes + (weights ? row_tiles * Shape::kWgWBytes : 0));
+    if constexpr (kMulticast) {
+      constexpr int kHalfRows = Shape::kTokens / 2;
+      tma_load_2d_multicast(base + rank * (Shape::kXBytes / 2), x_map, c * kFp4MoeChunkCols,
+                            tile.row0 + static_cast<int>(rank) * kHalfRows, bar, 0x3);
+    } else {
+      tma_load_2d(base, x_map, c * kFp4MoeChunkCols, tile.row0, bar);
+    }
+    if (weights) {
+      for (int w = 0; w < row_tiles; ++w) {
+        bulk_copy_g2s(base + Shape::kXBytes + w * Shape::kWgWBytes,
+                      w_expert + (tile.row_block * 2 + w) * w_row_tile_bytes +
+                          static_cast<int64_t>(c + 1) * Shape::kWgWBytes,
+                      Shape::kWgWBytes, bar);
+      }
+    }
+  }
+}
+
+// The consumers for one unit: an m-tile of 128 * kHalves rows times 128 weight rows (warpgroup
+// w: row tile 2 * row_block + w). Per chunk j: wait for stage j, issue its wgmmas, wait for chunk
+// j - 1's (so stage j - 1 is done: release it), then dequantize chunk j + 1's weights from stage j
+// into the other A buffer while chunk j's wgmmas run. full_parity: bit s is the parity of stage
+// s's next "full" phase.
+template <Fp4Format F, int kHalves, bool kMulticast>
+__device__ __forceinline__ void prefill_consume(const MoeKernelParams& p, const MoeTile& tile,
+                                                uint32_t ring, uint32_t full, uint32_t empty,
+                                                uint32_t& full_parity) {
+  using Shape = PrefillShape<F, kHalves>;
+  constexpr int kS = Shape::kStages;
   constexpr int kChunkBytes = fp4_moe_chunk_bytes(F);
   // Unrolled so that stage (j % kS) and A buffer (j % 2) are compile-time indices.
   constexpr int kUnroll = kS % 2 == 0 ? kS : 2 * kS;
@@ -935,24 +1047,14 @@ __device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUt
   const int wg = warp / 4, sub_tile = warp % 4;
   const int row_tile = tile.row_block * 2 + wg;
   const bool active = row_tile < p.row_tiles;
-  const uint8_t* w_expert = p.weights + tile.expert * p.expert_bytes;
-  const int64_t w_row_tile_bytes = static_cast<int64_t>(p.k_chunks) * Shape::kWgWBytes;
-  const uint8_t* wsrc = w_expert + row_tile * w_row_tile_bytes;
-  const uint32_t w_off = Shape::kXBytes + wg * Shape::kWgWBytes;  // this warpgroup's weights
   const int kc = p.k_chunks;
-  const int active_wgs = min(2, p.row_tiles - tile.row_block * 2);
-  auto fetch = [&](int chunk, int stage) {  // thread 0: x chunk `chunk`, weight chunk `chunk + 1`
-    if (chunk >= kc) return;
-    const uint32_t base = ring + stage * Shape::kStageBytes, bar = bars + 8 * stage;
-    const bool weights = chunk + 1 < kc;
-    mbar_arrive_expect_tx(bar, Shape::kXBytes + (weights ? active_wgs * Shape::kWgWBytes : 0));
-    tma_load_2d(base, x_map, chunk * kFp4MoeChunkCols, tile.row0, bar);
-    if (weights) {
-      for (int w = 0; w < active_wgs; ++w) {
-        bulk_copy_g2s(base + Shape::kXBytes + w * Shape::kWgWBytes,
-                      w_expert + (tile.row_block * 2 + w) * w_row_tile_bytes +
-                          static_cast<int64_t>(chunk + 1) * Shape::kWgWBytes,
-                      Shape::kWgWBytes, bar);
+  const uint32_t w_off = Shape::kXBytes + wg * Shape::kWgWBytes;  // this warpgroup's weights
+  auto release = [&](int stage) {  // this warp is done with `stage`
+    if (lane == 0) {
+      if constexpr (kMulticast) {
+        for (uint32_t r = 0; r < 2; ++r) mbar_arrive_cluster(empty + 8 * stage, r);
+      } else {
+        mbar_arrive(empty + 8 * stage);
       }
     }
   };
@@ -961,11 +1063,9 @@ __device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUt
 #pragma unroll
   for (int i = 0; i < kHalves * 64; ++i) acc[i] = 0.0f;
   uint32_t a[2][4][4];
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int d = 0; d < kAhead; ++d) fetch(d, d);
-  }
   if (active) {  // chunk 0's weights straight from global memory
+    const uint8_t* wsrc = p.weights + tile.expert * p.expert_bytes +
+                          row_tile * static_cast<int64_t>(kc) * Shape::kWgWBytes;
     ChunkRegs<F> w;
     load_chunk<F>(wsrc + sub_tile * kChunkBytes, lane, w);
     dequant_chunk<F>(w, a[0]);
@@ -976,12 +1076,10 @@ __device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUt
     for (int d = 0; d < kUnroll; ++d) {
       const int j = j0 + d;  // stage d % kS, A registers a[d % 2]
       if (j < kc) {
-        __syncthreads();  // every wgmma of chunk j - 2 is done and its stage free
-        if (threadIdx.x == 0) fetch(j + kAhead, (d + kAhead) % kS);  // stage (j - 2) % kS
-        mbar_wait(bars + 8 * (d % kS), (phases >> (d % kS)) & 1u);
-        phases ^= 1u << (d % kS);
+        mbar_wait(full + 8 * (d % kS), (full_parity >> (d % kS)) & 1u);
+        full_parity ^= 1u << (d % kS);
+        const uint32_t stage = ring + (d % kS) * Shape::kStageBytes;
         if (active) {
-          const uint32_t stage = ring + (d % kS) * Shape::kStageBytes;
           wgmma_fence();
           const uint64_t desc = wgmma_desc_sw128(stage);
 #pragma unroll
@@ -994,17 +1092,22 @@ __device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUt
           }
           wgmma_commit();
           wgmma_wait<1>();  // chunk j - 1 done: a[(d + 1) % 2] is free
-          if (j + 1 < kc) {
-            ChunkRegs<F> w;
-            lds_chunk<F>(stage + w_off + sub_tile * kChunkBytes, lane, w);
-            dequant_chunk<F>(w, a[(d + 1) % 2]);
-          }
+        }
+        // Stage j - 1: its x was read by chunk j - 1's wgmmas, its weights (chunk j) went into
+        // the A registers chunk j's wgmmas took.
+        if (j >= 1) release((d + kS - 1) % kS);
+        if (active && j + 1 < kc) {
+          ChunkRegs<F> w;
+          lds_chunk<F>(stage + w_off + sub_tile * kChunkBytes, lane, w);
+          dequant_chunk<F>(w, a[(d + 1) % 2]);
         }
       }
     }
   }
   wgmma_wait<0>();
   wgmma_fence_operands(acc);
+  __syncwarp();
+  release((kc - 1) % kS);
   if (!active) return;
 
   const float factor = p.expert_factors[tile.expert];
@@ -1019,24 +1122,68 @@ __device__ __forceinline__ void prefill_unit(const MoeKernelParams& p, const CUt
   }
 }
 
-template <Fp4Format F, int kHalves>
-__global__ void __launch_bounds__(kThreads, 1)
+// kMulticast: the grid is clusters of two blocks; the pair takes (m-tile, pair of row blocks)
+// units in turn, block `rank` the row block 2 * pair + rank, and both blocks walk the same units,
+// so that their chunks stay in step. Without it, blocks take (m-tile, row block) units in turn.
+template <Fp4Format F, int kHalves, bool kMulticast>
+__global__ void __launch_bounds__(kPrefillThreads, 1)
     sm90_fp4_moe_prefill_kernel(const MoeKernelParams p, const __grid_constant__ CUtensorMap x_map) {
-  extern __shared__ uint8_t smem_raw[];  // PrefillShape::kStages stages, 1024-aligned
-  __shared__ MoeSchedule schedule;
-  __shared__ __align__(8) uint64_t bars[PrefillShape<F, kHalves>::kStages];
+  using Shape = PrefillShape<F, kHalves>;
+  extern __shared__ uint8_t smem_raw[];  // Shape::kStages stages, 1024-aligned
+  __shared__ int32_t offsets[kFp4MoeMaxExperts + 1];
+  __shared__ __align__(8) uint64_t full_bars[Shape::kStages];
+  __shared__ __align__(8) uint64_t empty_bars[Shape::kStages];
   const uint32_t ring = (smem_u32(smem_raw) + kSwizzleAlign - 1) & ~uint32_t{kSwizzleAlign - 1};
+  const uint32_t full = smem_u32(&full_bars[0]), empty = smem_u32(&empty_bars[0]);
   if (threadIdx.x == 0) {
-    for (int s = 0; s < PrefillShape<F, kHalves>::kStages; ++s) mbar_init(smem_u32(&bars[s]), 1);
+    for (int s = 0; s < Shape::kStages; ++s) {
+      mbar_init(full + 8 * s, 1);
+      mbar_init(empty + 8 * s, kMulticast ? 2 * kPrefillConsumerWarps : kPrefillConsumerWarps);
+    }
     mbar_fence_init();
   }
-  uint32_t phases = 0;
-  moe_load_offsets(p, schedule.offsets);  // its barrier also publishes the mbarrier initialization
-  for (int unit = blockIdx.x;; unit += gridDim.x) {
-    const MoeTile tile = moe_next_tile(p, schedule, unit);
-    if (tile.expert < 0) return;
-    prefill_unit<F, kHalves>(p, &x_map, tile, ring, smem_u32(&bars[0]), phases);
+  MoeKernelParams units = p;
+  int unit = static_cast<int>(blockIdx.x), unit_step = static_cast<int>(gridDim.x);
+  uint32_t rank = 0;
+  if constexpr (kMulticast) {
+    rank = cluster_rank();
+    units.row_blocks = (p.row_blocks + 1) / 2;
+    unit = static_cast<int>(cluster_index());
+    unit_step = static_cast<int>(cluster_count());
   }
+  moe_load_offsets(p, offsets);  // its barrier also publishes the mbarrier initialization
+  if constexpr (kMulticast) cluster_sync();  // ... to the peer, before its copies and arrivals
+  // Two separate loops over the same units, so that each role's code runs under its own
+  // register budget.
+  const int warp = threadIdx.x / 32;
+  if (warp >= kPrefillConsumerWarps) {
+    setmaxnreg_dec<kPrefillProducerRegs>();
+    if (warp == kPrefillConsumerWarps) {
+      uint32_t empty_parity = 0, filled = 0;
+      for (;; unit += unit_step) {
+        MoeTile tile = moe_find_tile(units, offsets, unit);
+        if (tile.expert < 0) break;
+        if constexpr (kMulticast) tile.row_block = 2 * tile.row_block + static_cast<int>(rank);
+        if ((threadIdx.x & 31) == 0) {
+          prefill_produce<F, kHalves, kMulticast>(p, &x_map, tile, ring, full, empty, rank,
+                                                  empty_parity, filled);
+        }
+        __syncwarp();
+      }
+    }
+  } else {
+    setmaxnreg_inc<kPrefillConsumerRegs>();
+    uint32_t full_parity = 0;
+    for (;; unit += unit_step) {
+      MoeTile tile = moe_find_tile(units, offsets, unit);
+      if (tile.expert < 0) break;
+      if constexpr (kMulticast) tile.row_block = 2 * tile.row_block + static_cast<int>(rank);
+      prefill_consume<F, kHalves, kMulticast>(p, tile, ring, full, empty, full_parity);
+    }
+  }
+  // The peer may still copy into or arrive on this block's shared memory: stay until both are
+  // done.
+  if constexpr (kMulticast) cluster_sync();
 }
 
 // ---- launch ----
@@ -1075,14 +1222,18 @@ DecodeKernelFn decode_kernel_for(Fp4Format format, int tokens, Sm90Fp4MoeSchedul
             : sm90_fp4_moe_decode_kernel<Fp4Format::nvfp4, 2>;
 }
 
-PrefillKernelFn prefill_kernel_for(Fp4Format format, int tokens) {
-  const bool mx = format == Fp4Format::mxfp4;
+template <Fp4Format F>
+PrefillKernelFn prefill_kernel_for(int tokens, bool multicast) {
   if (tokens == kPrefillHalfTokens) {
-    return mx ? sm90_fp4_moe_prefill_kernel<Fp4Format::mxfp4, 1>
-              : sm90_fp4_moe_prefill_kernel<Fp4Format::nvfp4, 1>;
+    return multicast ? sm90_fp4_moe_prefill_kernel<F, 1, true>
+                     : sm90_fp4_moe_prefill_kernel<F, 1, false>;
   }
-  return mx ? sm90_fp4_moe_prefill_kernel<Fp4Format::mxfp4, 2>
-            : sm90_fp4_moe_prefill_kernel<Fp4Format::nvfp4, 2>;
+  return multicast ? sm90_fp4_moe_prefill_kernel<F, 2, true>
+                   : sm90_fp4_moe_prefill_kernel<F, 2, false>;
+}
+PrefillKernelFn prefill_kernel_for(Fp4Format format, int tokens, bool multicast) {
+  return format == Fp4Format::mxfp4 ? prefill_kernel_for<Fp4Format::mxfp4>(tokens, multicast)
+                                    : prefill_kernel_for<Fp4Format::nvfp4>(tokens, multicast);
 }
 
 // x [total_rows, k] bf16 as a 2D tensor map: boxes of 64 columns x `tokens` rows, written in
@@ -1145,6 +1296,7 @@ void check_config(const Sm90Fp4MoeConfig& c) {
                  "decode config takes 8 or 16 tokens per tile");
     const int r = c.row_tiles_per_block;
     CUDA_REQUIRE(r >= 1 && r <= 8, "decode config takes 1 to 8 row tiles per block");
+    CUDA_REQUIRE(!c.x_multicast, "x multicast is a prefill option");
   }
 }
 
@@ -1241,9 +1393,37 @@ void sm90_fp4_moe_grouped_launch(const Sm90Fp4MoeParams& p, const Sm90Fp4MoeConf
       warp_schedule ? (tiles * kp.row_tiles + kWarps - 1) / kWarps : tiles * kp.row_blocks;
   const auto grid = static_cast<unsigned>(std::min<int64_t>(units, sm_count));
   if (config.kernel == Sm90Fp4MoeKernel::prefill) {
-    const PrefillKernelFn kernel = prefill_kernel_for(p.format, config.tokens_per_tile);
+    const PrefillKernelFn kernel =
+        prefill_kernel_for(p.format, config.tokens_per_tile, config.x_multicast);
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kThreads, smem, stream>>>(kp, make_x_map(p, config.tokens_per_tile));
+    const CUtensorMap x_map =
+        make_x_map(p, config.x_multicast ? config.tokens_per_tile / 2 : config.tokens_per_tile);
+    if (!config.x_multicast) {
+      kernel<<<grid, kPrefillThreads, smem, stream>>>(kp, x_map);
+    } else {
+      // Pairs of blocks as clusters of two; as many pairs as can be resident at once (the
+      // multiprocessors of a pair share a GPC, so an odd one out per GPC may stay idle), but
+      // no more than the units of pairs of row blocks.
+      cudaLaunchConfig_t launch{};
+      launch.blockDim = dim3(kPrefillThreads);
+      launch.dynamicSmemBytes = static_cast<size_t>(smem);
+      launch.stream = stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = 2;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      launch.attrs = &attr;
+      launch.numAttrs = 1;
+      launch.gridDim = dim3(static_cast<unsigned>(2 * (sm_count / 2)));
+      int resident_pairs = 0;
+      CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident_pairs, kernel, &launch));
+      CUDA_REQUIRE(resident_pairs > 0, "one cluster of two prefill blocks fits the device");
+      const int64_t pair_units = tiles * ((kp.row_blocks + 1) / 2);
+      launch.gridDim =
+          dim3(static_cast<unsigned>(2 * std::min<int64_t>(pair_units, resident_pairs)));
+      CUDA_CHECK(cudaLaunchKernelEx(&launch, kernel, kp, x_map));
+    }
   } else {
     const DecodeKernelFn kernel =
         decode_kernel_for(p.format, config.tokens_per_tile, config.schedule);

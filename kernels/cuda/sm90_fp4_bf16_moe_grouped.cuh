@@ -53,8 +53,8 @@ struct Sm90Fp4MoeParams {
 
 enum class Sm90Fp4MoeKernel : uint8_t {
   decode,   // mma.sync m16n8k16; 8 warps, each 64 weight rows x a k slice x 8|16 token columns
-  prefill,  // wgmma m64n128k16, A (weights) from registers; 2 warpgroups, 128 rows x 128|256
-            //   tokens
+  prefill,  // wgmma m64n128|256k16, A (weights) from registers; 2 consumer warpgroups, 128 rows
+            //   x 128|256 tokens, and a producer warpgroup feeding them through the copy engine
 };
 
 // How the decode kernel shares the work out.
@@ -80,6 +80,9 @@ struct Sm90Fp4MoeConfig {
                                 //   (rounded down; the warps past the last whole slice idle).
                                 //   decode, warp schedule: unused (1). prefill: 2
   Sm90Fp4MoeSchedule schedule = Sm90Fp4MoeSchedule::block;  // decode only
+  bool x_multicast = false;     // prefill: blocks run in clusters of two on the same m-tile and
+                                //   neighbouring row blocks, each x chunk fetched once by the
+                                //   copy engine for both (TMA multicast, half the x traffic)
 };
 
 // The heuristic: decode when the average active expert (active_experts_hint, else

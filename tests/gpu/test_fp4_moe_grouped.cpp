@@ -202,7 +202,9 @@ class DeviceMoe {
 
 std::string config_name(const Sm90Fp4MoeConfig* c) {
   if (c == nullptr) return "auto";
-  if (c->kernel == Sm90Fp4MoeKernel::prefill) return "prefill/" + std::to_string(c->tokens_per_tile);
+  if (c->kernel == Sm90Fp4MoeKernel::prefill) {
+    return "prefill/" + std::to_string(c->tokens_per_tile) + (c->x_multicast ? "/mc" : "");
+  }
   if (c->schedule == Sm90Fp4MoeSchedule::warp) return "warp/" + std::to_string(c->tokens_per_tile);
   return "decode/" + std::to_string(c->tokens_per_tile) + "/R" +
          std::to_string(c->row_tiles_per_block);
@@ -260,6 +262,12 @@ Sm90Fp4MoeConfig decode_config(int tokens, int row_tiles) {
   return {Sm90Fp4MoeKernel::decode, tokens, row_tiles};
 }
 Sm90Fp4MoeConfig prefill_config(int tokens) { return {Sm90Fp4MoeKernel::prefill, tokens, 2}; }
+// Pairs of blocks sharing x (a cluster of two; the second block idles past the last row tile).
+Sm90Fp4MoeConfig multicast_config(int tokens) {
+  Sm90Fp4MoeConfig c = prefill_config(tokens);
+  c.x_multicast = true;
+  return c;
+}
 Sm90Fp4MoeConfig warp_config(int tokens) {
   return {Sm90Fp4MoeKernel::decode, tokens, 1, Sm90Fp4MoeSchedule::warp};
 }
@@ -303,6 +311,7 @@ TEST(Fp4MoeGrouped, PrefillShapesMatchCpu) {
     int64_t n, k;
   } shapes[] = {{192, 320}, {64, 1024}, {256, 192}};
   const std::vector<Sm90Fp4MoeConfig> configs = {prefill_config(128), prefill_config(256),
+                                                 multicast_config(128), multicast_config(256),
                                                  decode_config(16, 1)};
   uint64_t seed = 200;
   for (Fp4Format format : kFormats) {
@@ -334,6 +343,7 @@ TEST(Fp4MoeGrouped, OneHotActivationsReturnEveryWeight) {
     DeviceMoe dev(p);
     ASSERT_TRUE(dev.ok());
     const Sm90Fp4MoeConfig configs[] = {prefill_config(128), prefill_config(256),
+                                        multicast_config(128), multicast_config(256),
                                         decode_config(16, 2), decode_config(8, 8),
                                         warp_config(8), warp_config(16)};
     for (const Sm90Fp4MoeConfig& c : configs) {
@@ -469,7 +479,22 @@ TEST(Fp4MoeGrouped, ManyMostlyEmptyExperts) {
     }
     rows.back() = 3;  // the last expert's rows end the tensor
     check_problem(random_problem(400 + experts, Fp4Format::mxfp4, 128, 128, rows),
-                  {decode_config(8, 2), prefill_config(128), warp_config(8), warp_config(16)});
+                  {decode_config(8, 2), prefill_config(128), multicast_config(256),
+                   warp_config(8), warp_config(16)});
+  }
+}
+
+// More units than pairs of blocks fit on the device (n = 2048: 8 pairs of row blocks; 3 to 4
+// m-tiles of 256 rows per expert), so each pair runs several units in a row and its stages are
+// refilled across units: every stage's "both done" count must carry over. k = 448 (7 chunks)
+// ends each unit at another stage than it started.
+TEST(Fp4MoeGrouped, MulticastPairsLoopOverUnits) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<int> rows = {700, 0, 1000, 513, 768};
+  for (Fp4Format format : kFormats) {
+    SCOPED_TRACE(fp4_format_name(format));
+    check_problem(random_problem(900, format, 2048, 448, rows),
+                  {multicast_config(256), multicast_config(128), prefill_config(256)});
   }
 }
 
