@@ -965,7 +965,8 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-// The prefill pipeline is warp-specialized: warps 0-7 (two warpgroups) consume, warp 8 produces.
+// The prefill pipeline is warp-specialized: warps 0-7 (two warpgroups) consume, the first thread
+// of warp 8 produces (warps 8-11 form the producer warpgroup).
 // Stage s of the ring holds an x chunk and the next chunk's weights; `full` + 8 s completes when
 // their bytes have landed, `empty` + 8 s when every consumer warp is done with them (one arrival
 // per warp: kPrefillConsumerWarps, or twice that with multicast, where the stage also receives
