@@ -99,6 +99,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.reasoning = s.get("reasoning", c.reasoning);
   c.with_reference = s.get("with_reference", c.with_reference);
   c.position_marks = s.get("position_marks", c.position_marks);
+  c.aligned_marks = s.get("aligned_marks", c.aligned_marks);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -120,6 +121,10 @@ GrmConfig read_grm(YamlSection& s) {
   }
   if (!(c.judge_fraction > 0 && c.judge_fraction <= 1)) {
     fail("{}: must be in (0, 1], got {}", s.key_path("judge_fraction"), c.judge_fraction);
+  }
+  if (c.aligned_marks && c.position_marks) {
+    fail("{}: two reasoning styles; turn off {}", s.key_path("aligned_marks"),
+         s.key_path("position_marks"));
   }
   return c;
 }

@@ -64,6 +64,7 @@ struct GrmConfig {
   bool reasoning = true;           // false: train to give the verdict without reasoning
   bool with_reference = false;     // show the reference answer in judge prompts
   bool position_marks = false;     // reasoning marks each position equal or not (scored_data.h)
+  bool aligned_marks = false;      // reasoning interleaves the answers, marks each pair (same)
   uint64_t seed = 11;
 };
 

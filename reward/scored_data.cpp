@@ -177,6 +177,47 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
          comparison_of(example, grade);
 }
 
+std::string aligned_comparison(std::string_view expected, std::string_view got) {
+  constexpr char kFiller = '.';  // a position one answer does not reach
+  const size_t length = std::max(expected.size(), got.size());
+  // The character of `text` at aligned position i, padded on the left or the right.
+  auto at = [length](std::string_view text, size_t i, bool pad_left) {
+    const size_t pad = length - text.size();
+    if (pad_left) return i < pad ? kFiller : text[i - pad];
+    return i < text.size() ? text[i] : kFiller;
+  };
+  auto equal_positions = [&](bool pad_left) {
+    size_t n = 0;
+    for (size_t i = 0; i < length; ++i) {
+      const char e = at(expected, i, pad_left), g = at(got, i, pad_left);
+      n += e == g && e != kFiller;
+    }
+    return n;
+  };
+  const bool pad_left = equal_positions(true) >= equal_positions(false);
+  std::string out;
+  int mismatches = 0;
+  for (size_t i = 0; i < length; ++i) {
+    const char e = at(expected, i, pad_left), g = at(got, i, pad_left);
+    if (e == ' ' && g == ' ') continue;
+    const bool equal = e == g && e != kFiller;
+    mismatches += !equal;
+    out += e == ' ' ? '_' : e;
+    out += g == ' ' ? '_' : g;
+    out += equal ? '=' : 'x';
+    out += ' ';
+  }
+  return out + std::to_string(std::min(mismatches, 9));
+}
+
+std::string aligned_reasoning(const TaskExample& example, std::string_view response,
+                              const Grade& grade) {
+  // The response is aligned as the judge sees it in its prompt: escaped.
+  return "expected " + example.reference + "; " +
+         aligned_comparison(example.reference, escape_judged_text(response)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
+}
+
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
                             const JudgeDataOptions& options) {
   RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
@@ -217,11 +258,12 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     std::vector<Grade> grades;
     for (const std::string& c : candidates) {
       grades.push_back(suite.grade(ex, c));
-      data.pointwise.push_back({ex.prompt, c, reference,
-                                options.reasoning
-                                    ? grade_reasoning(ex, c, grades.back(), options.position_marks)
-                                    : "",
-                                judge_score_from_grade(grades.back().score)});
+      const std::string reasoning =
+          !options.reasoning       ? ""
+          : options.aligned_marks ? aligned_reasoning(ex, c, grades.back())
+                                  : grade_reasoning(ex, c, grades.back(), options.position_marks);
+      data.pointwise.push_back(
+          {ex.prompt, c, reference, reasoning, judge_score_from_grade(grades.back().score)});
     }
     // Each side's comparison up to its first comma keeps the sequence short enough for a
     // small context ("3 of 5 letters in place", without ", length 4 instead of 5").
@@ -236,10 +278,20 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
           options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string();
       return std::string(name) + " " + quoted + ": " + marks + brief(c);
     };
+    // "A 69x 33= 1 6": the same comparison and score as the side's pointwise reasoning, without
+    // a quote of the response, whose characters are in the triples.
+    auto aligned_side = [&](const char* name, size_t c) {
+      return std::string(name) + " " +
+             aligned_comparison(ex.reference, escape_judged_text(candidates[c])) + " " +
+             std::to_string(judge_score_from_grade(grades[c].score));
+    };
     auto pair_reasoning = [&](size_t a, size_t b) {
-      return options.reasoning ? "expected " + ex.reference + "; " + side("A", a) + "; " +
-                                     side("B", b)
-                               : std::string();
+      if (!options.reasoning) return std::string();
+      if (options.aligned_marks) {
+        return "expected " + ex.reference + "; " + aligned_side("A", a) + "; " +
+               aligned_side("B", b);
+      }
+      return "expected " + ex.reference + "; " + side("A", a) + "; " + side("B", b);
     };
     // Its own random stream, so turning this on leaves every other record as it was.
     if (options.tie_pair_fraction > 0 && tie_rng.uniform() < options.tie_pair_fraction) {

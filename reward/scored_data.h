@@ -66,6 +66,23 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
                             const Grade& grade,
                             bool position_marks = false);
 
+// aligned_comparison(expected, got): the two answers side by side, one triple per position:
+// the expected character, the response's character, then '=' or 'x' ("63" vs "93":
+// "69x 33="), and after the triples the number of 'x' marks, capped at 9 ("69x 33= 1"). Each
+// mark comes right after the two characters it compares, wherever the answers' lengths put
+// them. The shorter answer is padded with '.' on the side that lines up more equal characters
+// (the right side on a tie: the units of two sums line up; the graders of sort and reverse
+// also count from whichever end matches better). A position where both answers have a space
+// is left out; a space facing any other character shows as '_' ("1 7 9" vs "1 79":
+// "11= 77= _9x 9.x 2").
+std::string aligned_comparison(std::string_view expected, std::string_view got);
+// The aligned reasoning for one response: "expected <reference>; <aligned_comparison> <score>"
+// ("expected 63; 69x 33= 1 6"), the score being the one on the score line after it. A pairwise
+// reasoning writes the same comparison and score for each side: "expected 63; A 69x 33= 1 6;
+// B 66= 33= 0 10", so its verdict compares two nearby scores.
+std::string aligned_reasoning(const TaskExample& example, std::string_view response,
+                              const Grade& grade);
+
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
@@ -86,6 +103,9 @@ struct JudgeDataOptions {
   bool with_reference = false;     // put the reference answer into the judge prompt
   // Reasoning with position marks (position_marks below) after each quoted response.
   bool position_marks = false;
+  // Reasoning as aligned comparisons (aligned_reasoning above) instead of the grader's words
+  // (position_marks is then not used; the config refuses both together).
+  bool aligned_marks = false;
   uint64_t seed = 1;
 };
 

@@ -248,6 +248,60 @@ TEST(JudgeData, PositionMarksCompareCharacterByCharacter) {
   }
 }
 
+TEST(JudgeData, AlignedComparisonMarksEachPairOfCharacters) {
+  EXPECT_EQ(aligned_comparison("63", "93"), "69x 33= 1");
+  EXPECT_EQ(aligned_comparison("63", "63"), "66= 33= 0");
+  // A shorter answer is padded with '.' where more characters line up; on a tie the numbers'
+  // units line up, as the add grader counts them.
+  EXPECT_EQ(aligned_comparison("63", "3"), "6.x 33= 1");
+  EXPECT_EQ(aligned_comparison("63", "7"), "6.x 37x 2");
+  EXPECT_EQ(aligned_comparison("-7", "7"), "-.x 77= 1");
+  EXPECT_EQ(aligned_comparison("7", "-17"), ".-x .1x 77= 2");
+  EXPECT_EQ(aligned_comparison("olleh", "ollh"), "oo= ll= ll= ehx h.x 2");
+  EXPECT_EQ(aligned_comparison("olleh", "lleh"), "o.x ll= ll= ee= hh= 1");
+  // Spaces on both sides are left out; a space against anything else shows as '_'.
+  EXPECT_EQ(aligned_comparison("1 7 9", "1 9 7"), "11= 79x 97x 2");
+  EXPECT_EQ(aligned_comparison("1 7 9", "1 79"), "11= 77= _9x 9.x 2");
+  // Either way 2 characters line up; the tie goes to the right.
+  EXPECT_EQ(aligned_comparison("1 2", "1  2"), ".1x 1_x 22= 2");
+  // The count is one digit.
+  EXPECT_EQ(aligned_comparison("abcdefghij", "klmnopqrst"),
+            "akx blx cmx dnx eox fpx gqx hrx isx jtx 9");
+}
+
+TEST(JudgeData, AlignedReasoningEndsWithEachSidesScore) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  EXPECT_EQ(aligned_reasoning(add, "93", suite.grade(add, "93")), "expected 63; 69x 33= 1 6");
+  EXPECT_EQ(aligned_reasoning(add, "63", suite.grade(add, "63")), "expected 63; 66= 33= 0 10");
+  const TaskExample sort{"sort", "sort 9 1 7", "1 7 9"};
+  EXPECT_EQ(aligned_reasoning(sort, "1 9 7", suite.grade(sort, "1 9 7")),
+            "expected 1 7 9; 11= 79x 97x 2 5");  // 1 of 3 in place, same items: 8/3 + 2
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.aligned_marks = true;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_FALSE(data.pointwise.empty());
+  ASSERT_FALSE(data.pairwise.empty());
+  std::map<std::pair<std::string, std::string>, std::string> side;  // "<comparison> <score>"
+  for (const ScoredExample& e : data.pointwise) {
+    const std::string expected = e.reasoning.substr(9, e.reasoning.find(';') - 9);
+    const std::string compared = aligned_comparison(expected, escape_judged_text(e.response));
+    EXPECT_EQ(e.reasoning, "expected " + expected + "; " + compared + " " +
+                               std::to_string(e.score));
+    // Here (no policy) a response is the reference or a corruption of it: no mismatch exactly
+    // when the grader calls it right.
+    EXPECT_EQ(e.score == 10, compared.back() == '0') << e.reasoning;
+    side[{e.prompt, e.response}] = compared + " " + std::to_string(e.score);
+  }
+  for (const PairwiseExample& p : data.pairwise) {
+    const std::string expected = p.reasoning.substr(9, p.reasoning.find(';') - 9);
+    EXPECT_EQ(p.reasoning, "expected " + expected + "; A " + side.at({p.prompt, p.response_a}) +
+                               "; B " + side.at({p.prompt, p.response_b}));
+  }
+}
+
 TEST(JudgeData, ScoreScale) {
   EXPECT_EQ(judge_score_from_grade(0.0), 1);
   EXPECT_EQ(judge_score_from_grade(0.4), 1);
