@@ -178,44 +178,54 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
 }
 
 std::string aligned_comparison(std::string_view expected, std::string_view got) {
-  constexpr char kFiller = '.';  // a position one answer does not reach
+  constexpr int kMissing = -1;  // a position one answer does not reach, written '.'
   const size_t length = std::max(expected.size(), got.size());
   // The character of `text` at aligned position i, padded on the left or the right.
-  auto at = [length](std::string_view text, size_t i, bool pad_left) {
+  auto at = [length](std::string_view text, size_t i, bool pad_left) -> int {
     const size_t pad = length - text.size();
-    if (pad_left) return i < pad ? kFiller : text[i - pad];
-    return i < text.size() ? text[i] : kFiller;
+    if (pad_left) return i < pad ? kMissing : text[i - pad];
+    return i < text.size() ? text[i] : kMissing;
   };
   auto equal_positions = [&](bool pad_left) {
     size_t n = 0;
     for (size_t i = 0; i < length; ++i) {
-      const char e = at(expected, i, pad_left), g = at(got, i, pad_left);
-      n += e == g && e != kFiller;
+      const int e = at(expected, i, pad_left);
+      n += e != kMissing && e == at(got, i, pad_left);
     }
     return n;
   };
+  auto shown = [](int c) { return c == kMissing ? '.' : c == ' ' ? '_' : char(c); };
   const bool pad_left = equal_positions(true) >= equal_positions(false);
   std::string out;
   int mismatches = 0;
   for (size_t i = 0; i < length; ++i) {
-    const char e = at(expected, i, pad_left), g = at(got, i, pad_left);
+    const int e = at(expected, i, pad_left), g = at(got, i, pad_left);
     if (e == ' ' && g == ' ') continue;
-    const bool equal = e == g && e != kFiller;
+    const bool equal = e != kMissing && e == g;
     mismatches += !equal;
-    out += e == ' ' ? '_' : e;
-    out += g == ' ' ? '_' : g;
+    out += shown(e);
+    out += shown(g);
     out += equal ? '=' : 'x';
     out += ' ';
   }
   return out + std::to_string(std::min(mismatches, 9));
 }
 
+namespace {
+
+// "69x 33= 1 6": one side's aligned comparison and its score on the judge's scale.
+std::string aligned_side(const TaskExample& example, std::string_view response,
+                         const Grade& grade) {
+  // The response is aligned as the judge sees it in its prompt: escaped.
+  return aligned_comparison(example.reference, escape_judged_text(response)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
+}
+
+}  // namespace
+
 std::string aligned_reasoning(const TaskExample& example, std::string_view response,
                               const Grade& grade) {
-  // The response is aligned as the judge sees it in its prompt: escaped.
-  return "expected " + example.reference + "; " +
-         aligned_comparison(example.reference, escape_judged_text(response)) + " " +
-         std::to_string(judge_score_from_grade(grade.score));
+  return "expected " + example.reference + "; " + aligned_side(example, response, grade);
 }
 
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
@@ -278,18 +288,13 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
           options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string();
       return std::string(name) + " " + quoted + ": " + marks + brief(c);
     };
-    // "A 69x 33= 1 6": the same comparison and score as the side's pointwise reasoning, without
-    // a quote of the response, whose characters are in the triples.
-    auto aligned_side = [&](const char* name, size_t c) {
-      return std::string(name) + " " +
-             aligned_comparison(ex.reference, escape_judged_text(candidates[c])) + " " +
-             std::to_string(judge_score_from_grade(grades[c].score));
-    };
+    // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning, without a quote
+    // of the response, whose characters are in the triples.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
       if (options.aligned_marks) {
-        return "expected " + ex.reference + "; " + aligned_side("A", a) + "; " +
-               aligned_side("B", b);
+        return "expected " + ex.reference + "; A " + aligned_side(ex, candidates[a], grades[a]) +
+               "; B " + aligned_side(ex, candidates[b], grades[b]);
       }
       return "expected " + ex.reference + "; " + side("A", a) + "; " + side("B", b);
     };

@@ -70,11 +70,11 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
 // the expected character, the response's character, then '=' or 'x' ("63" vs "93":
 // "69x 33="), and after the triples the number of 'x' marks, capped at 9 ("69x 33= 1"). Each
 // mark comes right after the two characters it compares, wherever the answers' lengths put
-// them. The shorter answer is padded with '.' on the side that lines up more equal characters
-// (the right side on a tie: the units of two sums line up; the graders of sort and reverse
-// also count from whichever end matches better). A position where both answers have a space
-// is left out; a space facing any other character shows as '_' ("1 7 9" vs "1 79":
-// "11= 77= _9x 9.x 2").
+// them. The answers are lined up at the end where more characters agree, and the shorter one is
+// padded with '.' at the other end (on a tie they line up at the right end, as the units of two
+// sums do; the graders of sort and reverse also count from whichever end matches better). A
+// position where both answers have a space is left out; a space facing any other character
+// shows as '_' ("1 7 9" vs "1 79": "11= 77= _9x 9.x 2").
 std::string aligned_comparison(std::string_view expected, std::string_view got);
 // The aligned reasoning for one response: "expected <reference>; <aligned_comparison> <score>"
 // ("expected 63; 69x 33= 1 6"), the score being the one on the score line after it. A pairwise

@@ -264,6 +264,9 @@ TEST(JudgeData, AlignedComparisonMarksEachPairOfCharacters) {
   EXPECT_EQ(aligned_comparison("1 7 9", "1 79"), "11= 77= _9x 9.x 2");
   // Either way 2 characters line up; the tie goes to the right.
   EXPECT_EQ(aligned_comparison("1 2", "1  2"), ".1x 1_x 22= 2");
+  // Padding is not a character: a '.' inside both answers is equal, padding never is.
+  EXPECT_EQ(aligned_comparison("1.5", "1.5"), "11= ..= 55= 0");
+  EXPECT_EQ(aligned_comparison("5", ".5"), "..x 55= 1");
   // The count is one digit.
   EXPECT_EQ(aligned_comparison("abcdefghij", "klmnopqrst"),
             "akx blx cmx dnx eox fpx gqx hrx isx jtx 9");
