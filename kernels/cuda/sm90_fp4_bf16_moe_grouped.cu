@@ -1224,6 +1224,13 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
   }
   moe_load_offsets(p, offsets);  // its barrier also publishes the mbarrier initialization
   if constexpr (kMulticast) cluster_sync();  // ... to the peer, before its copies and arrivals
+  // The tile of `unit` for this block (with multicast: its row block of the pair's two), by a
+  // whole warp; expert < 0 past the last unit.
+  const auto tile_of = [&](int u) {
+    MoeTile tile = moe_find_tile(units, offsets, u);
+    if constexpr (kMulticast) tile.row_block = 2 * tile.row_block + static_cast<int>(rank);
+    return tile;
+  };
   // Two separate loops over the same units, so that each role's code runs under its own
   // register budget.
   const int warp = threadIdx.x / 32;
@@ -1231,10 +1238,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
     setmaxnreg_dec<kPrefillProducerRegs>();
     if (warp == kPrefillConsumerWarps) {
       uint32_t empty_parity = 0, filled = 0;
-      for (;; unit += unit_step) {
-        MoeTile tile = moe_find_tile(units, offsets, unit);
-        if (tile.expert < 0) break;
-        if constexpr (kMulticast) tile.row_block = 2 * tile.row_block + static_cast<int>(rank);
+      for (MoeTile tile = tile_of(unit); tile.expert >= 0; tile = tile_of(unit += unit_step)) {
         if ((threadIdx.x & 31) == 0) {
           prefill_produce<F, kHalves, kMulticast>(p, &x_map, tile, ring, full, empty, rank,
                                                   empty_parity, filled);
@@ -1245,10 +1249,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
   } else {
     setmaxnreg_inc<kPrefillConsumerRegs>();
     uint32_t full_parity = 0;
-    for (;; unit += unit_step) {
-      MoeTile tile = moe_find_tile(units, offsets, unit);
-      if (tile.expert < 0) break;
-      if constexpr (kMulticast) tile.row_block = 2 * tile.row_block + static_cast<int>(rank);
+    for (MoeTile tile = tile_of(unit); tile.expert >= 0; tile = tile_of(unit += unit_step)) {
       prefill_consume<F, kHalves, kMulticast>(p, tile, ring, full, empty, full_parity);
     }
   }
