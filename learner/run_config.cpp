@@ -100,6 +100,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.with_reference = s.get("with_reference", c.with_reference);
   c.position_marks = s.get("position_marks", c.position_marks);
   c.aligned_marks = s.get("aligned_marks", c.aligned_marks);
+  c.quote_response = s.get("quote_response", c.quote_response);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -125,6 +126,10 @@ GrmConfig read_grm(YamlSection& s) {
   if (c.aligned_marks && c.position_marks) {
     fail("{}: two reasoning styles; turn off {}", s.key_path("aligned_marks"),
          s.key_path("position_marks"));
+  }
+  if (c.quote_response && !c.aligned_marks) {
+    fail("{}: only with the aligned reasoning; turn on {}", s.key_path("quote_response"),
+         s.key_path("aligned_marks"));
   }
   return c;
 }

@@ -65,6 +65,7 @@ struct GrmConfig {
   bool with_reference = false;     // show the reference answer in judge prompts
   bool position_marks = false;     // reasoning marks each position equal or not (scored_data.h)
   bool aligned_marks = false;      // reasoning interleaves the answers, marks each pair (same)
+  bool quote_response = false;     // aligned reasoning quotes each response first (same)
   uint64_t seed = 11;
 };
 

@@ -213,19 +213,31 @@ std::string aligned_comparison(std::string_view expected, std::string_view got) 
 
 namespace {
 
-// "69x 33= 1 6": one side's aligned comparison and its score on the judge's scale.
+// "69x 33= 1 6": one side's aligned comparison and its score on the judge's scale; with
+// quote_response "got 93; 69x 33= 1 6".
 std::string aligned_side(const TaskExample& example, std::string_view response,
-                         const Grade& grade) {
-  // The response is aligned as the judge sees it in its prompt: escaped.
-  return aligned_comparison(example.reference, escape_judged_text(response)) + " " +
+                         const Grade& grade, bool quote_response) {
+  // The response is quoted and aligned as the judge sees it in its prompt: escaped.
+  const std::string escaped = escape_judged_text(response);
+  const std::string quote = quote_response ? "got " + escaped + "; " : std::string();
+  return quote + aligned_comparison(example.reference, escaped) + " " +
          std::to_string(judge_score_from_grade(grade.score));
 }
 
 }  // namespace
 
 std::string aligned_reasoning(const TaskExample& example, std::string_view response,
-                              const Grade& grade) {
-  return "expected " + example.reference + "; " + aligned_side(example, response, grade);
+                              const Grade& grade, bool quote_response) {
+  return "expected " + example.reference + "; " +
+         aligned_side(example, response, grade, quote_response);
+}
+
+std::string aligned_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                   const Grade& grade_a, std::string_view response_b,
+                                   const Grade& grade_b, bool quote_response) {
+  return "expected " + example.reference + "; A " +
+         aligned_side(example, response_a, grade_a, quote_response) + "; B " +
+         aligned_side(example, response_b, grade_b, quote_response);
 }
 
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
@@ -270,7 +282,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
-          : options.aligned_marks ? aligned_reasoning(ex, c, grades.back())
+          : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response)
                                   : grade_reasoning(ex, c, grades.back(), options.position_marks);
       data.pointwise.push_back(
           {ex.prompt, c, reference, reasoning, judge_score_from_grade(grades.back().score)});
@@ -288,13 +300,12 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
           options.position_marks ? position_marks(ex.reference, quoted) + " " : std::string();
       return std::string(name) + " " + quoted + ": " + marks + brief(c);
     };
-    // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning, without a quote
-    // of the response, whose characters are in the triples.
+    // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
       if (options.aligned_marks) {
-        return "expected " + ex.reference + "; A " + aligned_side(ex, candidates[a], grades[a]) +
-               "; B " + aligned_side(ex, candidates[b], grades[b]);
+        return aligned_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
+                                      options.quote_response);
       }
       return "expected " + ex.reference + "; " + side("A", a) + "; " + side("B", b);
     };

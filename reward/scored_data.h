@@ -79,9 +79,17 @@ std::string aligned_comparison(std::string_view expected, std::string_view got);
 // The aligned reasoning for one response: "expected <reference>; <aligned_comparison> <score>"
 // ("expected 63; 69x 33= 1 6"), the score being the one on the score line after it. A pairwise
 // reasoning writes the same comparison and score for each side: "expected 63; A 69x 33= 1 6;
-// B 66= 33= 0 10", so its verdict compares two nearby scores.
+// B 66= 33= 0 10", so its verdict compares two nearby scores. With quote_response each side
+// quotes the response (escaped, as the judge sees it) before its triples: "expected 63; got 93;
+// 69x 33= 1 6", pairwise "expected 63; A got 93; 69x 33= 1 6; B got 63; 66= 33= 0 10", so the
+// response's characters in the triples can be copied from the judge's own recent output, as the
+// expected ones are, instead of from the prompt.
 std::string aligned_reasoning(const TaskExample& example, std::string_view response,
-                              const Grade& grade);
+                              const Grade& grade, bool quote_response = false);
+// The pairwise form: "expected 63; A <side a>; B <side b>", each side as in aligned_reasoning.
+std::string aligned_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                   const Grade& grade_a, std::string_view response_b,
+                                   const Grade& grade_b, bool quote_response = false);
 
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
@@ -106,6 +114,9 @@ struct JudgeDataOptions {
   // Reasoning as aligned comparisons (aligned_reasoning above) instead of the grader's words
   // (position_marks is then not used; the config refuses both together).
   bool aligned_marks = false;
+  // With aligned_marks: each side quotes the response before its triples (aligned_reasoning
+  // above). Not used without aligned_marks (the config refuses it there).
+  bool quote_response = false;
   uint64_t seed = 1;
 };
 

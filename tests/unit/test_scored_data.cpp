@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "common/error.h"
+#include "learner/run_config.h"
 #include "reward/grm_eval.h"
 #include "reward/scored_data.h"
 
@@ -303,6 +304,72 @@ TEST(JudgeData, AlignedReasoningEndsWithEachSidesScore) {
     EXPECT_EQ(p.reasoning, "expected " + expected + "; A " + side.at({p.prompt, p.response_a}) +
                                "; B " + side.at({p.prompt, p.response_b}));
   }
+}
+
+TEST(JudgeData, AlignedReasoningCanQuoteTheResponseFirst) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
+  EXPECT_EQ(aligned_reasoning(add, "93", g93, true), "expected 63; got 93; 69x 33= 1 6");
+  EXPECT_EQ(aligned_pair_reasoning(add, "93", g93, "63", g63, true),
+            "expected 63; A got 93; 69x 33= 1 6; B got 63; 66= 33= 0 10");
+  EXPECT_EQ(aligned_pair_reasoning(add, "93", g93, "63", g63),
+            "expected 63; A 69x 33= 1 6; B 66= 33= 0 10");  // without the quotes, as before
+  const TaskExample sort{"sort", "sort 9 1 7", "1 7 9"};
+  EXPECT_EQ(aligned_reasoning(sort, "1 9 7", suite.grade(sort, "1 9 7"), true),
+            "expected 1 7 9; got 1 9 7; 11= 79x 97x 2 5");
+  // Quote and triples show the response as the judge sees it: a newline as the two characters
+  // backslash and n.
+  const TaskExample reverse{"reverse", "rev abc", "cba"};
+  const Grade split = suite.grade(reverse, "cb\na");
+  EXPECT_EQ(aligned_reasoning(reverse, "cb\na", split, true),
+            "expected cba; got cb\\na; " + aligned_comparison("cba", "cb\\na") + " " +
+                std::to_string(judge_score_from_grade(split.score)));
+
+  // The builder: the same records as without the option, each side led by its quote.
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.aligned_marks = true;
+  const ScoredData plain = build_judge_data(suite, Split::kTrain, nullptr, options);
+  options.quote_response = true;
+  const ScoredData quoted = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_EQ(quoted.pointwise.size(), plain.pointwise.size());
+  ASSERT_EQ(quoted.pairwise.size(), plain.pairwise.size());
+  ASSERT_FALSE(quoted.pairwise.empty());
+  for (size_t i = 0; i < quoted.pointwise.size(); ++i) {
+    const ScoredExample& e = quoted.pointwise[i];
+    const std::string& before = plain.pointwise[i].reasoning;
+    const size_t cut = before.find("; ") + 2;  // after "expected <reference>; "
+    EXPECT_EQ(e.reasoning, before.substr(0, cut) + "got " + escape_judged_text(e.response) +
+                               "; " + before.substr(cut));
+  }
+  for (size_t i = 0; i < quoted.pairwise.size(); ++i) {
+    const PairwiseExample& p = quoted.pairwise[i];
+    std::string with_quotes = plain.pairwise[i].reasoning;
+    with_quotes.replace(with_quotes.find("; A "), 4,
+                        "; A got " + escape_judged_text(p.response_a) + "; ");
+    with_quotes.replace(with_quotes.find("; B "), 4,
+                        "; B got " + escape_judged_text(p.response_b) + "; ");
+    EXPECT_EQ(p.reasoning, with_quotes);
+  }
+}
+
+TEST(GrmConfig, ReasoningStylesAreChecked) {
+  auto error_of = [](const std::string& yaml) -> std::string {
+    try {
+      RunConfig::load_string(yaml, "test");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string both = error_of("grm: {aligned_marks: true, position_marks: true}");
+  EXPECT_NE(both.find("grm.aligned_marks"), std::string::npos) << both;
+  const std::string alone = error_of("grm: {quote_response: true}");
+  EXPECT_NE(alone.find("grm.quote_response"), std::string::npos) << alone;
+  EXPECT_NE(alone.find("grm.aligned_marks"), std::string::npos) << alone;
+  EXPECT_EQ(error_of("grm: {aligned_marks: true, quote_response: true}"), "");
 }
 
 TEST(JudgeData, ScoreScale) {
