@@ -261,11 +261,52 @@ void CpuOps<T>::rope_backward(T* dx, const int32_t* positions, int N, int H, int
 // ---------------------------------------------------------------- attention
 
 template <typename T>
-T* CpuOps<T>::attention_scratch(int capacity) {
-  const size_t need = size_t(omp_get_max_threads()) * size_t(capacity);
+T* CpuOps<T>::attention_scratch(int64_t per_thread) {
+  const size_t need = size_t(omp_get_max_threads()) * size_t(per_thread);
   if (scratch_.size() < need) scratch_.resize(need);
   return scratch_.data();
 }
+
+namespace {
+
+// Queries per head from which attention_forward transposes keys and values (see there).
+constexpr int kMinQueriesToTranspose = 8;
+
+// rows [0, n) of one head's keys or values (row stride `row`, hd columns) as [hd][capacity]:
+// column c of every position is contiguous, so the dot products of one query with many keys run
+// as vector loops over the keys, each lane summing its own dot over c (no horizontal sums).
+template <typename T>
+void transpose_head(T* dst, const T* src, int n, int64_t row, int hd, int capacity) {
+  for (int j = 0; j < n; ++j) {
+    for (int c = 0; c < hd; ++c) dst[int64_t(c) * capacity + j] = src[int64_t(j) * row + c];
+  }
+}
+
+// dots[j] = sum over c, in order, of x[c] * xt[c][j] for j in [0, n).
+template <typename T>
+void dots_with_transposed(T* dots, const T* x, const T* xt, int n, int hd, int capacity) {
+  for (int j = 0; j < n; ++j) dots[j] = 0;
+  for (int c = 0; c < hd; ++c) {
+    const T xc = x[c];
+    const T* col = xt + int64_t(c) * capacity;
+#pragma omp simd
+    for (int j = 0; j < n; ++j) dots[j] += xc * col[j];
+  }
+}
+
+// out[c] = sum over j of w[j] * xt[c][j], j in [0, n): one vector reduction per column c.
+template <typename T>
+void weighted_sum_transposed(T* out, const T* w, const T* xt, int n, int hd, int capacity) {
+  for (int c = 0; c < hd; ++c) {
+    const T* col = xt + int64_t(c) * capacity;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; ++j) sum += w[j] * col[j];
+    out[c] = sum;
+  }
+}
+
+}  // namespace
 
 template <typename T>
 void CpuOps<T>::kv_cache_write(T* cache, const T* kv, const AttentionShape& s) {
@@ -284,23 +325,43 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const 
   const int hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
   const T scale = T(1) / std::sqrt(T(hd));
   const int64_t q_row = int64_t(s.n_heads) * hd, kv_row = int64_t(s.n_kv_heads) * hd;
-  T* scratch = attention_scratch(s.capacity);
+  // Prefill and training (many queries per head) read the head's keys and values transposed,
+  // so that the products with every key run as vector loops over the keys; the copy costs about
+  // what one query's products do, so decode steps (one new query) read the rows as they are
+  // (transposing there made CPU decode at batch 64 about 1.3x slower).
+  const bool transposed = s.n_new >= kMinQueriesToTranspose;
+  // Per thread: the scores of one query, then the head's keys and values transposed.
+  const int64_t per_thread = int64_t(s.capacity) * (1 + (transposed ? 2 * hd : 0));
+  T* scratch = attention_scratch(per_thread);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < s.batch; ++b) {
     for (int h = 0; h < s.n_heads; ++h) {
-      T* scores = scratch + size_t(omp_get_thread_num()) * s.capacity;
+      T* scores = scratch + size_t(omp_get_thread_num()) * per_thread;
+      T* kt = scores + s.capacity;
+      T* vt = kt + int64_t(hd) * s.capacity;
       const int kvh = h / group;
       const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
       const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;
+      if (transposed) {
+        transpose_head(kt, kb, s.start[b] + s.n_new, kv_row, hd, s.capacity);
+        transpose_head(vt, vb, s.start[b] + s.n_new, kv_row, hd, s.capacity);
+      }
       for (int t = 0; t < s.n_new; ++t) {
         const int last = s.start[b] + t;  // attends to 0..last
         const T* qt = q + (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
+        if (transposed) {
+          dots_with_transposed(scores, qt, kt, last + 1, hd, s.capacity);
+        } else {
+          for (int j = 0; j <= last; ++j) {
+            const T* kj = kb + int64_t(j) * kv_row;
+            T dot = 0;
+            for (int c = 0; c < hd; ++c) dot += qt[c] * kj[c];
+            scores[j] = dot;
+          }
+        }
         T max_score = -std::numeric_limits<T>::infinity();
         for (int j = 0; j <= last; ++j) {
-          const T* kj = kb + int64_t(j) * kv_row;
-          T dot = 0;
-          for (int c = 0; c < hd; ++c) dot += qt[c] * kj[c];
-          scores[j] = dot * scale;
+          scores[j] *= scale;
           max_score = std::max(max_score, scores[j]);
         }
         T sum = 0;
@@ -310,12 +371,17 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const 
           sum += scores[j];
         }
         T* ot = out + (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
-        for (int c = 0; c < hd; ++c) ot[c] = 0;
         const T inv = T(1) / sum;
-        for (int j = 0; j <= last; ++j) {
-          const T p = scores[j] * inv;
-          const T* vj = vb + int64_t(j) * kv_row;
-          for (int c = 0; c < hd; ++c) ot[c] += p * vj[c];
+#pragma omp simd
+        for (int j = 0; j <= last; ++j) scores[j] *= inv;
+        if (transposed) {
+          weighted_sum_transposed(ot, scores, vt, last + 1, hd, s.capacity);
+        } else {
+          for (int c = 0; c < hd; ++c) ot[c] = 0;
+          for (int j = 0; j <= last; ++j) {
+            const T* vj = vb + int64_t(j) * kv_row;
+            for (int c = 0; c < hd; ++c) ot[c] += scores[j] * vj[c];
+          }
         }
         if (lse) lse[(int64_t(b) * s.n_heads + h) * s.n_new + t] = max_score + std::log(sum);
       }
@@ -330,13 +396,19 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
   const int hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
   const T scale = T(1) / std::sqrt(T(hd));
   const int64_t q_row = int64_t(s.n_heads) * hd, kv_row = int64_t(s.n_kv_heads) * hd;
-  T* scratch = attention_scratch(s.capacity);
+  // Per thread: the probabilities and score gradients of one query (p, dp then ds in place),
+  // then the head's keys and values transposed.
+  const int64_t per_thread = int64_t(s.capacity) * (2 + 2 * hd);
+  T* scratch = attention_scratch(per_thread);
   // One task per (sequence, kv head): it owns that slice of dk/dv, so no two threads write
   // the same element, and every sum runs in a fixed order.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < s.batch; ++b) {
     for (int kvh = 0; kvh < s.n_kv_heads; ++kvh) {
-      T* dscore = scratch + size_t(omp_get_thread_num()) * s.capacity;
+      T* p = scratch + size_t(omp_get_thread_num()) * per_thread;
+      T* dscore = p + s.capacity;  // dp of each key, then ds in place
+      T* kt = dscore + s.capacity;
+      T* vt = kt + int64_t(hd) * s.capacity;
       const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
       const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;
       T* dkb = dk + int64_t(b) * s.capacity * kv_row + kvh * hd;
@@ -344,9 +416,12 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
       for (int j = 0; j < s.capacity; ++j) {
         for (int c = 0; c < hd; ++c) dkb[j * kv_row + c] = dvb[j * kv_row + c] = 0;
       }
+      const int keys = s.start[b] + s.n_new;
+      transpose_head(kt, kb, keys, kv_row, hd, s.capacity);
+      transpose_head(vt, vb, keys, kv_row, hd, s.capacity);
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         for (int t = 0; t < s.n_new; ++t) {
-          const int last = s.start[b] + t;
+          const int n = s.start[b] + t + 1;  // keys 0..n-1
           const int64_t qi = (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
           const T* qt = q + qi;
           const T* dot_ = dout + qi;
@@ -355,29 +430,23 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
           const T l = lse[(int64_t(b) * s.n_heads + h) * s.n_new + t];
           T d_sum = 0;  // sum_j p_j dp_j == dout . out
           for (int c = 0; c < hd; ++c) d_sum += dot_[c] * ot[c];
-          for (int c = 0; c < hd; ++c) dqt[c] = 0;
-          for (int j = 0; j <= last; ++j) {
-            const T* kj = kb + int64_t(j) * kv_row;
-            const T* vj = vb + int64_t(j) * kv_row;
-            T dot = 0, dp = 0;
-            for (int c = 0; c < hd; ++c) {
-              dot += qt[c] * kj[c];
-              dp += dot_[c] * vj[c];
-            }
-            const T p = exp_fast(dot * scale - l);
-            const T ds = p * (dp - d_sum) * scale;
-            dscore[j] = ds;
-            T* dvj = dvb + int64_t(j) * kv_row;
-            for (int c = 0; c < hd; ++c) dvj[c] += p * dot_[c];
+          dots_with_transposed(p, qt, kt, n, hd, s.capacity);           // q . k_j
+          dots_with_transposed(dscore, dot_, vt, n, hd, s.capacity);  // dout . v_j
+#pragma omp simd
+          for (int j = 0; j < n; ++j) {
+            p[j] = exp_fast(p[j] * scale - l);
+            dscore[j] = p[j] * (dscore[j] - d_sum) * scale;
           }
-          for (int j = 0; j <= last; ++j) {
+          for (int j = 0; j < n; ++j) {
+            const T pj = p[j];
+            T* dvj = dvb + int64_t(j) * kv_row;
+            for (int c = 0; c < hd; ++c) dvj[c] += pj * dot_[c];
+          }
+          weighted_sum_transposed(dqt, dscore, kt, n, hd, s.capacity);
+          for (int j = 0; j < n; ++j) {
             const T ds = dscore[j];
-            const T* kj = kb + int64_t(j) * kv_row;
             T* dkj = dkb + int64_t(j) * kv_row;
-            for (int c = 0; c < hd; ++c) {
-              dqt[c] += ds * kj[c];
-              dkj[c] += ds * qt[c];
-            }
+            for (int c = 0; c < hd; ++c) dkj[c] += ds * qt[c];
           }
         }
       }

@@ -90,8 +90,8 @@ class CpuOps final : public Ops<T> {
  private:
   // cos/sin of position * theta^(-2i/hd) for positions [0, rope_positions_), pairs i.
   const T* rope_table(int positions, int hd, double theta);
-  // Per-thread scratch for attention scores: [threads, capacity].
-  T* attention_scratch(int capacity);
+  // Per-thread scratch of the attention kernels: [threads, per_thread].
+  T* attention_scratch(int64_t per_thread);
 
   std::vector<T> rope_table_;  // [positions, hd/2, 2] (cos, sin)
   int rope_positions_ = 0;
