@@ -396,19 +396,26 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
   const int hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
   const T scale = T(1) / std::sqrt(T(hd));
   const int64_t q_row = int64_t(s.n_heads) * hd, kv_row = int64_t(s.n_kv_heads) * hd;
-  // Per thread: the probabilities and score gradients of one query (p, dp then ds in place),
-  // then the head's keys and values transposed.
-  const int64_t per_thread = int64_t(s.capacity) * (2 + 2 * hd);
+  // Queries are taken kQueryBlock at a time: their rows of p and ds first, then one pass over
+  // the keys adds all of them to each key's dk and dv row, so every row is read and written
+  // once per block instead of once per query (those row updates were the backward's largest
+  // cost once the dot products ran as vector loops).
+  constexpr int kQueryBlock = 4;
+  // Per thread: p and ds rows of a block of queries, the head's keys and values transposed, and
+  // a zero row that stands for the queries past the end of a last, partial block.
+  const int64_t per_thread = int64_t(s.capacity) * (2 * kQueryBlock + 2 * hd) + hd;
   T* scratch = attention_scratch(per_thread);
   // One task per (sequence, kv head): it owns that slice of dk/dv, so no two threads write
   // the same element, and every sum runs in a fixed order.
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < s.batch; ++b) {
     for (int kvh = 0; kvh < s.n_kv_heads; ++kvh) {
-      T* p = scratch + size_t(omp_get_thread_num()) * per_thread;
-      T* dscore = p + s.capacity;  // dp of each key, then ds in place
-      T* kt = dscore + s.capacity;
+      T* p = scratch + size_t(omp_get_thread_num()) * per_thread;  // [kQueryBlock][capacity]
+      T* dscore = p + kQueryBlock * s.capacity;  // [kQueryBlock][capacity]: dp, then ds in place
+      T* kt = dscore + kQueryBlock * s.capacity;
       T* vt = kt + int64_t(hd) * s.capacity;
+      T* zeros = vt + int64_t(hd) * s.capacity;
+      for (int c = 0; c < hd; ++c) zeros[c] = 0;
       const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
       const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;
       T* dkb = dk + int64_t(b) * s.capacity * kv_row + kvh * hd;
@@ -420,33 +427,58 @@ void CpuOps<T>::attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* 
       transpose_head(kt, kb, keys, kv_row, hd, s.capacity);
       transpose_head(vt, vb, keys, kv_row, hd, s.capacity);
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-        for (int t = 0; t < s.n_new; ++t) {
-          const int n = s.start[b] + t + 1;  // keys 0..n-1
-          const int64_t qi = (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
-          const T* qt = q + qi;
-          const T* dot_ = dout + qi;
-          const T* ot = out + qi;
-          T* dqt = dq + qi;
-          const T l = lse[(int64_t(b) * s.n_heads + h) * s.n_new + t];
-          T d_sum = 0;  // sum_j p_j dp_j == dout . out
-          for (int c = 0; c < hd; ++c) d_sum += dot_[c] * ot[c];
-          dots_with_transposed(p, qt, kt, n, hd, s.capacity);           // q . k_j
-          dots_with_transposed(dscore, dot_, vt, n, hd, s.capacity);  // dout . v_j
+        for (int t0 = 0; t0 < s.n_new; t0 += kQueryBlock) {
+          // The block's last query sees the most keys; the others' rows are zero past their own.
+          const int n_block = s.start[b] + std::min(t0 + kQueryBlock, s.n_new);
+          const T* qs[kQueryBlock];
+          const T* douts[kQueryBlock];
+          for (int i = 0; i < kQueryBlock; ++i) {
+            T* pi = p + i * s.capacity;
+            T* dsi = dscore + i * s.capacity;
+            const int t = t0 + i;
+            if (t >= s.n_new) {  // past the end: contributes nothing
+              qs[i] = douts[i] = zeros;
+              for (int j = 0; j < n_block; ++j) pi[j] = dsi[j] = 0;
+              continue;
+            }
+            const int n = s.start[b] + t + 1;  // keys 0..n-1
+            const int64_t qi = (int64_t(b) * s.n_new + t) * q_row + int64_t(h) * hd;
+            const T* qt = q + qi;
+            const T* dot_ = dout + qi;
+            const T* ot = out + qi;
+            qs[i] = qt;
+            douts[i] = dot_;
+            const T l = lse[(int64_t(b) * s.n_heads + h) * s.n_new + t];
+            T d_sum = 0;  // sum_j p_j dp_j == dout . out
+            for (int c = 0; c < hd; ++c) d_sum += dot_[c] * ot[c];
+            dots_with_transposed(pi, qt, kt, n, hd, s.capacity);     // q . k_j
+            dots_with_transposed(dsi, dot_, vt, n, hd, s.capacity);  // dout . v_j
 #pragma omp simd
-          for (int j = 0; j < n; ++j) {
-            p[j] = exp_fast(p[j] * scale - l);
-            dscore[j] = p[j] * (dscore[j] - d_sum) * scale;
+            for (int j = 0; j < n; ++j) {
+              pi[j] = exp_fast(pi[j] * scale - l);
+              dsi[j] = pi[j] * (dsi[j] - d_sum) * scale;
+            }
+            for (int j = n; j < n_block; ++j) pi[j] = dsi[j] = 0;
+            weighted_sum_transposed(dq + qi, dsi, kt, n, hd, s.capacity);
           }
-          for (int j = 0; j < n; ++j) {
-            const T pj = p[j];
+          for (int j = 0; j < n_block; ++j) {
             T* dvj = dvb + int64_t(j) * kv_row;
-            for (int c = 0; c < hd; ++c) dvj[c] += pj * dot_[c];
-          }
-          weighted_sum_transposed(dqt, dscore, kt, n, hd, s.capacity);
-          for (int j = 0; j < n; ++j) {
-            const T ds = dscore[j];
             T* dkj = dkb + int64_t(j) * kv_row;
-            for (int c = 0; c < hd; ++c) dkj[c] += ds * qt[c];
+            T pw[kQueryBlock], dsw[kQueryBlock];
+            for (int i = 0; i < kQueryBlock; ++i) {
+              pw[i] = p[i * s.capacity + j];
+              dsw[i] = dscore[i * s.capacity + j];
+            }
+#pragma omp simd
+            for (int c = 0; c < hd; ++c) {
+              T sv = dvj[c], sk = dkj[c];
+              for (int i = 0; i < kQueryBlock; ++i) {
+                sv += pw[i] * douts[i][c];
+                sk += dsw[i] * qs[i][c];
+              }
+              dvj[c] = sv;
+              dkj[c] = sk;
+            }
           }
         }
       }
