@@ -83,6 +83,7 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.position_marks = g.position_marks;
   options.aligned_marks = g.aligned_marks;
   options.quote_response = g.quote_response;
+  options.prompt_labels = g.prompt_labels;
   options.seed = g.seed;
   std::unique_ptr<Ops<float>> ops;  // before the policy, which frees its buffers through it
   std::unique_ptr<Transformer<float>> policy;

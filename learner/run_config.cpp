@@ -101,6 +101,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.position_marks = s.get("position_marks", c.position_marks);
   c.aligned_marks = s.get("aligned_marks", c.aligned_marks);
   c.quote_response = s.get("quote_response", c.quote_response);
+  c.prompt_labels = s.get("prompt_labels", c.prompt_labels);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -126,6 +127,10 @@ GrmConfig read_grm(YamlSection& s) {
   if (c.aligned_marks && c.position_marks) {
     fail("{}: two reasoning styles; turn off {}", s.key_path("aligned_marks"),
          s.key_path("position_marks"));
+  }
+  if (c.prompt_labels && !c.quote_response) {
+    fail("{}: only with quoted responses; turn on {}", s.key_path("prompt_labels"),
+         s.key_path("quote_response"));
   }
   if (c.quote_response && !c.aligned_marks) {
     fail("{}: only with the aligned reasoning; turn on {}", s.key_path("quote_response"),

@@ -66,6 +66,7 @@ struct GrmConfig {
   bool position_marks = false;     // reasoning marks each position equal or not (scored_data.h)
   bool aligned_marks = false;      // reasoning interleaves the answers, marks each pair (same)
   bool quote_response = false;     // aligned reasoning quotes each response first (same)
+  bool prompt_labels = false;      // the quotes take the judge prompt's labels (same)
   uint64_t seed = 11;
 };
 

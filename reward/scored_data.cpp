@@ -213,31 +213,42 @@ std::string aligned_comparison(std::string_view expected, std::string_view got) 
 
 namespace {
 
-// "69x 33= 1 6": one side's aligned comparison and its score on the judge's scale; with
-// quote_response "got 93; 69x 33= 1 6".
+// "69x 33= 1 6": one side's aligned comparison and its score on the judge's scale, after
+// `quote` + the response + "; " when `quote` is not null ("got 93; 69x 33= 1 6").
 std::string aligned_side(const TaskExample& example, std::string_view response,
-                         const Grade& grade, bool quote_response) {
+                         const Grade& grade, const char* quote) {
   // The response is quoted and aligned as the judge sees it in its prompt: escaped.
   const std::string escaped = escape_judged_text(response);
-  const std::string quote = quote_response ? "got " + escaped + "; " : std::string();
-  return quote + aligned_comparison(example.reference, escaped) + " " +
+  const std::string quoted = quote ? quote + escaped + "; " : std::string();
+  return quoted + aligned_comparison(example.reference, escaped) + " " +
          std::to_string(judge_score_from_grade(grade.score));
 }
 
 }  // namespace
 
 std::string aligned_reasoning(const TaskExample& example, std::string_view response,
-                              const Grade& grade, bool quote_response) {
+                              const Grade& grade, bool quote_response, bool prompt_labels) {
+  if (prompt_labels) {
+    return "reference: " + example.reference + "; " +
+           aligned_side(example, response, grade, "response: ");
+  }
   return "expected " + example.reference + "; " +
-         aligned_side(example, response, grade, quote_response);
+         aligned_side(example, response, grade, quote_response ? "got " : nullptr);
 }
 
 std::string aligned_pair_reasoning(const TaskExample& example, std::string_view response_a,
                                    const Grade& grade_a, std::string_view response_b,
-                                   const Grade& grade_b, bool quote_response) {
+                                   const Grade& grade_b, bool quote_response,
+                                   bool prompt_labels) {
+  if (prompt_labels) {
+    return "reference: " + example.reference + "; " +
+           aligned_side(example, response_a, grade_a, "A: ") + "; " +
+           aligned_side(example, response_b, grade_b, "B: ");
+  }
+  const char* quote = quote_response ? "got " : nullptr;
   return "expected " + example.reference + "; A " +
-         aligned_side(example, response_a, grade_a, quote_response) + "; B " +
-         aligned_side(example, response_b, grade_b, quote_response);
+         aligned_side(example, response_a, grade_a, quote) + "; B " +
+         aligned_side(example, response_b, grade_b, quote);
 }
 
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
@@ -282,7 +293,8 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
-          : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response)
+          : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response,
+                                                      options.prompt_labels)
                                   : grade_reasoning(ex, c, grades.back(), options.position_marks);
       data.pointwise.push_back(
           {ex.prompt, c, reference, reasoning, judge_score_from_grade(grades.back().score)});
@@ -305,7 +317,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       if (!options.reasoning) return std::string();
       if (options.aligned_marks) {
         return aligned_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
-                                      options.quote_response);
+                                      options.quote_response, options.prompt_labels);
       }
       return "expected " + ex.reference + "; " + side("A", a) + "; " + side("B", b);
     };

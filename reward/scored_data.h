@@ -83,13 +83,18 @@ std::string aligned_comparison(std::string_view expected, std::string_view got);
 // quotes the response (escaped, as the judge sees it) before its triples: "expected 63; got 93;
 // 69x 33= 1 6", pairwise "expected 63; A got 93; 69x 33= 1 6; B got 63; 66= 33= 0 10", so the
 // response's characters in the triples can be copied from the judge's own recent output, as the
-// expected ones are, instead of from the prompt.
+// expected ones are, instead of from the prompt. With prompt_labels (and quote_response) the
+// quotes repeat the judge prompt's own labels, "reference: 63; response: 93; 69x 33= 1 6" and
+// "reference: 63; A: 93; 69x 33= 1 6; B: 63; 66= 33= 0 10", so each quote starts with the
+// characters that precede its source line in the prompt.
 std::string aligned_reasoning(const TaskExample& example, std::string_view response,
-                              const Grade& grade, bool quote_response = false);
+                              const Grade& grade, bool quote_response = false,
+                              bool prompt_labels = false);
 // The pairwise form: "expected 63; A <side a>; B <side b>", each side as in aligned_reasoning.
 std::string aligned_pair_reasoning(const TaskExample& example, std::string_view response_a,
                                    const Grade& grade_a, std::string_view response_b,
-                                   const Grade& grade_b, bool quote_response = false);
+                                   const Grade& grade_b, bool quote_response = false,
+                                   bool prompt_labels = false);
 
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
@@ -117,6 +122,8 @@ struct JudgeDataOptions {
   // With aligned_marks: each side quotes the response before its triples (aligned_reasoning
   // above). Not used without aligned_marks (the config refuses it there).
   bool quote_response = false;
+  // With quote_response: the quotes take the prompt's labels (aligned_reasoning above).
+  bool prompt_labels = false;
   uint64_t seed = 1;
 };
 

@@ -355,6 +355,23 @@ TEST(JudgeData, AlignedReasoningCanQuoteTheResponseFirst) {
   }
 }
 
+TEST(JudgeData, QuotesCanTakeThePromptsLabels) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
+  EXPECT_EQ(aligned_reasoning(add, "93", g93, true, true),
+            "reference: 63; response: 93; 69x 33= 1 6");
+  EXPECT_EQ(aligned_pair_reasoning(add, "93", g93, "63", g63, true, true),
+            "reference: 63; A: 93; 69x 33= 1 6; B: 63; 66= 33= 0 10");
+  // Each quote repeats its source line of the judge prompt up to the response's end.
+  const std::string prompt = pairwise_judge_prompt("60+3=", "93", "63", std::string("63"));
+  EXPECT_NE(prompt.find("A: 93"), std::string::npos) << prompt;
+  EXPECT_NE(prompt.find("B: 63"), std::string::npos) << prompt;
+  EXPECT_NE(prompt.find("reference: 63"), std::string::npos) << prompt;
+  EXPECT_NE(pointwise_judge_prompt("60+3=", "93", std::string("63")).find("response: 93"),
+            std::string::npos);
+}
+
 TEST(GrmConfig, ReasoningStylesAreChecked) {
   auto error_of = [](const std::string& yaml) -> std::string {
     try {
@@ -370,6 +387,11 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   EXPECT_NE(alone.find("grm.quote_response"), std::string::npos) << alone;
   EXPECT_NE(alone.find("grm.aligned_marks"), std::string::npos) << alone;
   EXPECT_EQ(error_of("grm: {aligned_marks: true, quote_response: true}"), "");
+  const std::string labels = error_of("grm: {aligned_marks: true, prompt_labels: true}");
+  EXPECT_NE(labels.find("grm.prompt_labels"), std::string::npos) << labels;
+  EXPECT_NE(labels.find("grm.quote_response"), std::string::npos) << labels;
+  EXPECT_EQ(error_of("grm: {aligned_marks: true, quote_response: true, prompt_labels: true}"),
+            "");
 }
 
 TEST(JudgeData, ScoreScale) {
