@@ -337,8 +337,9 @@ void CpuOps<T>::attention_forward(T* out, T* lse, const T* q, const T* k, const 
   for (int b = 0; b < s.batch; ++b) {
     for (int h = 0; h < s.n_heads; ++h) {
       T* scores = scratch + size_t(omp_get_thread_num()) * per_thread;
-      T* kt = scores + s.capacity;
-      T* vt = kt + int64_t(hd) * s.capacity;
+      // Only the transposed path has room for these (per_thread above).
+      T* kt = transposed ? scores + s.capacity : nullptr;
+      T* vt = transposed ? kt + int64_t(hd) * s.capacity : nullptr;
       const int kvh = h / group;
       const T* kb = k + int64_t(b) * s.capacity * kv_row + kvh * hd;
       const T* vb = v + int64_t(b) * s.capacity * kv_row + kvh * hd;

@@ -14,6 +14,7 @@
 #include "learner/run_config.h"
 #include "reward/grm_eval.h"
 #include "reward/scored_data.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -373,25 +374,20 @@ TEST(JudgeData, QuotesCanTakeThePromptsLabels) {
 }
 
 TEST(GrmConfig, ReasoningStylesAreChecked) {
-  auto error_of = [](const std::string& yaml) -> std::string {
-    try {
-      RunConfig::load_string(yaml, "test");
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "";
+  auto config_error = [](const std::string& yaml) {
+    return rlhf::error_of([&] { RunConfig::load_string(yaml, "test"); });  // test_support.h
   };
-  const std::string both = error_of("grm: {aligned_marks: true, position_marks: true}");
+  const std::string both = config_error("grm: {aligned_marks: true, position_marks: true}");
   EXPECT_NE(both.find("grm.aligned_marks"), std::string::npos) << both;
-  const std::string alone = error_of("grm: {quote_response: true}");
+  const std::string alone = config_error("grm: {quote_response: true}");
   EXPECT_NE(alone.find("grm.quote_response"), std::string::npos) << alone;
   EXPECT_NE(alone.find("grm.aligned_marks"), std::string::npos) << alone;
-  EXPECT_EQ(error_of("grm: {aligned_marks: true, quote_response: true}"), "");
-  const std::string labels = error_of("grm: {aligned_marks: true, prompt_labels: true}");
+  EXPECT_EQ(config_error("grm: {aligned_marks: true, quote_response: true}"), "");
+  const std::string labels = config_error("grm: {aligned_marks: true, prompt_labels: true}");
   EXPECT_NE(labels.find("grm.prompt_labels"), std::string::npos) << labels;
   EXPECT_NE(labels.find("grm.quote_response"), std::string::npos) << labels;
-  EXPECT_EQ(error_of("grm: {aligned_marks: true, quote_response: true, prompt_labels: true}"),
-            "");
+  EXPECT_EQ(
+      config_error("grm: {aligned_marks: true, quote_response: true, prompt_labels: true}"), "");
 }
 
 TEST(JudgeData, ScoreScale) {
