@@ -42,8 +42,21 @@ std::string escape_judged_text(std::string_view text) {
   return out;
 }
 
+std::string judge_column(std::string_view text, int width) {
+  RLHF_CHECK(width > 0 && width <= kMaxJudgeColumns, "judge column width {} out of 1..{}", width,
+             kMaxJudgeColumns);
+  const std::string escaped = escape_judged_text(text);
+  const size_t w = size_t(width);
+  if (escaped.size() <= w) return std::string(w - escaped.size(), '.') + escaped;
+  return "<" + escaped.substr(escaped.size() - (w - 1));
+}
+
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
-                                   const std::optional<std::string>& reference) {
+                                   const std::optional<std::string>& reference, int columns) {
+  if (columns > 0 && reference) {
+    return "task: " + escape_judged_text(prompt) + "\nreference: " +
+           judge_column(*reference, columns) + "\nresponse: " + judge_column(response, columns);
+  }
   std::string text = "task: " + escape_judged_text(prompt) +
                      "\nresponse: " + escape_judged_text(response);
   if (reference) text += "\nreference: " + escape_judged_text(*reference);
@@ -52,7 +65,12 @@ std::string pointwise_judge_prompt(std::string_view prompt, std::string_view res
 
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
-                                  const std::optional<std::string>& reference) {
+                                  const std::optional<std::string>& reference, int columns) {
+  if (columns > 0 && reference) {
+    return "task: " + escape_judged_text(prompt) + "\nreference: " +
+           judge_column(*reference, columns) + "\nA: " + judge_column(response_a, columns) +
+           "\nB: " + judge_column(response_b, columns);
+  }
   std::string text = "task: " + escape_judged_text(prompt) + "\nA: " +
                      escape_judged_text(response_a) + "\nB: " + escape_judged_text(response_b);
   if (reference) text += "\nreference: " + escape_judged_text(*reference);

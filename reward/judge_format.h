@@ -28,11 +28,28 @@ const char* verdict_name(Verdict verdict);  // "A", "B", "tie"
 // Backslash -> "\\", newline -> "\n", carriage return -> "\r"; everything else unchanged.
 std::string escape_judged_text(std::string_view text);
 
+// The column layout (a judge trained with grm.columns = W > 0; only with a reference). The
+// reference comes right after the task and every answer is a column of exactly W characters:
+// escaped, right-aligned, padded with '.' on the left; a longer answer shows '<' and its last
+// W - 1 characters.
+//
+//   pointwise:  task: <prompt>\nreference: <W>\nresponse: <W>
+//   pairwise:   task: <prompt>\nreference: <W>\nA: <W>\nB: <W>
+//
+// Character i of every column is then a fixed number of tokens before the judge's i-th
+// comparison mark (column_marks), whatever the answers' lengths: a small model compares by
+// attending to fixed offsets instead of copying the answers (docs/grm.md says why).
+constexpr int kMaxJudgeColumns = 64;
+std::string judge_column(std::string_view text, int width);  // the column of one answer
+
+// columns: 0 for the line layout above, else the column width (used only with a reference).
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
-                                   const std::optional<std::string>& reference = std::nullopt);
+                                   const std::optional<std::string>& reference = std::nullopt,
+                                   int columns = 0);
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
-                                  const std::optional<std::string>& reference = std::nullopt);
+                                  const std::optional<std::string>& reference = std::nullopt,
+                                  int columns = 0);
 
 // What the judge is trained to write. `reasoning` may be empty (the no-reasoning ablation);
 // it must not end with a newline.

@@ -251,6 +251,50 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
          aligned_side(example, response_b, grade_b, quote);
 }
 
+std::string column_marks(std::string_view reference, std::string_view response, int width) {
+  const std::string ref = judge_column(reference, width), got = judge_column(response, width);
+  // Padding sits left of an escaped answer shorter than the column (judge_column).
+  auto padding = [width](std::string_view text) {
+    return std::max(0, width - int(escape_judged_text(text).size()));
+  };
+  const int ref_pad = padding(reference), got_pad = padding(response);
+  std::string marks(size_t(width), 'x');
+  for (int i = 0; i < width; ++i) {
+    if (i < ref_pad && i < got_pad) {
+      marks[size_t(i)] = '.';
+    } else if (i >= ref_pad && i >= got_pad && ref[size_t(i)] == got[size_t(i)]) {
+      marks[size_t(i)] = '=';
+    }
+  }
+  return marks;
+}
+
+namespace {
+
+// "1 6": the number of 'x' marks (at most 9) and the score on the judge's scale.
+std::string column_count_and_score(std::string_view marks, const Grade& grade) {
+  const auto mismatches = std::count(marks.begin(), marks.end(), 'x');
+  return std::to_string(std::min<long>(mismatches, 9)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
+}
+
+}  // namespace
+
+std::string column_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, int width) {
+  const std::string marks = column_marks(example.reference, response, width);
+  return marks + " " + column_count_and_score(marks, grade);
+}
+
+std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b, int width) {
+  const std::string a = column_marks(example.reference, response_a, width);
+  const std::string b = column_marks(example.reference, response_b, width);
+  return "A " + a + "; B " + b + "; A " + column_count_and_score(a, grade_a) + "; B " +
+         column_count_and_score(b, grade_b);
+}
+
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
                             const JudgeDataOptions& options) {
   RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
@@ -293,6 +337,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
+          : options.columns > 0    ? column_reasoning(ex, c, grades.back(), options.columns)
           : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response,
                                                       options.prompt_labels)
                                   : grade_reasoning(ex, c, grades.back(), options.position_marks);
@@ -315,6 +360,10 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
+      if (options.columns > 0) {
+        return column_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
+                                     options.columns);
+      }
       if (options.aligned_marks) {
         return aligned_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
                                       options.quote_response, options.prompt_labels);

@@ -96,6 +96,20 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
                                    const Grade& grade_b, bool quote_response = false,
                                    bool prompt_labels = false);
 
+// column_marks(reference, response, width): one mark per column position of the column
+// layout (judge_column): '.' where both columns are padding, '=' where they show the same
+// character, 'x' elsewhere ("63" vs "93" at width 4: "..x="). Mark i compares the two
+// characters at position i of the two columns, which sit a fixed number of tokens before it.
+std::string column_marks(std::string_view reference, std::string_view response, int width);
+// The column reasoning (grm.columns): the marks, the number of 'x' marks (capped at 9) and the
+// score: "..x= 1 6". Pairwise, both sides' marks first, so that B's marks too sit at a fixed
+// distance from their columns, then each side's count and score: "A ..x=; B ..==; A 1 6; B 0 10".
+std::string column_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, int width);
+std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b, int width);
+
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
@@ -124,6 +138,9 @@ struct JudgeDataOptions {
   bool quote_response = false;
   // With quote_response: the quotes take the prompt's labels (aligned_reasoning above).
   bool prompt_labels = false;
+  // > 0: the column layout of this width (judge_format.h) and the column reasoning above;
+  // needs with_reference, and no other reasoning style (the config checks both).
+  int columns = 0;
   uint64_t seed = 1;
 };
 

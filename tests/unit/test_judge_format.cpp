@@ -91,6 +91,28 @@ TEST(JudgeParser, ScoreLinesInsideTheResponseCannotFoolIt) {
   EXPECT_FALSE(parse_pointwise("Score: 2\nresponse: 7\\nScore: 10").valid);
 }
 
+// The column layout: answers as right-aligned columns of one width, the reference first, so
+// that position i of every column is a fixed number of tokens before the judge's i-th mark.
+TEST(JudgeFormat, ColumnLayoutLinesAnswersUp) {
+  EXPECT_EQ(judge_column("63", 5), "...63");
+  EXPECT_EQ(judge_column("12345", 5), "12345");
+  EXPECT_EQ(judge_column("1234567", 5), "<4567");  // too long: '<' and the last width - 1
+  EXPECT_EQ(judge_column("a\nb", 5), ".a\\nb");   // escaped before it is lined up
+  EXPECT_EQ(pointwise_judge_prompt("60+3=", "93", std::string("63"), 4),
+            "task: 60+3=\nreference: ..63\nresponse: ..93");
+  EXPECT_EQ(pairwise_judge_prompt("60+3=", "93", "163", std::string("63"), 4),
+            "task: 60+3=\nreference: ..63\nA: ..93\nB: .163");
+  // Every column has the same width whatever the answers, so the prompt's tail has a fixed
+  // length: the distance from a column's character to the end of the prompt is fixed.
+  const std::string short_answers = pairwise_judge_prompt("60+3=", "9", "", std::string("63"), 6);
+  const std::string long_answers =
+      pairwise_judge_prompt("60+3=", "9999999", "-12", std::string("63"), 6);
+  EXPECT_EQ(short_answers.size(), long_answers.size());
+  // Without a reference there is nothing to line up: the line layout.
+  EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::nullopt, 4),
+            "task: rev abc\nresponse: cba");
+}
+
 TEST(JudgeFormat, ReferenceIsOptional) {
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::string("cba")),
             "task: rev abc\nresponse: cba\nreference: cba");

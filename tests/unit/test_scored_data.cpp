@@ -373,6 +373,46 @@ TEST(JudgeData, QuotesCanTakeThePromptsLabels) {
             std::string::npos);
 }
 
+TEST(JudgeData, ColumnMarksCompareEachColumnPosition) {
+  EXPECT_EQ(column_marks("63", "93", 4), "..x=");
+  EXPECT_EQ(column_marks("63", "63", 4), "..==");
+  EXPECT_EQ(column_marks("63", "163", 4), ".x==");   // padding facing a character: 'x'
+  EXPECT_EQ(column_marks("4 5 8", "4 5 8 9", 8), ".xxx=x=x");  // spaces line up too
+  EXPECT_EQ(column_marks("12", "123456", 4), "xxxx");  // "<456" against "..12"
+  // The marks compare what the judge sees: padding is not a '.' of the response.
+  EXPECT_EQ(column_marks("1.5", "2.5", 4), ".x==");
+  EXPECT_EQ(column_marks("5", ".5", 4), "..x=");
+
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
+  EXPECT_EQ(column_reasoning(add, "93", g93, 4), "..x= 1 6");
+  EXPECT_EQ(column_pair_reasoning(add, "93", g93, "63", g63, 4), "A ..x=; B ..==; A 1 6; B 0 10");
+
+  // The builder with columns: every record's reasoning is the column reasoning of its answers.
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.with_reference = true;
+  options.columns = 10;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_FALSE(data.pointwise.empty());
+  ASSERT_FALSE(data.pairwise.empty());
+  for (const ScoredExample& e : data.pointwise) {
+    const std::string marks = column_marks(*e.reference, e.response, 10);
+    EXPECT_EQ(e.reasoning.substr(0, 11), marks + " ") << e.reasoning;
+    EXPECT_EQ(e.reasoning.substr(e.reasoning.rfind(' ') + 1), std::to_string(e.score));
+    // Here (no policy) a response is the reference or a corruption of it: no 'x' exactly when
+    // the grader calls it right.
+    EXPECT_EQ(e.score == 10, marks.find('x') == std::string::npos) << e.reasoning;
+  }
+  for (const PairwiseExample& p : data.pairwise) {
+    const std::string a = column_marks(*p.reference, p.response_a, 10);
+    const std::string b = column_marks(*p.reference, p.response_b, 10);
+    EXPECT_EQ(p.reasoning.substr(0, 28), "A " + a + "; B " + b + "; ") << p.reasoning;
+  }
+}
+
 TEST(GrmConfig, ReasoningStylesAreChecked) {
   auto config_error = [](const std::string& yaml) {
     return rlhf::error_of([&] { RunConfig::load_string(yaml, "test"); });  // test_support.h
@@ -388,6 +428,17 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   EXPECT_NE(labels.find("grm.quote_response"), std::string::npos) << labels;
   EXPECT_EQ(
       config_error("grm: {aligned_marks: true, quote_response: true, prompt_labels: true}"), "");
+  // Columns: a width in range, a reference to line the answers up with, no other style.
+  EXPECT_EQ(config_error("grm: {columns: 10, with_reference: true}"), "");
+  const std::string no_reference = config_error("grm: {columns: 10}");
+  EXPECT_NE(no_reference.find("grm.with_reference"), std::string::npos) << no_reference;
+  const std::string narrow = config_error("grm: {columns: 2, with_reference: true}");
+  EXPECT_NE(narrow.find("grm.columns"), std::string::npos) << narrow;
+  const std::string wide = config_error("grm: {columns: 65, with_reference: true}");
+  EXPECT_NE(wide.find("grm.columns"), std::string::npos) << wide;
+  const std::string styles =
+      config_error("grm: {columns: 10, with_reference: true, aligned_marks: true}");
+  EXPECT_NE(styles.find("grm.aligned_marks"), std::string::npos) << styles;
 }
 
 TEST(JudgeData, ScoreScale) {
