@@ -251,48 +251,38 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
          aligned_side(example, response_b, grade_b, quote);
 }
 
-std::string column_marks(std::string_view reference, std::string_view response, int width) {
-  const std::string ref = judge_column(reference, width), got = judge_column(response, width);
-  // Padding sits left of an escaped answer shorter than the column (judge_column).
-  auto padding = [width](std::string_view text) {
-    return std::max(0, width - int(escape_judged_text(text).size()));
+int column_mismatches(std::string_view reference, std::string_view response, int width,
+                      bool right_aligned) {
+  const std::string ref = judge_column(reference, width, right_aligned);
+  const std::string got = judge_column(response, width, right_aligned);
+  // Where the padding is: left of a right-aligned answer, right of a left-aligned one.
+  auto is_padding = [&](std::string_view text, int i) {
+    const int length = int(escape_judged_text(text).size());
+    if (length >= width) return false;
+    return right_aligned ? i < width - length : i >= length;
   };
-  const int ref_pad = padding(reference), got_pad = padding(response);
-  std::string marks(size_t(width), 'x');
+  int mismatches = 0;
   for (int i = 0; i < width; ++i) {
-    if (i < ref_pad && i < got_pad) {
-      marks[size_t(i)] = '.';
-    } else if (i >= ref_pad && i >= got_pad && ref[size_t(i)] == got[size_t(i)]) {
-      marks[size_t(i)] = '=';
-    }
+    const bool ref_pad = is_padding(reference, i), got_pad = is_padding(response, i);
+    if (ref_pad && got_pad) continue;
+    mismatches += ref_pad != got_pad || ref[size_t(i)] != got[size_t(i)];
   }
-  return marks;
+  return mismatches;
 }
-
-namespace {
-
-// "1 6": the number of 'x' marks (at most 9) and the score on the judge's scale.
-std::string column_count_and_score(std::string_view marks, const Grade& grade) {
-  const auto mismatches = std::count(marks.begin(), marks.end(), 'x');
-  return std::to_string(std::min<long>(mismatches, 9)) + " " +
-         std::to_string(judge_score_from_grade(grade.score));
-}
-
-}  // namespace
 
 std::string column_reasoning(const TaskExample& example, std::string_view response,
                              const Grade& grade, int width) {
-  const std::string marks = column_marks(example.reference, response, width);
-  return marks + " " + column_count_and_score(marks, grade);
+  const int right = column_mismatches(example.reference, response, width, true);
+  const int left = column_mismatches(example.reference, response, width, false);
+  return std::to_string(std::min(right, 9)) + " " + std::to_string(std::min(left, 9)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
 }
 
 std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,
                                   const Grade& grade_a, std::string_view response_b,
                                   const Grade& grade_b, int width) {
-  const std::string a = column_marks(example.reference, response_a, width);
-  const std::string b = column_marks(example.reference, response_b, width);
-  return "A " + a + "; B " + b + "; A " + column_count_and_score(a, grade_a) + "; B " +
-         column_count_and_score(b, grade_b);
+  return "A " + column_reasoning(example, response_a, grade_a, width) + "; B " +
+         column_reasoning(example, response_b, grade_b, width);
 }
 
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,

@@ -96,14 +96,14 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
                                    const Grade& grade_b, bool quote_response = false,
                                    bool prompt_labels = false);
 
-// column_marks(reference, response, width): one mark per column position of the column
-// layout (judge_column): '.' where both columns are padding, '=' where they show the same
-// character, 'x' elsewhere ("63" vs "93" at width 4: "..x="). Mark i compares the two
-// characters at position i of the two columns, which sit a fixed number of tokens before it.
-std::string column_marks(std::string_view reference, std::string_view response, int width);
-// The column reasoning (grm.columns): the marks, the number of 'x' marks (capped at 9) and the
-// score: "..x= 1 6". Pairwise, both sides' marks first, so that B's marks too sit at a fixed
-// distance from their columns, then each side's count and score: "A ..x=; B ..==; A 1 6; B 0 10".
+// column_mismatches(reference, response, width, right_aligned): the positions of the column
+// layout (judge_format.h) where the two columns differ, padding facing padding not counted
+// ("63" vs "93": 1 either way; "maml" vs "aml": 1 right-aligned, 4 left-aligned).
+int column_mismatches(std::string_view reference, std::string_view response, int width,
+                      bool right_aligned);
+// The column reasoning (grm.columns): the mismatches right-aligned and left-aligned (each at
+// most 9), then the score: "1 1 6". Pairwise, each side's: "A 1 1 6; B 0 0 10". The judge
+// counts marks it does not write: each mismatch is two neighbouring tokens of its prompt.
 std::string column_reasoning(const TaskExample& example, std::string_view response,
                              const Grade& grade, int width);
 std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,

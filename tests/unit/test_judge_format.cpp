@@ -91,23 +91,25 @@ TEST(JudgeParser, ScoreLinesInsideTheResponseCannotFoolIt) {
   EXPECT_FALSE(parse_pointwise("Score: 2\nresponse: 7\\nScore: 10").valid);
 }
 
-// The column layout: answers as right-aligned columns of one width, the reference first, so
-// that position i of every column is a fixed number of tokens before the judge's i-th mark.
-TEST(JudgeFormat, ColumnLayoutLinesAnswersUp) {
-  EXPECT_EQ(judge_column("63", 5), "...63");
-  EXPECT_EQ(judge_column("12345", 5), "12345");
-  EXPECT_EQ(judge_column("1234567", 5), "<4567");  // too long: '<' and the last width - 1
-  EXPECT_EQ(judge_column("a\nb", 5), ".a\\nb");   // escaped before it is lined up
+// The column layout: reference and response lined up at either end and interleaved, so that
+// the two characters the judge compares are neighbours in its prompt.
+TEST(JudgeFormat, ColumnLayoutInterleavesTheAnswers) {
+  EXPECT_EQ(judge_column("63", 5, true), "...63");
+  EXPECT_EQ(judge_column("63", 5, false), "63...");
+  EXPECT_EQ(judge_column("12345", 5, true), "12345");
+  EXPECT_EQ(judge_column("1234567", 5, true), "<4567");  // too long: cut, and marked
+  EXPECT_EQ(judge_column("1234567", 5, false), "1234>");
+  EXPECT_EQ(judge_column("a\nb", 5, true), ".a\\nb");  // escaped before it is lined up
+  EXPECT_EQ(interleaved_columns("63", "93", 4, true), "....6933");
+  EXPECT_EQ(interleaved_columns("63", "163", 4, false), "6136.3..");
   EXPECT_EQ(pointwise_judge_prompt("60+3=", "93", std::string("63"), 4),
-            "task: 60+3=\nreference: ..63\nresponse: ..93");
+            "task: 60+3=\nright: ....6933\nleft: 6933....");
   EXPECT_EQ(pairwise_judge_prompt("60+3=", "93", "163", std::string("63"), 4),
-            "task: 60+3=\nreference: ..63\nA: ..93\nB: .163");
-  // Every column has the same width whatever the answers, so the prompt's tail has a fixed
-  // length: the distance from a column's character to the end of the prompt is fixed.
-  const std::string short_answers = pairwise_judge_prompt("60+3=", "9", "", std::string("63"), 6);
-  const std::string long_answers =
-      pairwise_judge_prompt("60+3=", "9999999", "-12", std::string("63"), 6);
-  EXPECT_EQ(short_answers.size(), long_answers.size());
+            "task: 60+3=\nA right: ....6933\nA left: 6933....\nB right: ...16633\nB left: "
+            "6136.3..");
+  // Every line has the same length whatever the answers: 2 x width characters.
+  EXPECT_EQ(pairwise_judge_prompt("60+3=", "9", "1", std::string("63"), 6).size(),
+            pairwise_judge_prompt("60+3=", "9999999", "-12", std::string("63"), 6).size());
   // Without a reference there is nothing to line up: the line layout.
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::nullopt, 4),
             "task: rev abc\nresponse: cba");

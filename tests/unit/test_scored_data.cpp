@@ -373,21 +373,24 @@ TEST(JudgeData, QuotesCanTakeThePromptsLabels) {
             std::string::npos);
 }
 
-TEST(JudgeData, ColumnMarksCompareEachColumnPosition) {
-  EXPECT_EQ(column_marks("63", "93", 4), "..x=");
-  EXPECT_EQ(column_marks("63", "63", 4), "..==");
-  EXPECT_EQ(column_marks("63", "163", 4), ".x==");   // padding facing a character: 'x'
-  EXPECT_EQ(column_marks("4 5 8", "4 5 8 9", 8), ".xxx=x=x");  // spaces line up too
-  EXPECT_EQ(column_marks("12", "123456", 4), "xxxx");  // "<456" against "..12"
-  // The marks compare what the judge sees: padding is not a '.' of the response.
-  EXPECT_EQ(column_marks("1.5", "2.5", 4), ".x==");
-  EXPECT_EQ(column_marks("5", ".5", 4), "..x=");
+TEST(JudgeData, ColumnReasoningCountsMismatchesAtBothEnds) {
+  EXPECT_EQ(column_mismatches("63", "93", 4, true), 1);
+  EXPECT_EQ(column_mismatches("63", "93", 4, false), 1);
+  EXPECT_EQ(column_mismatches("63", "63", 4, true), 0);
+  EXPECT_EQ(column_mismatches("63", "163", 4, true), 1);   // padding facing a character
+  EXPECT_EQ(column_mismatches("63", "163", 4, false), 3);
+  EXPECT_EQ(column_mismatches("maml", "aml", 6, true), 1);  // a dropped first letter
+  EXPECT_EQ(column_mismatches("maml", "aml", 6, false), 4);
+  EXPECT_EQ(column_mismatches("12", "123456", 4, true), 4);  // "<456" against "..12"
+  // Padding is not a '.' of the answer: "...5" and "..5" as the judge sees them look alike,
+  // but only one is padding.
+  EXPECT_EQ(column_mismatches("5", ".5", 4, true), 1);
 
   const TaskSuite suite{TaskSuiteConfig{}};
   const TaskExample add{"add", "60+3=", "63"};
   const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
-  EXPECT_EQ(column_reasoning(add, "93", g93, 4), "..x= 1 6");
-  EXPECT_EQ(column_pair_reasoning(add, "93", g93, "63", g63, 4), "A ..x=; B ..==; A 1 6; B 0 10");
+  EXPECT_EQ(column_reasoning(add, "93", g93, 4), "1 1 6");
+  EXPECT_EQ(column_pair_reasoning(add, "93", g93, "63", g63, 4), "A 1 1 6; B 0 0 10");
 
   // The builder with columns: every record's reasoning is the column reasoning of its answers.
   JudgeDataOptions options;
@@ -398,18 +401,20 @@ TEST(JudgeData, ColumnMarksCompareEachColumnPosition) {
   const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
   ASSERT_FALSE(data.pointwise.empty());
   ASSERT_FALSE(data.pairwise.empty());
+  std::map<std::pair<std::string, std::string>, std::string> side;
   for (const ScoredExample& e : data.pointwise) {
-    const std::string marks = column_marks(*e.reference, e.response, 10);
-    EXPECT_EQ(e.reasoning.substr(0, 11), marks + " ") << e.reasoning;
-    EXPECT_EQ(e.reasoning.substr(e.reasoning.rfind(' ') + 1), std::to_string(e.score));
-    // Here (no policy) a response is the reference or a corruption of it: no 'x' exactly when
-    // the grader calls it right.
-    EXPECT_EQ(e.score == 10, marks.find('x') == std::string::npos) << e.reasoning;
+    const int right = column_mismatches(*e.reference, e.response, 10, true);
+    const int left = column_mismatches(*e.reference, e.response, 10, false);
+    EXPECT_EQ(e.reasoning, std::to_string(std::min(right, 9)) + " " +
+                               std::to_string(std::min(left, 9)) + " " + std::to_string(e.score));
+    // Here (no policy) a response is the reference or a corruption of it: no mismatch exactly
+    // when the grader calls it right.
+    EXPECT_EQ(e.score == 10, right == 0) << e.reasoning;
+    side[{e.prompt, e.response}] = e.reasoning;
   }
   for (const PairwiseExample& p : data.pairwise) {
-    const std::string a = column_marks(*p.reference, p.response_a, 10);
-    const std::string b = column_marks(*p.reference, p.response_b, 10);
-    EXPECT_EQ(p.reasoning.substr(0, 28), "A " + a + "; B " + b + "; ") << p.reasoning;
+    EXPECT_EQ(p.reasoning, "A " + side.at({p.prompt, p.response_a}) + "; B " +
+                               side.at({p.prompt, p.response_b}));
   }
 }
 
