@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "common/yaml_reader.h"
 #include "model/tokenizer.h"
+#include "reward/judge_format.h"
 
 namespace rlhf {
 
@@ -102,6 +103,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.aligned_marks = s.get("aligned_marks", c.aligned_marks);
   c.quote_response = s.get("quote_response", c.quote_response);
   c.prompt_labels = s.get("prompt_labels", c.prompt_labels);
+  c.columns = s.get("columns", c.columns);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -135,6 +137,20 @@ GrmConfig read_grm(YamlSection& s) {
   if (c.quote_response && !c.aligned_marks) {
     fail("{}: only with the aligned reasoning; turn on {}", s.key_path("quote_response"),
          s.key_path("aligned_marks"));
+  }
+  if (c.columns != 0) {
+    if (c.columns < 4 || c.columns > kMaxJudgeColumns) {
+      fail("{}: must be 0 (off) or in 4..{}, got {}", s.key_path("columns"), kMaxJudgeColumns,
+           c.columns);
+    }
+    if (!c.with_reference) {
+      fail("{}: the column layout lines answers up with the reference; turn on {}",
+           s.key_path("columns"), s.key_path("with_reference"));
+    }
+    if (c.aligned_marks || c.position_marks) {
+      fail("{}: two reasoning styles; turn off {} and {}", s.key_path("columns"),
+           s.key_path("aligned_marks"), s.key_path("position_marks"));
+    }
   }
   return c;
 }

@@ -67,6 +67,7 @@ struct GrmConfig {
   bool aligned_marks = false;      // reasoning interleaves the answers, marks each pair (same)
   bool quote_response = false;     // aligned reasoning quotes each response first (same)
   bool prompt_labels = false;      // the quotes take the judge prompt's labels (same)
+  int columns = 0;                 // > 0: column layout and reasoning of this width (same)
   uint64_t seed = 11;
 };
 

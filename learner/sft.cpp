@@ -154,6 +154,7 @@ SftTrainer::SftTrainer(RunConfig config, std::string workdir, bool resume, SftOp
   optimizer_ = std::make_unique<AdamW<float>>(*ops_, model_->layout(), config_.sft.optimizer);
   data_ = options.data ? options.data
                        : std::make_shared<DemonstrationSource>(suite_, *tokenizer_);
+  checkpoint_annotations_ = options.checkpoint_annotations;
   data_rng_.reseed(mix_seed(config_.sft.seed, 0xDA7A));
   if (resume) {
     const TrainingState state =
@@ -221,7 +222,7 @@ void SftTrainer::save_checkpoint() {
   TrainingState state{step_, data_position_, data_rng_.serialize(), config_.source};
   checkpoint_save((fs::path(workdir_) / "checkpoint.safetensors").string(), *model_,
                   tokenizer_->name(), optimizer_->first_moment(), optimizer_->second_moment(),
-                  &state);
+                  &state, checkpoint_annotations_);
 }
 
 std::vector<double> SftTrainer::train(int64_t stop_at_step) {
@@ -381,7 +382,8 @@ SftSummary SftTrainer::finish() {
   summary.train_s = train_s_;
   summary.train_tokens_per_s = train_s_ > 0 ? double(train_tokens_) / train_s_ : 0;
   summary.policy_path = (fs::path(workdir_) / "policy.safetensors").string();
-  checkpoint_save(summary.policy_path, *model_, tokenizer_->name());
+  checkpoint_save(summary.policy_path, *model_, tokenizer_->name(), nullptr, nullptr, nullptr,
+                  checkpoint_annotations_);
   spdlog::info("evaluating on {} held-out prompts (greedy and sampled)", config_.sft.eval_examples);
   summary.greedy = evaluate_policy(*model_, *tokenizer_, suite_, config_.sft.eval_examples,
                                    config_.sft.eval_batch, config_.sampling, true);

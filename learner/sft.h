@@ -10,6 +10,7 @@
 //   DIR/metrics.jsonl            one JSON object per step (cut back to the checkpoint on resume)
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -151,6 +152,8 @@ struct SftOptions {
   std::shared_ptr<const SftDataSource> data;
   // A fresh run starts from this checkpoint's weights instead of a random initialization.
   std::string init_from;
+  // Extra string metadata for every checkpoint the run writes (checkpoint_save's annotations).
+  std::map<std::string, std::string> checkpoint_annotations;
 };
 
 class SftTrainer {
@@ -188,6 +191,7 @@ class SftTrainer {
   std::unique_ptr<Transformer<float>> model_;
   std::unique_ptr<AdamW<float>> optimizer_;
   std::shared_ptr<const SftDataSource> data_;
+  std::map<std::string, std::string> checkpoint_annotations_;
   Rng data_rng_;
   int64_t step_ = 0;
   int64_t diverged_at_ = -1;

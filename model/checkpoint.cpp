@@ -37,7 +37,8 @@ std::vector<float> host_copy(Ops<float>& ops, const float* src, int64_t n) {
 
 void checkpoint_save(const std::string& path, Transformer<float>& model,
                      const std::string& tokenizer, const float* adam_m, const float* adam_v,
-                     const TrainingState* state) {
+                     const TrainingState* state,
+                     const std::map<std::string, std::string>& annotations) {
   Ops<float>& ops = model.ops();
   const ParamLayout& layout = model.layout();
   const ParamLayout& buffers = model.buffer_layout();
@@ -63,6 +64,10 @@ void checkpoint_save(const std::string& path, Transformer<float>& model,
     meta["data_position"] = std::to_string(state->data_position);
     meta["rng_state"] = state->rng_state;
     meta["run_config"] = state->run_config;
+  }
+  for (const auto& [key, value] : annotations) {
+    RLHF_CHECK(meta.emplace(key, value).second, "checkpoint annotation '{}' is a reserved key",
+               key);
   }
   safetensors_write(path, tensors, meta);
 }

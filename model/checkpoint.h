@@ -38,10 +38,12 @@ struct CheckpointContents {
 };
 
 // Saves weights and buffers; with moments (m, v: flat, parameter layout) and a state it is a
-// training checkpoint.
+// training checkpoint. `annotations` are string metadata of the caller's own (a judge's prompt
+// layout, reward/judge.h); they must not use the keys this file writes itself.
 void checkpoint_save(const std::string& path, Transformer<float>& model,
                      const std::string& tokenizer, const float* adam_m = nullptr,
-                     const float* adam_v = nullptr, const TrainingState* state = nullptr);
+                     const float* adam_v = nullptr, const TrainingState* state = nullptr,
+                     const std::map<std::string, std::string>& annotations = {});
 
 // Saves a policy whose experts are packed in `format`, quantized from the model's float master
 // weights: the values QAT's forward computes with, now stored in 4.25 (MXFP4) or 4.5 (NVFP4)

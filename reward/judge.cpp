@@ -1,6 +1,7 @@
 #include "reward/judge.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <numeric>
 
@@ -20,8 +21,25 @@ void VotingParams::validate() const {
   if (max_new_tokens < 1) fail("max_new_tokens: must be >= 1, got {}", max_new_tokens);
 }
 
-Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch)
-    : model_(model), tokenizer_(tokenizer), generator_(model, tokenizer, max_batch) {}
+int judge_columns_of(const CheckpointContents& info, const std::string& path) {
+  const auto it = info.metadata.find(kJudgeColumnsKey);
+  if (it == info.metadata.end()) return 0;
+  int columns = -1;
+  const std::string& text = it->second;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), columns);
+  if (error != std::errc() || end != text.data() + text.size() || columns < 0 ||
+      columns > kMaxJudgeColumns) {
+    fail("checkpoint '{}': metadata '{}' must be an integer in 0..{}, got '{}'", path,
+         kJudgeColumnsKey, kMaxJudgeColumns, text);
+  }
+  return columns;
+}
+
+Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int columns)
+    : model_(model), tokenizer_(tokenizer), generator_(model, tokenizer, max_batch),
+      columns_(columns) {
+  RLHF_CHECK(columns >= 0 && columns <= kMaxJudgeColumns, "judge columns {}", columns);
+}
 
 template <typename IsValid>
 std::vector<std::string> Judge::generate_with_retries(const std::vector<std::string>& prompts,
@@ -69,7 +87,8 @@ std::vector<PointwiseJudgment> Judge::score(const std::vector<JudgeRequest>& req
   std::vector<std::string> prompts;
   prompts.reserve(requests.size() * k);
   for (const JudgeRequest& r : requests) {
-    const std::string text = pointwise_judge_prompt(r.prompt, r.response, r.reference);
+    const std::string text =
+        pointwise_judge_prompt(r.prompt, r.response, r.reference, columns_);
     for (int s = 0; s < k; ++s) prompts.push_back(text);
   }
   std::vector<int> retries(prompts.size(), 0);
@@ -105,9 +124,12 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
   prompts.reserve(requests.size() * k);
   for (const PairwiseRequest& r : requests) {
     for (int s = 0; s < k; ++s) {
-      prompts.push_back(swapped(s)
-                            ? pairwise_judge_prompt(r.prompt, r.response_b, r.response_a, r.reference)
-                            : pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference));
+      prompts.push_back(
+          swapped(s)
+              ? pairwise_judge_prompt(r.prompt, r.response_b, r.response_a, r.reference,
+                                      columns_)
+              : pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
+                                      columns_));
     }
   }
   std::vector<int> retries(prompts.size(), 0);

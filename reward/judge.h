@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "model/checkpoint.h"
 #include "model/generate.h"
 #include "reward/judge_format.h"
 
@@ -64,10 +65,18 @@ struct PairwiseJudgment {
   int retries = 0;
 };
 
+// The prompt layout travels with the judge: `rlhf train-grm` writes grm.columns into its
+// checkpoints under this metadata key, and whoever loads a judge reads it back with
+// judge_columns_of (absent: 0, the line layout of judge_format.h).
+inline constexpr const char* kJudgeColumnsKey = "judge_columns";
+// An rlhf::Error naming the checkpoint and the key if the value is not 0 or 1..kMaxJudgeColumns.
+int judge_columns_of(const CheckpointContents& info, const std::string& path);
+
 class Judge {
  public:
   // `model` must be built for at least `max_batch` sequences of config.max_seq_len tokens.
-  Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch);
+  // columns: the prompt layout the judge was trained with (judge_columns_of).
+  Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int columns = 0);
 
   std::vector<PointwiseJudgment> score(const std::vector<JudgeRequest>& requests,
                                        const VotingParams& params);
@@ -76,6 +85,7 @@ class Judge {
 
   const Tokenizer& tokenizer() const { return tokenizer_; }
   const ModelConfig& model_config() const { return model_.config(); }
+  int columns() const { return columns_; }
 
  private:
   // Generates judge outputs for `prompts` (judge prompt texts), retrying outputs that `valid`
@@ -88,6 +98,7 @@ class Judge {
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;
   Generator generator_;
+  int columns_;
 };
 
 }  // namespace rlhf

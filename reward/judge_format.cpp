@@ -42,8 +42,55 @@ std::string escape_judged_text(std::string_view text) {
   return out;
 }
 
+std::string judge_column(std::string_view text, int width, bool right_aligned) {
+  RLHF_CHECK(width > 0 && width <= kMaxJudgeColumns, "judge column width {} out of 1..{}", width,
+             kMaxJudgeColumns);
+  const std::string escaped = escape_judged_text(text);
+  const size_t w = size_t(width);
+  if (escaped.size() <= w) {
+    const std::string padding(w - escaped.size(), '.');
+    return right_aligned ? padding + escaped : escaped + padding;
+  }
+  // Cut: '<' and the last w - 1 characters, or the first w - 1 characters and '>'.
+  std::string cut(w, '<');
+  if (right_aligned) {
+    escaped.copy(cut.data() + 1, w - 1, escaped.size() - (w - 1));
+  } else {
+    escaped.copy(cut.data(), w - 1, 0);
+    cut[w - 1] = '>';
+  }
+  return cut;
+}
+
+std::string interleaved_columns(std::string_view reference, std::string_view response,
+                                int width, bool right_aligned) {
+  const std::string ref = judge_column(reference, width, right_aligned);
+  const std::string got = judge_column(response, width, right_aligned);
+  std::string line;
+  line.reserve(2 * size_t(width));
+  for (size_t i = 0; i < size_t(width); ++i) {
+    line += ref[i];
+    line += got[i];
+  }
+  return line;
+}
+
+namespace {
+
+// "<label>right: <2W>\n<label>left: <2W>" for one response.
+std::string column_lines(const std::string& label, std::string_view reference,
+                         std::string_view response, int width) {
+  return "\n" + label + "right: " + interleaved_columns(reference, response, width, true) + "\n" +
+         label + "left: " + interleaved_columns(reference, response, width, false);
+}
+
+}  // namespace
+
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
-                                   const std::optional<std::string>& reference) {
+                                   const std::optional<std::string>& reference, int columns) {
+  if (columns > 0 && reference) {
+    return "task: " + escape_judged_text(prompt) + column_lines("", *reference, response, columns);
+  }
   std::string text = "task: " + escape_judged_text(prompt) +
                      "\nresponse: " + escape_judged_text(response);
   if (reference) text += "\nreference: " + escape_judged_text(*reference);
@@ -52,7 +99,12 @@ std::string pointwise_judge_prompt(std::string_view prompt, std::string_view res
 
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
-                                  const std::optional<std::string>& reference) {
+                                  const std::optional<std::string>& reference, int columns) {
+  if (columns > 0 && reference) {
+    return "task: " + escape_judged_text(prompt) +
+           column_lines("A ", *reference, response_a, columns) +
+           column_lines("B ", *reference, response_b, columns);
+  }
   std::string text = "task: " + escape_judged_text(prompt) + "\nA: " +
                      escape_judged_text(response_a) + "\nB: " + escape_judged_text(response_b);
   if (reference) text += "\nreference: " + escape_judged_text(*reference);

@@ -28,11 +28,34 @@ const char* verdict_name(Verdict verdict);  // "A", "B", "tie"
 // Backslash -> "\\", newline -> "\n", carriage return -> "\r"; everything else unchanged.
 std::string escape_judged_text(std::string_view text);
 
+// The column layout (a judge trained with grm.columns = W > 0; only with a reference). The
+// reference and each response are lined up as columns of W characters: escaped, padded with
+// '.', at the right end (as the units of two sums line up) and, on a second line, at the left
+// end; a longer answer is cut to W - 1 characters and marked '<' (right) or '>' (left). A
+// line shows the two columns interleaved, the reference's character first at every position:
+// "60+3=", reference 63, response 93, W = 4: right "....6933", left "6933....".
+//
+//   pointwise:  task: <prompt>\nright: <2W>\nleft: <2W>
+//   pairwise:   task: <prompt>\nA right: <2W>\nA left: <2W>\nB right: <2W>\nB left: <2W>
+//
+// So the two characters a judge compares are neighbours in its prompt: a small model compares
+// two adjacent tokens easily, while copying an answer's characters from far back in the prompt
+// is what it failed to learn (docs/grm.md).
+constexpr int kMaxJudgeColumns = 64;
+// The column of one answer: right-aligned or left-aligned.
+std::string judge_column(std::string_view text, int width, bool right_aligned);
+// The interleaved line of a reference and a response: 2 * width characters.
+std::string interleaved_columns(std::string_view reference, std::string_view response,
+                                int width, bool right_aligned);
+
+// columns: 0 for the line layout above, else the column width (used only with a reference).
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
-                                   const std::optional<std::string>& reference = std::nullopt);
+                                   const std::optional<std::string>& reference = std::nullopt,
+                                   int columns = 0);
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
-                                  const std::optional<std::string>& reference = std::nullopt);
+                                  const std::optional<std::string>& reference = std::nullopt,
+                                  int columns = 0);
 
 // What the judge is trained to write. `reasoning` may be empty (the no-reasoning ablation);
 // it must not end with a newline.

@@ -180,7 +180,8 @@ std::vector<JudgeRequest> judge_requests_from(const v1::ScoreRequest& request, c
     check_text(field + ".reference", item.reference(), false, limits);
     JudgeRequest r{item.prompt(), item.response(),
                    optional_text(item.has_reference(), item.reference())};
-    check_fits_context(field, pointwise_judge_prompt(r.prompt, r.response, r.reference), judge);
+    check_fits_context(
+        field, pointwise_judge_prompt(r.prompt, r.response, r.reference, judge.columns()), judge);
     requests.push_back(std::move(r));
   }
   return requests;
@@ -349,7 +350,8 @@ void check_pairwise_request(const PairwiseRequest& r, const std::string& field,
   check_text(field + "reference", r.reference.value_or(""), false, limits);
   // Swapping A and B (both_orders) does not change the length.
   check_fits_context(field + "prompt + response_a + response_b + reference",
-                     pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference),
+                     pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
+                                           judge.columns()),
                      judge);
 }
 

@@ -251,6 +251,40 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
          aligned_side(example, response_b, grade_b, quote);
 }
 
+int column_mismatches(std::string_view reference, std::string_view response, int width,
+                      bool right_aligned) {
+  const std::string ref = judge_column(reference, width, right_aligned);
+  const std::string got = judge_column(response, width, right_aligned);
+  // Where the padding is: left of a right-aligned answer, right of a left-aligned one.
+  auto is_padding = [&](std::string_view text, int i) {
+    const int length = int(escape_judged_text(text).size());
+    if (length >= width) return false;
+    return right_aligned ? i < width - length : i >= length;
+  };
+  int mismatches = 0;
+  for (int i = 0; i < width; ++i) {
+    const bool ref_pad = is_padding(reference, i), got_pad = is_padding(response, i);
+    if (ref_pad && got_pad) continue;
+    mismatches += ref_pad != got_pad || ref[size_t(i)] != got[size_t(i)];
+  }
+  return mismatches;
+}
+
+std::string column_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, int width) {
+  const int right = column_mismatches(example.reference, response, width, true);
+  const int left = column_mismatches(example.reference, response, width, false);
+  return std::to_string(std::min(right, 9)) + " " + std::to_string(std::min(left, 9)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
+}
+
+std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b, int width) {
+  return "A " + column_reasoning(example, response_a, grade_a, width) + "; B " +
+         column_reasoning(example, response_b, grade_b, width);
+}
+
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
                             const JudgeDataOptions& options) {
   RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
@@ -293,6 +327,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
+          : options.columns > 0    ? column_reasoning(ex, c, grades.back(), options.columns)
           : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response,
                                                       options.prompt_labels)
                                   : grade_reasoning(ex, c, grades.back(), options.position_marks);
@@ -315,6 +350,10 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
+      if (options.columns > 0) {
+        return column_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
+                                     options.columns);
+      }
       if (options.aligned_marks) {
         return aligned_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
                                       options.quote_response, options.prompt_labels);

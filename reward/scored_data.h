@@ -96,6 +96,20 @@ std::string aligned_pair_reasoning(const TaskExample& example, std::string_view 
                                    const Grade& grade_b, bool quote_response = false,
                                    bool prompt_labels = false);
 
+// column_mismatches(reference, response, width, right_aligned): the positions of the column
+// layout (judge_format.h) where the two columns differ, padding facing padding not counted
+// ("63" vs "93": 1 either way; "maml" vs "aml": 1 right-aligned, 4 left-aligned).
+int column_mismatches(std::string_view reference, std::string_view response, int width,
+                      bool right_aligned);
+// The column reasoning (grm.columns): the mismatches right-aligned and left-aligned (each at
+// most 9), then the score: "1 1 6". Pairwise, each side's: "A 1 1 6; B 0 0 10". The judge
+// counts marks it does not write: each mismatch is two neighbouring tokens of its prompt.
+std::string column_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, int width);
+std::string column_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b, int width);
+
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
@@ -124,6 +138,9 @@ struct JudgeDataOptions {
   bool quote_response = false;
   // With quote_response: the quotes take the prompt's labels (aligned_reasoning above).
   bool prompt_labels = false;
+  // > 0: the column layout of this width (judge_format.h) and the column reasoning above;
+  // needs with_reference, and no other reasoning style (the config checks both).
+  int columns = 0;
   uint64_t seed = 1;
 };
 

@@ -63,7 +63,9 @@ struct LocalJudge {
   LocalJudge(const std::string& checkpoint, const std::string& device)
       : tokenizer(make_tokenizer(checkpoint_read_info(checkpoint).tokenizer)),
         ops(make_float_ops(device)), model(checkpoint_load_model(checkpoint, *ops, kMaxBatch)),
-        judge(*model, *tokenizer, kMaxBatch), server(judge, "127.0.0.1:0", limits),
+        judge(*model, *tokenizer, kMaxBatch,
+              judge_columns_of(checkpoint_read_info(checkpoint), checkpoint)),
+        server(judge, "127.0.0.1:0", limits),
         client(fmt::format("127.0.0.1:{}", server.port())) {}
 
   // The service's own checks, made before sending, so that one pair that would fail them is

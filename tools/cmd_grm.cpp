@@ -12,6 +12,7 @@
 #include "learner/grm.h"
 #include "model/checkpoint.h"
 #include "reward/grm_eval.h"
+#include "reward/judge.h"
 #include "tools/cli.h"
 
 namespace rlhf::cli {
@@ -80,7 +81,9 @@ GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suit
   const auto tokenizer = make_tokenizer(info.tokenizer);
   const std::unique_ptr<Ops<float>> ops = make_float_ops(device);
   const auto model = checkpoint_load_model(path, *ops, options.max_batch);
-  return evaluate_grm(*model, *tokenizer, suite, options);
+  GrmEvalOptions with_layout = options;
+  with_layout.columns = judge_columns_of(info, path);  // the layout this judge was trained with
+  return evaluate_grm(*model, *tokenizer, suite, with_layout);
 }
 
 void print_eval(const std::string& name, const std::string& path, const GrmEvalResult& r) {

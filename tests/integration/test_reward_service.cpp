@@ -27,6 +27,7 @@
 #include "reward/judge.h"
 #include "reward/reward_service.h"
 #include "rlhf/v1/reward.grpc.pb.h"
+#include "tests/test_support.h"
 
 namespace rlhf {
 namespace {
@@ -406,6 +407,44 @@ TEST(RewardServer, AnAddressThatCannotBeBoundIsAnError) {
   // The port the first server holds.
   EXPECT_THROW((RewardServer{judge, "127.0.0.1:" + std::to_string(first.port())}), Error);
   EXPECT_THROW((RewardServer{judge, "not an address"}), Error);
+}
+
+// The prompt layout a judge was trained with travels in its checkpoint's metadata: absent means
+// the line layout, a bad value is an error naming the file and the key, and the service checks
+// requests against the judge's own layout.
+TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
+  const ByteTokenizer tokenizer;
+  CpuOps<float> ops;
+  ModelConfig config = judge_model_config(tokenizer);
+  Transformer<float> model(ops, config, 1, config.max_seq_len);
+  model.init_random(1);
+  const fs::path dir = fs::temp_directory_path() / ("rlhf_judge_layout_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string plain = (dir / "plain.safetensors").string();
+  const std::string columns = (dir / "columns.safetensors").string();
+  const std::string bad = (dir / "bad.safetensors").string();
+  checkpoint_save(plain, model, tokenizer.name());
+  checkpoint_save(columns, model, tokenizer.name(), nullptr, nullptr, nullptr,
+                  {{kJudgeColumnsKey, "10"}});
+  checkpoint_save(bad, model, tokenizer.name(), nullptr, nullptr, nullptr,
+                  {{kJudgeColumnsKey, "10 columns"}});
+  EXPECT_EQ(judge_columns_of(checkpoint_read_info(plain), plain), 0);
+  EXPECT_EQ(judge_columns_of(checkpoint_read_info(columns), columns), 10);
+  const std::string error = error_of([&] { judge_columns_of(checkpoint_read_info(bad), bad); });
+  EXPECT_NE(error.find(bad), std::string::npos) << error;
+  EXPECT_NE(error.find(kJudgeColumnsKey), std::string::npos) << error;
+
+  // A request fits the context or not by the prompt the judge will really see: a long task
+  // fits in the line layout and, with a reference, not in columns of 64.
+  Judge line_judge(model, tokenizer, 1);
+  Judge column_judge(model, tokenizer, 1, kMaxJudgeColumns);
+  const RewardServiceLimits limits;
+  const PairwiseRequest request{std::string(40, 'q'), "1", "2", std::string("3")};
+  EXPECT_EQ(error_of([&] { check_pairwise_request(request, "", line_judge, limits); }), "");
+  const std::string too_long =
+      error_of([&] { check_pairwise_request(request, "", column_judge, limits); });
+  EXPECT_NE(too_long.find("prompt"), std::string::npos) << too_long;
+  fs::remove_all(dir);
 }
 
 }  // namespace

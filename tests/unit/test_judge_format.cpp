@@ -91,6 +91,30 @@ TEST(JudgeParser, ScoreLinesInsideTheResponseCannotFoolIt) {
   EXPECT_FALSE(parse_pointwise("Score: 2\nresponse: 7\\nScore: 10").valid);
 }
 
+// The column layout: reference and response lined up at either end and interleaved, so that
+// the two characters the judge compares are neighbours in its prompt.
+TEST(JudgeFormat, ColumnLayoutInterleavesTheAnswers) {
+  EXPECT_EQ(judge_column("63", 5, true), "...63");
+  EXPECT_EQ(judge_column("63", 5, false), "63...");
+  EXPECT_EQ(judge_column("12345", 5, true), "12345");
+  EXPECT_EQ(judge_column("1234567", 5, true), "<4567");  // too long: cut, and marked
+  EXPECT_EQ(judge_column("1234567", 5, false), "1234>");
+  EXPECT_EQ(judge_column("a\nb", 5, true), ".a\\nb");  // escaped before it is lined up
+  EXPECT_EQ(interleaved_columns("63", "93", 4, true), "....6933");
+  EXPECT_EQ(interleaved_columns("63", "163", 4, false), "6136.3..");
+  EXPECT_EQ(pointwise_judge_prompt("60+3=", "93", std::string("63"), 4),
+            "task: 60+3=\nright: ....6933\nleft: 6933....");
+  EXPECT_EQ(pairwise_judge_prompt("60+3=", "93", "163", std::string("63"), 4),
+            "task: 60+3=\nA right: ....6933\nA left: 6933....\nB right: ...16633\nB left: "
+            "6136.3..");
+  // Every line has the same length whatever the answers: 2 x width characters.
+  EXPECT_EQ(pairwise_judge_prompt("60+3=", "9", "1", std::string("63"), 6).size(),
+            pairwise_judge_prompt("60+3=", "9999999", "-12", std::string("63"), 6).size());
+  // Without a reference there is nothing to line up: the line layout.
+  EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::nullopt, 4),
+            "task: rev abc\nresponse: cba");
+}
+
 TEST(JudgeFormat, ReferenceIsOptional) {
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::string("cba")),
             "task: rev abc\nresponse: cba\nreference: cba");

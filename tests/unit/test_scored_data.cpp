@@ -373,6 +373,51 @@ TEST(JudgeData, QuotesCanTakeThePromptsLabels) {
             std::string::npos);
 }
 
+TEST(JudgeData, ColumnReasoningCountsMismatchesAtBothEnds) {
+  EXPECT_EQ(column_mismatches("63", "93", 4, true), 1);
+  EXPECT_EQ(column_mismatches("63", "93", 4, false), 1);
+  EXPECT_EQ(column_mismatches("63", "63", 4, true), 0);
+  EXPECT_EQ(column_mismatches("63", "163", 4, true), 1);   // padding facing a character
+  EXPECT_EQ(column_mismatches("63", "163", 4, false), 3);
+  EXPECT_EQ(column_mismatches("maml", "aml", 6, true), 1);  // a dropped first letter
+  EXPECT_EQ(column_mismatches("maml", "aml", 6, false), 4);
+  EXPECT_EQ(column_mismatches("12", "123456", 4, true), 4);  // "<456" against "..12"
+  // Padding is not a '.' of the answer: "...5" and "..5" as the judge sees them look alike,
+  // but only one is padding.
+  EXPECT_EQ(column_mismatches("5", ".5", 4, true), 1);
+
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
+  EXPECT_EQ(column_reasoning(add, "93", g93, 4), "1 1 6");
+  EXPECT_EQ(column_pair_reasoning(add, "93", g93, "63", g63, 4), "A 1 1 6; B 0 0 10");
+
+  // The builder with columns: every record's reasoning is the column reasoning of its answers.
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.with_reference = true;
+  options.columns = 10;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_FALSE(data.pointwise.empty());
+  ASSERT_FALSE(data.pairwise.empty());
+  std::map<std::pair<std::string, std::string>, std::string> side;
+  for (const ScoredExample& e : data.pointwise) {
+    const int right = column_mismatches(*e.reference, e.response, 10, true);
+    const int left = column_mismatches(*e.reference, e.response, 10, false);
+    EXPECT_EQ(e.reasoning, std::to_string(std::min(right, 9)) + " " +
+                               std::to_string(std::min(left, 9)) + " " + std::to_string(e.score));
+    // Here (no policy) a response is the reference or a corruption of it: no mismatch exactly
+    // when the grader calls it right.
+    EXPECT_EQ(e.score == 10, right == 0) << e.reasoning;
+    side[{e.prompt, e.response}] = e.reasoning;
+  }
+  for (const PairwiseExample& p : data.pairwise) {
+    EXPECT_EQ(p.reasoning, "A " + side.at({p.prompt, p.response_a}) + "; B " +
+                               side.at({p.prompt, p.response_b}));
+  }
+}
+
 TEST(GrmConfig, ReasoningStylesAreChecked) {
   auto config_error = [](const std::string& yaml) {
     return rlhf::error_of([&] { RunConfig::load_string(yaml, "test"); });  // test_support.h
@@ -388,6 +433,17 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   EXPECT_NE(labels.find("grm.quote_response"), std::string::npos) << labels;
   EXPECT_EQ(
       config_error("grm: {aligned_marks: true, quote_response: true, prompt_labels: true}"), "");
+  // Columns: a width in range, a reference to line the answers up with, no other style.
+  EXPECT_EQ(config_error("grm: {columns: 10, with_reference: true}"), "");
+  const std::string no_reference = config_error("grm: {columns: 10}");
+  EXPECT_NE(no_reference.find("grm.with_reference"), std::string::npos) << no_reference;
+  const std::string narrow = config_error("grm: {columns: 2, with_reference: true}");
+  EXPECT_NE(narrow.find("grm.columns"), std::string::npos) << narrow;
+  const std::string wide = config_error("grm: {columns: 65, with_reference: true}");
+  EXPECT_NE(wide.find("grm.columns"), std::string::npos) << wide;
+  const std::string styles =
+      config_error("grm: {columns: 10, with_reference: true, aligned_marks: true}");
+  EXPECT_NE(styles.find("grm.aligned_marks"), std::string::npos) << styles;
 }
 
 TEST(JudgeData, ScoreScale) {
