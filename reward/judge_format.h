@@ -38,9 +38,10 @@ std::string escape_judged_text(std::string_view text);
 //   pointwise:  task: <prompt>\nright: <2W>\nleft: <2W>
 //   pairwise:   task: <prompt>\nA right: <2W>\nA left: <2W>\nB right: <2W>\nB left: <2W>
 //
-// So the two characters a judge compares are neighbours in its prompt: a small model compares
-// two adjacent tokens easily, while copying an answer's characters from far back in the prompt
-// is what it failed to learn (docs/grm.md).
+// So the two characters a judge compares are neighbours in its prompt, and the judge need not
+// copy an answer's characters from far back in the prompt, which is where the line layout's
+// judges fail. Measured on the demo model it did not help: the judge did not learn to compare
+// even neighbouring tokens (docs/grm.md), so it is off by default.
 constexpr int kMaxJudgeColumns = 64;
 // The column of one answer: right-aligned or left-aligned.
 std::string judge_column(std::string_view text, int width, bool right_aligned);
