@@ -256,14 +256,16 @@ int column_mismatches(std::string_view reference, std::string_view response, int
   const std::string ref = judge_column(reference, width, right_aligned);
   const std::string got = judge_column(response, width, right_aligned);
   // Where the padding is: left of a right-aligned answer, right of a left-aligned one.
-  auto is_padding = [&](std::string_view text, int i) {
+  auto padding_test = [&](std::string_view text) {
     const int length = int(escape_judged_text(text).size());
-    if (length >= width) return false;
-    return right_aligned ? i < width - length : i >= length;
+    return [=](int i) {
+      return length < width && (right_aligned ? i < width - length : i >= length);
+    };
   };
+  const auto ref_padding = padding_test(reference), got_padding = padding_test(response);
   int mismatches = 0;
   for (int i = 0; i < width; ++i) {
-    const bool ref_pad = is_padding(reference, i), got_pad = is_padding(response, i);
+    const bool ref_pad = ref_padding(i), got_pad = got_padding(i);
     if (ref_pad && got_pad) continue;
     mismatches += ref_pad != got_pad || ref[size_t(i)] != got[size_t(i)];
   }

@@ -52,6 +52,7 @@ struct LocalActor {
 // The judge checkpoint behind a reward service in this process, on a free loopback port.
 struct LocalJudge {
   static constexpr int kMaxBatch = 64;  // judge sequences decoded together
+  CheckpointContents info;  // first: the members below are built from it
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Ops<float>> ops;  // before the model, which frees its buffers through it
   std::unique_ptr<Transformer<float>> model;
@@ -61,10 +62,9 @@ struct LocalJudge {
   RewardClient client;
 
   LocalJudge(const std::string& checkpoint, const std::string& device)
-      : tokenizer(make_tokenizer(checkpoint_read_info(checkpoint).tokenizer)),
+      : info(checkpoint_read_info(checkpoint)), tokenizer(make_tokenizer(info.tokenizer)),
         ops(make_float_ops(device)), model(checkpoint_load_model(checkpoint, *ops, kMaxBatch)),
-        judge(*model, *tokenizer, kMaxBatch,
-              judge_columns_of(checkpoint_read_info(checkpoint), checkpoint)),
+        judge(*model, *tokenizer, kMaxBatch, judge_columns_of(info, checkpoint)),
         server(judge, "127.0.0.1:0", limits),
         client(fmt::format("127.0.0.1:{}", server.port())) {}
 

@@ -396,12 +396,22 @@ TEST_F(RewardServiceTest, ShutdownStopsServingAndWaitReturns) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
 }
 
+// A small random judge model for one batch, for tests that need a Judge but no server.
+struct RandomJudgeModel {
+  ByteTokenizer tokenizer;
+  CpuOps<float> ops;  // before the model, which frees its buffers through it
+  std::unique_ptr<Transformer<float>> model;
+  RandomJudgeModel() {
+    const ModelConfig config = judge_model_config(tokenizer);
+    model = std::make_unique<Transformer<float>>(ops, config, 1, config.max_seq_len);
+    model->init_random(1);
+  }
+};
+
 TEST(RewardServer, AnAddressThatCannotBeBoundIsAnError) {
-  const ByteTokenizer tokenizer;
-  CpuOps<float> ops;
-  ModelConfig config = judge_model_config(tokenizer);
-  Transformer<float> model(ops, config, 1, config.max_seq_len);
-  model.init_random(1);
+  const RandomJudgeModel random;
+  const ByteTokenizer& tokenizer = random.tokenizer;
+  Transformer<float>& model = *random.model;
   Judge judge(model, tokenizer, 1);
   RewardServer first(judge, "127.0.0.1:0");
   // The port the first server holds.
@@ -413,12 +423,11 @@ TEST(RewardServer, AnAddressThatCannotBeBoundIsAnError) {
 // the line layout, a bad value is an error naming the file and the key, and the service checks
 // requests against the judge's own layout.
 TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
-  const ByteTokenizer tokenizer;
-  CpuOps<float> ops;
-  ModelConfig config = judge_model_config(tokenizer);
-  Transformer<float> model(ops, config, 1, config.max_seq_len);
-  model.init_random(1);
-  const fs::path dir = fs::temp_directory_path() / ("rlhf_judge_layout_" + std::to_string(::getpid()));
+  const RandomJudgeModel random;
+  const ByteTokenizer& tokenizer = random.tokenizer;
+  Transformer<float>& model = *random.model;
+  const fs::path dir =
+      fs::temp_directory_path() / ("rlhf_judge_layout_" + std::to_string(::getpid()));
   fs::create_directories(dir);
   const std::string plain = (dir / "plain.safetensors").string();
   const std::string columns = (dir / "columns.safetensors").string();
