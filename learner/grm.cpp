@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 
 JudgeMixSource::JudgeMixSource(const ScoredData& data, const TaskSuite& suite,
                                const Tokenizer& tokenizer, double judge_fraction,
-                               int max_seq_len, int columns)
+                               int max_seq_len, int layout)
     : demonstrations_(suite, tokenizer), judge_fraction_(judge_fraction) {
   auto add = [&](TrainingSequence seq, const std::string& prompt) {
     if (int(seq.tokens.size()) > max_seq_len + 1) {
@@ -30,14 +30,14 @@ JudgeMixSource::JudgeMixSource(const ScoredData& data, const TaskSuite& suite,
   };
   for (const ScoredExample& e : data.pointwise) {
     add(format_example(tokenizer,
-                       pointwise_judge_prompt(e.prompt, e.response, e.reference, columns),
+                       pointwise_judge_prompt(e.prompt, e.response, e.reference, layout),
                        pointwise_judge_output(e.reasoning, e.score), SpecialToken::kJudge),
         e.prompt);
   }
   for (const PairwiseExample& e : data.pairwise) {
     add(format_example(tokenizer,
                        pairwise_judge_prompt(e.prompt, e.response_a, e.response_b, e.reference,
-                                             columns),
+                                             layout),
                        pairwise_judge_output(e.reasoning, e.verdict), SpecialToken::kJudge),
         e.prompt);
   }
@@ -87,7 +87,8 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.aligned_marks = g.aligned_marks;
   options.quote_response = g.quote_response;
   options.prompt_labels = g.prompt_labels;
-  options.columns = g.columns;
+  options.layout = g.layout();
+  options.scrambled_per_prompt = g.scrambled_per_prompt;
   options.seed = g.seed;
   std::unique_ptr<Ops<float>> ops;  // before the policy, which frees its buffers through it
   std::unique_ptr<Transformer<float>> policy;
@@ -135,7 +136,7 @@ GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir,
   const auto tokenizer = make_tokenizer(config.model.tokenizer);
   auto source = std::make_shared<JudgeMixSource>(data, suite, *tokenizer,
                                                  config.grm.judge_fraction,
-                                                 config.model.max_seq_len, config.grm.columns);
+                                                 config.model.max_seq_len, config.grm.layout());
   summary.too_long_records = int64_t(source->too_long());
   if (source->too_long() > 0) {
     spdlog::warn("{} of {} judge records are longer than model.max_seq_len {} and are left out",
@@ -146,9 +147,7 @@ GrmRunSummary run_train_grm(const RunConfig& config, const std::string& workdir,
   options.data = source;
   options.init_from = config.grm.policy;
   // The prompt layout travels with the judge (reward/judge.h).
-  if (config.grm.columns > 0) {
-    options.checkpoint_annotations[kJudgeColumnsKey] = std::to_string(config.grm.columns);
-  }
+  options.checkpoint_annotations = judge_layout_annotations(config.grm.layout());
   SftTrainer trainer(config, workdir, resume, options);
   trainer.train();
   trainer.fail_if_diverged();

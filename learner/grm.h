@@ -20,9 +20,9 @@ namespace rlhf {
 class JudgeMixSource : public SftDataSource {
  public:
   // Records whose judge sequence exceeds max_seq_len + 1 tokens are left out and counted.
-  // columns: the judge prompts' layout (judge_format.h; 0 = lines).
+  // layout: the judge prompts' layout (judge_format.h).
   JudgeMixSource(const ScoredData& data, const TaskSuite& suite, const Tokenizer& tokenizer,
-                 double judge_fraction, int max_seq_len, int columns = 0);
+                 double judge_fraction, int max_seq_len, int layout = kJudgeLinesLayout);
   TrainingSequence sequence(uint64_t index) const override;
   std::string describe(uint64_t index) const override;
   size_t judge_examples() const { return judge_.size(); }

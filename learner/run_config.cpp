@@ -104,6 +104,8 @@ GrmConfig read_grm(YamlSection& s) {
   c.quote_response = s.get("quote_response", c.quote_response);
   c.prompt_labels = s.get("prompt_labels", c.prompt_labels);
   c.columns = s.get("columns", c.columns);
+  c.tagged = s.get("tagged", c.tagged);
+  c.scrambled_per_prompt = s.get("scrambled_per_prompt", c.scrambled_per_prompt);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -150,6 +152,20 @@ GrmConfig read_grm(YamlSection& s) {
     if (c.aligned_marks || c.position_marks) {
       fail("{}: two reasoning styles; turn off {} and {}", s.key_path("columns"),
            s.key_path("aligned_marks"), s.key_path("position_marks"));
+    }
+  }
+  if (c.scrambled_per_prompt < 0 || c.scrambled_per_prompt > 8) {
+    fail("{}: must be in 0..8, got {}", s.key_path("scrambled_per_prompt"),
+         c.scrambled_per_prompt);
+  }
+  if (c.tagged) {
+    if (!c.with_reference) {
+      fail("{}: the tagged layout lines answers up with the reference; turn on {}",
+           s.key_path("tagged"), s.key_path("with_reference"));
+    }
+    if (c.aligned_marks || c.position_marks || c.columns != 0) {
+      fail("{}: two reasoning styles; turn off {}, {} and {}", s.key_path("tagged"),
+           s.key_path("aligned_marks"), s.key_path("position_marks"), s.key_path("columns"));
     }
   }
   return c;

@@ -19,6 +19,7 @@
 #include "learner/rl_objective.h"
 #include "learner/stability.h"
 #include "model/config.h"
+#include "reward/judge_format.h"
 #include "rollout/task_suite.h"
 
 namespace rlhf {
@@ -68,6 +69,10 @@ struct GrmConfig {
   bool quote_response = false;     // aligned reasoning quotes each response first (same)
   bool prompt_labels = false;      // the quotes take the judge prompt's labels (same)
   int columns = 0;                 // > 0: column layout and reasoning of this width (same)
+  int scrambled_per_prompt = 0;    // scrambled references judged per prompt (scored_data.h)
+  bool tagged = false;             // tagged layout and reasoning (judge_format.h)
+  // The judge prompt layout (judge_format.h): tagged, columns or the lines.
+  int layout() const { return tagged ? kJudgeTaggedLayout : columns; }
   uint64_t seed = 11;
 };
 

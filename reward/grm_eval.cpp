@@ -93,7 +93,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
                                   : no_reference;
   };
 
-  Judge judge(judge_model, tokenizer, options.max_batch, options.columns);
+  Judge judge(judge_model, tokenizer, options.max_batch, options.layout);
   auto count = [&](int invalid, int retries, int samples) {
     result.invalid_samples += invalid;
     result.retries += retries;

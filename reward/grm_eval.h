@@ -32,7 +32,7 @@ struct GrmEvalOptions {
   bool with_reference = false;
   int max_batch = 64;
   int max_new_tokens = 96;     // per judge output
-  int columns = 0;             // the judge's prompt layout (judge_columns_of)
+  int layout = 0;              // the judge's prompt layout (judge_layout_of)
   uint64_t seed = 3;
 };
 

@@ -21,11 +21,23 @@ void VotingParams::validate() const {
   if (max_new_tokens < 1) fail("max_new_tokens: must be >= 1, got {}", max_new_tokens);
 }
 
-int judge_columns_of(const CheckpointContents& info, const std::string& path) {
-  const auto it = info.metadata.find(kJudgeColumnsKey);
-  if (it == info.metadata.end()) return 0;
+int judge_layout_of(const CheckpointContents& info, const std::string& path) {
+  const auto columns_it = info.metadata.find(kJudgeColumnsKey);
+  const auto layout_it = info.metadata.find(kJudgeLayoutKey);
+  if (columns_it != info.metadata.end() && layout_it != info.metadata.end()) {
+    fail("checkpoint '{}': metadata '{}' and '{}' name two prompt layouts; a judge has one", path,
+         kJudgeColumnsKey, kJudgeLayoutKey);
+  }
+  if (layout_it != info.metadata.end()) {
+    if (layout_it->second != "tagged") {
+      fail("checkpoint '{}': metadata '{}' must be 'tagged', got '{}'", path, kJudgeLayoutKey,
+           layout_it->second);
+    }
+    return kJudgeTaggedLayout;
+  }
+  if (columns_it == info.metadata.end()) return kJudgeLinesLayout;
   int columns = -1;
-  const std::string& text = it->second;
+  const std::string& text = columns_it->second;
   const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), columns);
   if (error != std::errc() || end != text.data() + text.size() || columns < 0 ||
       columns > kMaxJudgeColumns) {
@@ -35,10 +47,24 @@ int judge_columns_of(const CheckpointContents& info, const std::string& path) {
   return columns;
 }
 
-Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int columns)
+std::map<std::string, std::string> judge_layout_annotations(int layout) {
+  check_judge_layout(layout);
+  if (layout == kJudgeTaggedLayout) return {{kJudgeLayoutKey, "tagged"}};
+  if (layout > 0) return {{kJudgeColumnsKey, std::to_string(layout)}};
+  return {};
+}
+
+std::string judge_layout_name(int layout) {
+  check_judge_layout(layout);
+  if (layout == kJudgeTaggedLayout) return "tagged layout";
+  if (layout > 0) return "column layout of " + std::to_string(layout);
+  return "line layout";
+}
+
+Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int layout)
     : model_(model), tokenizer_(tokenizer), generator_(model, tokenizer, max_batch),
-      columns_(columns) {
-  RLHF_CHECK(columns >= 0 && columns <= kMaxJudgeColumns, "judge columns {}", columns);
+      layout_(layout) {
+  check_judge_layout(layout);
 }
 
 template <typename IsValid>
@@ -88,7 +114,7 @@ std::vector<PointwiseJudgment> Judge::score(const std::vector<JudgeRequest>& req
   prompts.reserve(requests.size() * k);
   for (const JudgeRequest& r : requests) {
     const std::string text =
-        pointwise_judge_prompt(r.prompt, r.response, r.reference, columns_);
+        pointwise_judge_prompt(r.prompt, r.response, r.reference, layout_);
     for (int s = 0; s < k; ++s) prompts.push_back(text);
   }
   std::vector<int> retries(prompts.size(), 0);
@@ -127,9 +153,9 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
       prompts.push_back(
           swapped(s)
               ? pairwise_judge_prompt(r.prompt, r.response_b, r.response_a, r.reference,
-                                      columns_)
+                                      layout_)
               : pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
-                                      columns_));
+                                      layout_));
     }
   }
   std::vector<int> retries(prompts.size(), 0);

@@ -11,6 +11,7 @@
 // retries does not vote; a request with no valid vote at all is INVALID (valid = false), never
 // a default score or a tie.
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -65,18 +66,26 @@ struct PairwiseJudgment {
   int retries = 0;
 };
 
-// The prompt layout travels with the judge: `rlhf train-grm` writes grm.columns into its
-// checkpoints under this metadata key, and whoever loads a judge reads it back with
-// judge_columns_of (absent: 0, the line layout of judge_format.h).
+// The prompt layout travels with the judge: `rlhf train-grm` writes it into its checkpoints
+// (judge_layout_annotations), and whoever loads a judge reads it back with judge_layout_of.
+// Metadata: the column layout as kJudgeColumnsKey = its width, the tagged layout as
+// kJudgeLayoutKey = "tagged"; neither key means the line layout.
 inline constexpr const char* kJudgeColumnsKey = "judge_columns";
-// An rlhf::Error naming the checkpoint and the key if the value is not 0 or 1..kMaxJudgeColumns.
-int judge_columns_of(const CheckpointContents& info, const std::string& path);
+inline constexpr const char* kJudgeLayoutKey = "judge_layout";
+// The layout code of judge_format.h. An rlhf::Error naming the checkpoint and the key if a value
+// is not one of the above, or if both keys are present.
+int judge_layout_of(const CheckpointContents& info, const std::string& path);
+// The metadata that records `layout` (empty for the line layout).
+std::map<std::string, std::string> judge_layout_annotations(int layout);
+// "line layout", "column layout of 10", "tagged layout": for logs.
+std::string judge_layout_name(int layout);
 
 class Judge {
  public:
   // `model` must be built for at least `max_batch` sequences of config.max_seq_len tokens.
-  // columns: the prompt layout the judge was trained with (judge_columns_of).
-  Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int columns = 0);
+  // layout: the prompt layout the judge was trained with (judge_layout_of).
+  Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch,
+        int layout = kJudgeLinesLayout);
 
   std::vector<PointwiseJudgment> score(const std::vector<JudgeRequest>& requests,
                                        const VotingParams& params);
@@ -85,7 +94,7 @@ class Judge {
 
   const Tokenizer& tokenizer() const { return tokenizer_; }
   const ModelConfig& model_config() const { return model_.config(); }
-  int columns() const { return columns_; }
+  int layout() const { return layout_; }
 
  private:
   // Generates judge outputs for `prompts` (judge prompt texts), retrying outputs that `valid`
@@ -98,7 +107,7 @@ class Judge {
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;
   Generator generator_;
-  int columns_;
+  int layout_;
 };
 
 }  // namespace rlhf

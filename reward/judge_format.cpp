@@ -1,5 +1,7 @@
 #include "reward/judge_format.h"
 
+#include <algorithm>
+
 #include "common/error.h"
 
 namespace rlhf {
@@ -75,6 +77,65 @@ std::string interleaved_columns(std::string_view reference, std::string_view res
   return line;
 }
 
+void check_judge_layout(int layout) {
+  RLHF_CHECK(layout == kJudgeTaggedLayout || (layout >= 0 && layout <= kMaxJudgeColumns),
+             "judge prompt layout {} is not one of judge_format.h", layout);
+}
+
+AlignedPairs aligned_pairs(std::string_view expected, std::string_view got) {
+  const size_t length = std::max(expected.size(), got.size());
+  auto at = [length](std::string_view text, size_t i, bool pad_left) -> int {
+    const size_t pad = length - text.size();
+    if (pad_left) return i < pad ? kMissingChar : static_cast<unsigned char>(text[i - pad]);
+    return i < text.size() ? static_cast<unsigned char>(text[i]) : kMissingChar;
+  };
+  auto equal_positions = [&](bool pad_left) {
+    size_t n = 0;
+    for (size_t i = 0; i < length; ++i) {
+      const int e = at(expected, i, pad_left);
+      n += e != kMissingChar && e == at(got, i, pad_left);
+    }
+    return n;
+  };
+  AlignedPairs out;
+  out.right_aligned = equal_positions(true) >= equal_positions(false);
+  for (size_t i = 0; i < length; ++i) {
+    const int e = at(expected, i, out.right_aligned), g = at(got, i, out.right_aligned);
+    if (e == ' ' && g == ' ') continue;
+    out.pairs.emplace_back(e, g);
+  }
+  return out;
+}
+
+char aligned_shown(int c, bool tagged) {
+  if (c == kMissingChar) return '.';
+  if (c == ' ') return '_';
+  if (tagged && c >= 'A' && c <= 'Z') return '?';
+  return char(c);
+}
+
+size_t tagged_first_shown(const AlignedPairs& aligned) {
+  const size_t n = aligned.pairs.size(), shown = std::min<size_t>(n, kMaxTaggedPositions);
+  return aligned.right_aligned ? n - shown : 0;
+}
+
+std::string tagged_line(std::string_view reference, std::string_view response, char first_tag) {
+  const AlignedPairs aligned =
+      aligned_pairs(escape_judged_text(reference), escape_judged_text(response));
+  const size_t first = tagged_first_shown(aligned);
+  const size_t end = std::min(aligned.pairs.size(), first + kMaxTaggedPositions);
+  std::string line = first > 0 ? "+" : "";
+  for (size_t i = first; i < end; ++i) {
+    // Every character after a tag of its own: the reference's, then the response's.
+    line += char(first_tag + int(i - first));
+    line += aligned_shown(aligned.pairs[i].first, true);
+    line += char(first_tag + kMaxTaggedPositions + int(i - first));
+    line += aligned_shown(aligned.pairs[i].second, true);
+  }
+  if (end < aligned.pairs.size()) line += "+";
+  return line;
+}
+
 namespace {
 
 // "<label>right: <2W>\n<label>left: <2W>" for one response.
@@ -87,9 +148,14 @@ std::string column_lines(const std::string& label, std::string_view reference,
 }  // namespace
 
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
-                                   const std::optional<std::string>& reference, int columns) {
-  if (columns > 0 && reference) {
-    return "task: " + escape_judged_text(prompt) + column_lines("", *reference, response, columns);
+                                   const std::optional<std::string>& reference, int layout) {
+  check_judge_layout(layout);
+  if (layout == kJudgeTaggedLayout && reference) {
+    return "task: " + escape_judged_text(prompt) + "\npairs: " +
+           tagged_line(*reference, response, kFirstTagA);
+  }
+  if (layout > 0 && reference) {
+    return "task: " + escape_judged_text(prompt) + column_lines("", *reference, response, layout);
   }
   std::string text = "task: " + escape_judged_text(prompt) +
                      "\nresponse: " + escape_judged_text(response);
@@ -99,11 +165,17 @@ std::string pointwise_judge_prompt(std::string_view prompt, std::string_view res
 
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
-                                  const std::optional<std::string>& reference, int columns) {
-  if (columns > 0 && reference) {
+                                  const std::optional<std::string>& reference, int layout) {
+  check_judge_layout(layout);
+  if (layout == kJudgeTaggedLayout && reference) {
+    return "task: " + escape_judged_text(prompt) + "\nA: " +
+           tagged_line(*reference, response_a, kFirstTagA) + "\nB: " +
+           tagged_line(*reference, response_b, kFirstTagB);
+  }
+  if (layout > 0 && reference) {
     return "task: " + escape_judged_text(prompt) +
-           column_lines("A ", *reference, response_a, columns) +
-           column_lines("B ", *reference, response_b, columns);
+           column_lines("A ", *reference, response_a, layout) +
+           column_lines("B ", *reference, response_b, layout);
   }
   std::string text = "task: " + escape_judged_text(prompt) + "\nA: " +
                      escape_judged_text(response_a) + "\nB: " + escape_judged_text(response_b);

@@ -19,6 +19,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 namespace rlhf {
 
@@ -49,14 +51,55 @@ std::string judge_column(std::string_view text, int width, bool right_aligned);
 std::string interleaved_columns(std::string_view reference, std::string_view response,
                                 int width, bool right_aligned);
 
-// columns: 0 for the line layout above, else the column width (used only with a reference).
+// The tagged layout (a judge trained with grm.tagged; only with a reference). The reference and
+// the response are lined up (aligned_pairs) and shown as one line in which every character
+// follows a tag of its own, a capital letter: for reference 63 and response 93, "C6I9D3J3" (C, D
+// the reference's positions, I, J the response's). A pointwise prompt and side A of a pair take
+// C..H and I..N, side B O..T and U..Z, so every tag occurs once in the prompt; a character that
+// is a capital letter shows as '?', and at most kMaxTaggedPositions positions at the aligned
+// end are shown ('+' marks the cut end). The judge writes each tag and the character after it
+// (its reasoning is "C6I9x D3J3= 1 6", scored_data.h): a copy that a small transformer makes
+// with an induction head (find the earlier occurrence of the current token, copy the token
+// after it), where the line layout asks it to fetch the i-th character of a string.
+//
+//   pointwise:  task: <prompt>\npairs: <tagged line>
+//   pairwise:   task: <prompt>\nA: <tagged line, C..N>\nB: <tagged line, O..Z>
+inline constexpr int kMaxTaggedPositions = 6;
+inline constexpr char kFirstTagA = 'C';
+inline constexpr char kFirstTagB = 'O';
+inline constexpr int kMissingChar = -1;  // a position one answer does not reach
+// Two answers lined up at the end where more characters agree (the right end on a tie), the
+// shorter padded with kMissingChar; positions where both have a space are left out.
+struct AlignedPairs {
+  std::vector<std::pair<int, int>> pairs;  // (expected, got)
+  bool right_aligned = true;
+};
+AlignedPairs aligned_pairs(std::string_view expected, std::string_view got);
+// How a character of an aligned pair shows: '.' missing, '_' a space, and in the tagged layout
+// '?' a capital letter (capitals are its tags).
+char aligned_shown(int c, bool tagged);
+// The shown positions of a tagged line: [first, first + kMaxTaggedPositions) at the aligned end.
+size_t tagged_first_shown(const AlignedPairs& aligned);
+// The tagged line of one response (escaped first); first_tag is kFirstTagA or kFirstTagB.
+std::string tagged_line(std::string_view reference, std::string_view response, char first_tag);
+
+// A judge's prompt layout is one int: kJudgeLinesLayout (the lines at the top of this file), a
+// width W in 1..kMaxJudgeColumns (the column layout), or kJudgeTaggedLayout. The column and
+// tagged layouts apply only with a reference; without one a judge is shown the lines.
+inline constexpr int kJudgeLinesLayout = 0;
+inline constexpr int kJudgeTaggedLayout = -1;
+// A failed internal check unless `layout` is one of the above: layouts come from a checked config
+// or from checkpoint metadata that judge_layout_of (reward/judge.h) has checked.
+void check_judge_layout(int layout);
+
+// layout: as above (check_judge_layout).
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
                                    const std::optional<std::string>& reference = std::nullopt,
-                                   int columns = 0);
+                                   int layout = kJudgeLinesLayout);
 std::string pairwise_judge_prompt(std::string_view prompt, std::string_view response_a,
                                   std::string_view response_b,
                                   const std::optional<std::string>& reference = std::nullopt,
-                                  int columns = 0);
+                                  int layout = kJudgeLinesLayout);
 
 // What the judge is trained to write. `reasoning` may be empty (the no-reasoning ablation);
 // it must not end with a newline.

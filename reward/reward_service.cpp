@@ -181,7 +181,7 @@ std::vector<JudgeRequest> judge_requests_from(const v1::ScoreRequest& request, c
     JudgeRequest r{item.prompt(), item.response(),
                    optional_text(item.has_reference(), item.reference())};
     check_fits_context(
-        field, pointwise_judge_prompt(r.prompt, r.response, r.reference, judge.columns()), judge);
+        field, pointwise_judge_prompt(r.prompt, r.response, r.reference, judge.layout()), judge);
     requests.push_back(std::move(r));
   }
   return requests;
@@ -351,7 +351,7 @@ void check_pairwise_request(const PairwiseRequest& r, const std::string& field,
   // Swapping A and B (both_orders) does not change the length.
   check_fits_context(field + "prompt + response_a + response_b + reference",
                      pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
-                                           judge.columns()),
+                                           judge.layout()),
                      judge);
 }
 

@@ -1,6 +1,7 @@
 #include "reward/scored_data.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -178,37 +179,49 @@ std::string grade_reasoning(const TaskExample& example, std::string_view respons
 }
 
 std::string aligned_comparison(std::string_view expected, std::string_view got) {
-  constexpr int kMissing = -1;  // a position one answer does not reach, written '.'
-  const size_t length = std::max(expected.size(), got.size());
-  // The character of `text` at aligned position i, padded on the left or the right.
-  auto at = [length](std::string_view text, size_t i, bool pad_left) -> int {
-    const size_t pad = length - text.size();
-    if (pad_left) return i < pad ? kMissing : text[i - pad];
-    return i < text.size() ? text[i] : kMissing;
-  };
-  auto equal_positions = [&](bool pad_left) {
-    size_t n = 0;
-    for (size_t i = 0; i < length; ++i) {
-      const int e = at(expected, i, pad_left);
-      n += e != kMissing && e == at(got, i, pad_left);
-    }
-    return n;
-  };
-  auto shown = [](int c) { return c == kMissing ? '.' : c == ' ' ? '_' : char(c); };
-  const bool pad_left = equal_positions(true) >= equal_positions(false);
   std::string out;
   int mismatches = 0;
-  for (size_t i = 0; i < length; ++i) {
-    const int e = at(expected, i, pad_left), g = at(got, i, pad_left);
-    if (e == ' ' && g == ' ') continue;
-    const bool equal = e != kMissing && e == g;
+  for (const auto& [e, g] : aligned_pairs(expected, got).pairs) {
+    const bool equal = e != kMissingChar && e == g;
     mismatches += !equal;
-    out += shown(e);
-    out += shown(g);
+    out += aligned_shown(e, false);
+    out += aligned_shown(g, false);
     out += equal ? '=' : 'x';
     out += ' ';
   }
   return out + std::to_string(std::min(mismatches, 9));
+}
+
+std::string tagged_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, char first_tag) {
+  // The answers as the judge's prompt shows them (judge_format.h, tagged_line).
+  const AlignedPairs aligned =
+      aligned_pairs(escape_judged_text(example.reference), escape_judged_text(response));
+  const size_t first = tagged_first_shown(aligned);
+  const size_t end = std::min(aligned.pairs.size(), first + kMaxTaggedPositions);
+  std::string out;
+  int mismatches = 0;
+  for (size_t i = 0; i < aligned.pairs.size(); ++i) {
+    const auto [e, g] = aligned.pairs[i];
+    const bool equal = e != kMissingChar && e == g;
+    mismatches += !equal;
+    if (i < first || i >= end) continue;  // cut from the prompt's line: counted, not marked
+    out += char(first_tag + int(i - first));
+    out += aligned_shown(e, true);
+    out += char(first_tag + kMaxTaggedPositions + int(i - first));
+    out += aligned_shown(g, true);
+    out += equal ? '=' : 'x';
+    out += ' ';
+  }
+  return out + std::to_string(std::min(mismatches, 9)) + " " +
+         std::to_string(judge_score_from_grade(grade.score));
+}
+
+std::string tagged_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b) {
+  return "A " + tagged_reasoning(example, response_a, grade_a, kFirstTagA) + "; B " +
+         tagged_reasoning(example, response_b, grade_b, kFirstTagB);
 }
 
 namespace {
@@ -287,6 +300,31 @@ std::string column_pair_reasoning(const TaskExample& example, std::string_view r
          column_reasoning(example, response_b, grade_b, width);
 }
 
+std::string scramble_response(std::string_view reference, Rng& rng) {
+  std::string out(reference);
+  std::vector<size_t> changeable;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (std::isdigit(static_cast<unsigned char>(out[i])) ||
+        std::islower(static_cast<unsigned char>(out[i]))) {
+      changeable.push_back(i);
+    }
+  }
+  if (changeable.empty()) return out + "0";
+  // The same class of character: a digit for a digit, a letter for a letter.
+  auto redraw = [&](char c) {
+    return std::isdigit(static_cast<unsigned char>(c)) ? char('0' + rng.uniform_int(0, 9))
+                                                       : char('a' + rng.uniform_int(0, 25));
+  };
+  for (size_t i : changeable) {
+    if (rng.uniform() < 0.5) out[i] = redraw(out[i]);
+  }
+  while (out == reference) {
+    const size_t i = changeable[size_t(rng.uniform_int(0, int64_t(changeable.size()) - 1))];
+    out[i] = redraw(out[i]);
+  }
+  return out;
+}
+
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
                             const JudgeDataOptions& options) {
   RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
@@ -314,12 +352,16 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
   }
   Rng rng(mix_seed(options.seed, 0xDA7A));
   Rng tie_rng(mix_seed(options.seed, 0x71E));
+  Rng scramble_rng(mix_seed(options.seed, 0x5C4A));
   ScoredData data;
   for (size_t i = 0; i < examples.size(); ++i) {
     const TaskExample& ex = examples[i];
     std::vector<std::string> candidates = {ex.reference};
     for (int c = 0; c < options.corrupted_per_prompt; ++c) {
       candidates.push_back(corrupt_response(ex, rng, nullptr));
+    }
+    for (int c = 0; c < options.scrambled_per_prompt; ++c) {
+      candidates.push_back(scramble_response(ex.reference, scramble_rng));
     }
     candidates.insert(candidates.end(), samples[i].begin(), samples[i].end());
     const std::optional<std::string> reference =
@@ -329,7 +371,9 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
-          : options.columns > 0    ? column_reasoning(ex, c, grades.back(), options.columns)
+          : options.layout == kJudgeTaggedLayout
+              ? tagged_reasoning(ex, c, grades.back(), kFirstTagA)
+          : options.layout > 0 ? column_reasoning(ex, c, grades.back(), options.layout)
           : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response,
                                                       options.prompt_labels)
                                   : grade_reasoning(ex, c, grades.back(), options.position_marks);
@@ -352,9 +396,12 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
-      if (options.columns > 0) {
+      if (options.layout == kJudgeTaggedLayout) {
+        return tagged_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b]);
+      }
+      if (options.layout > 0) {
         return column_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],
-                                     options.columns);
+                                     options.layout);
       }
       if (options.aligned_marks) {
         return aligned_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b],

@@ -110,6 +110,21 @@ std::string column_pair_reasoning(const TaskExample& example, std::string_view r
                                   const Grade& grade_a, std::string_view response_b,
                                   const Grade& grade_b, int width);
 
+// The tagged reasoning (grm.tagged, judge_format.h): for each position the prompt shows, its
+// two tags and characters as there and the mark, then the number of 'x' marks over all
+// positions (at most 9) and the score: "C6I9x D3J3= 1 6" for reference 63, response 93. Each
+// mark compares the characters written one and three tokens before it. Pairwise: "A C6I9x
+// D3J3= 1 6; B O6U6= P3V3= 0 10".
+std::string tagged_reasoning(const TaskExample& example, std::string_view response,
+                             const Grade& grade, char first_tag);
+std::string tagged_pair_reasoning(const TaskExample& example, std::string_view response_a,
+                                  const Grade& grade_a, std::string_view response_b,
+                                  const Grade& grade_b);
+
+// The reference with each digit or lower-case letter redrawn (same class) with probability 1/2,
+// at least one changed; a reference without such characters gets a "0" appended.
+std::string scramble_response(std::string_view reference, Rng& rng);
+
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
@@ -138,9 +153,14 @@ struct JudgeDataOptions {
   bool quote_response = false;
   // With quote_response: the quotes take the prompt's labels (aligned_reasoning above).
   bool prompt_labels = false;
-  // > 0: the column layout of this width (judge_format.h) and the column reasoning above;
-  // needs with_reference, and no other reasoning style (the config checks both).
-  int columns = 0;
+  // The judge prompt layout (judge_format.h) and its reasoning: kJudgeLinesLayout (the
+  // reasoning styles above), a width W > 0 (column_reasoning) or kJudgeTaggedLayout
+  // (tagged_reasoning). The last two need with_reference and no other reasoning style (the
+  // config checks both).
+  int layout = kJudgeLinesLayout;
+  // Scrambled references judged per prompt (scramble_response): responses whose characters a
+  // judge cannot guess from the expected answer, so that copying them pays.
+  int scrambled_per_prompt = 0;
   uint64_t seed = 1;
 };
 

@@ -64,7 +64,7 @@ struct LocalJudge {
   LocalJudge(const std::string& checkpoint, const std::string& device)
       : info(checkpoint_read_info(checkpoint)), tokenizer(make_tokenizer(info.tokenizer)),
         ops(make_float_ops(device)), model(checkpoint_load_model(checkpoint, *ops, kMaxBatch)),
-        judge(*model, *tokenizer, kMaxBatch, judge_columns_of(info, checkpoint)),
+        judge(*model, *tokenizer, kMaxBatch, judge_layout_of(info, checkpoint)),
         server(judge, "127.0.0.1:0", limits),
         client(fmt::format("127.0.0.1:{}", server.port())) {}
 

@@ -82,7 +82,7 @@ GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suit
   const std::unique_ptr<Ops<float>> ops = make_float_ops(device);
   const auto model = checkpoint_load_model(path, *ops, options.max_batch);
   GrmEvalOptions with_layout = options;
-  with_layout.columns = judge_columns_of(info, path);  // the layout this judge was trained with
+  with_layout.layout = judge_layout_of(info, path);  // the layout this judge was trained with
   return evaluate_grm(*model, *tokenizer, suite, with_layout);
 }
 

@@ -76,12 +76,11 @@ void register_serve_reward(CLI::App& serve) {
     const auto tokenizer = make_tokenizer(info.tokenizer);
     const std::unique_ptr<Ops<float>> ops = make_float_ops(o->device);
     const auto model = checkpoint_load_model(o->checkpoint, *ops, o->max_batch);
-    Judge judge(*model, *tokenizer, o->max_batch, judge_columns_of(info, o->checkpoint));
+    Judge judge(*model, *tokenizer, o->max_batch, judge_layout_of(info, o->checkpoint));
     spdlog::info("judge: {} ({} layers, d_model {}, context {} tokens, tokenizer {}, {})",
                  o->checkpoint, info.config.n_layers, info.config.d_model,
                  info.config.max_seq_len, info.tokenizer,
-                 judge.columns() > 0 ? fmt::format("column layout of {}", judge.columns())
-                                     : std::string("line layout"));
+                 judge_layout_name(judge.layout()));
 
     RewardServer server(judge, o->listen);
     serve_until_stop_signal("reward service", o->listen, server, stop_signals);

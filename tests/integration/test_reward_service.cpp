@@ -437,11 +437,21 @@ TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
                   {{kJudgeColumnsKey, "10"}});
   checkpoint_save(bad, model, tokenizer.name(), nullptr, nullptr, nullptr,
                   {{kJudgeColumnsKey, "10 columns"}});
-  EXPECT_EQ(judge_columns_of(checkpoint_read_info(plain), plain), 0);
-  EXPECT_EQ(judge_columns_of(checkpoint_read_info(columns), columns), 10);
-  const std::string error = error_of([&] { judge_columns_of(checkpoint_read_info(bad), bad); });
+  const std::string tagged = (dir / "tagged.safetensors").string();
+  const std::string two = (dir / "two.safetensors").string();
+  checkpoint_save(tagged, model, tokenizer.name(), nullptr, nullptr, nullptr,
+                  judge_layout_annotations(kJudgeTaggedLayout));
+  checkpoint_save(two, model, tokenizer.name(), nullptr, nullptr, nullptr,
+                  {{kJudgeColumnsKey, "10"}, {kJudgeLayoutKey, "tagged"}});
+  EXPECT_EQ(judge_layout_of(checkpoint_read_info(plain), plain), kJudgeLinesLayout);
+  EXPECT_EQ(judge_layout_of(checkpoint_read_info(columns), columns), 10);
+  EXPECT_EQ(judge_layout_of(checkpoint_read_info(tagged), tagged), kJudgeTaggedLayout);
+  const std::string error = error_of([&] { judge_layout_of(checkpoint_read_info(bad), bad); });
   EXPECT_NE(error.find(bad), std::string::npos) << error;
   EXPECT_NE(error.find(kJudgeColumnsKey), std::string::npos) << error;
+  const std::string both = error_of([&] { judge_layout_of(checkpoint_read_info(two), two); });
+  EXPECT_NE(both.find(kJudgeLayoutKey), std::string::npos) << both;
+  EXPECT_EQ(judge_layout_name(kJudgeTaggedLayout), "tagged layout");
 
   // A request fits the context or not by the prompt the judge will really see: a long task
   // fits in the line layout and, with a reference, not in columns of 64.

@@ -3,6 +3,8 @@
 
 #include "reward/judge_format.h"
 
+#include <algorithm>
+
 namespace rlhf {
 namespace {
 
@@ -112,6 +114,33 @@ TEST(JudgeFormat, ColumnLayoutInterleavesTheAnswers) {
             pairwise_judge_prompt("60+3=", "9999999", "-12", std::string("63"), 6).size());
   // Without a reference there is nothing to line up: the line layout.
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::nullopt, 4),
+            "task: rev abc\nresponse: cba");
+}
+
+TEST(JudgeFormat, TaggedLayoutGivesEveryCharacterItsOwnTag) {
+  EXPECT_EQ(tagged_line("63", "93", kFirstTagA), "C6I9D3J3");
+  EXPECT_EQ(tagged_line("63", "93", kFirstTagB), "O6U9P3V3");
+  // Lined up at the right end on a tie, '.' where an answer does not reach, '_' for a space,
+  // '?' for a capital letter (capitals are tags), escaped first.
+  EXPECT_EQ(tagged_line("63", "163", kFirstTagA), "C.I1D6J6E3K3");
+  EXPECT_EQ(tagged_line("1 7", "1 Q", kFirstTagA), "C1I1D7J?");  // both spaces: left out
+  EXPECT_EQ(tagged_line("ab", "a\nb", kFirstTagA), "C.IaD.J\\EaKnFbLb");
+  EXPECT_EQ(tagged_line("12", "b", kFirstTagA).size(), 8u);
+  // Longer than kMaxTaggedPositions: the positions at the aligned end, '+' at the cut.
+  EXPECT_EQ(tagged_line("2", "12345672", kFirstTagA), "+C.I3D.J4E.K5F.L6G.M7H2N2");
+  EXPECT_EQ(pointwise_judge_prompt("60+3=", "93", std::string("63"), kJudgeTaggedLayout),
+            "task: 60+3=\npairs: C6I9D3J3");
+  EXPECT_EQ(pairwise_judge_prompt("60+3=", "93", "63", std::string("63"), kJudgeTaggedLayout),
+            "task: 60+3=\nA: C6I9D3J3\nB: O6U6P3V3");
+  // Every tag occurs once in a pairwise prompt, whatever the answers.
+  const std::string pair =
+      pairwise_judge_prompt("sort 9 4 1", "1 4 9 9 9 9 9", "QQQ", std::string("1 4 9"),
+                            kJudgeTaggedLayout);
+  for (char tag = 'C'; tag <= 'Z'; ++tag) {
+    EXPECT_LE(std::count(pair.begin(), pair.end(), tag), 1) << tag << " in " << pair;
+  }
+  // Without a reference: the line layout.
+  EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::nullopt, kJudgeTaggedLayout),
             "task: rev abc\nresponse: cba");
 }
 

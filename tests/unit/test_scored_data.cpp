@@ -1,5 +1,6 @@
 // Scored-data files and the judge-data builder (reward/scored_data.h), and the Spearman
 // correlation of `rlhf eval grm`.
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -397,7 +398,7 @@ TEST(JudgeData, ColumnReasoningCountsMismatchesAtBothEnds) {
   options.prompts = 50;
   options.pairwise_fraction = 1.0;
   options.with_reference = true;
-  options.columns = 10;
+  options.layout = 10;
   const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
   ASSERT_FALSE(data.pointwise.empty());
   ASSERT_FALSE(data.pairwise.empty());
@@ -416,6 +417,67 @@ TEST(JudgeData, ColumnReasoningCountsMismatchesAtBothEnds) {
     EXPECT_EQ(p.reasoning, "A " + side.at({p.prompt, p.response_a}) + "; B " +
                                side.at({p.prompt, p.response_b}));
   }
+}
+
+TEST(JudgeData, TaggedReasoningCopiesTheTaggedLineAndMarksEachPosition) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  const TaskExample add{"add", "60+3=", "63"};
+  const Grade g93 = suite.grade(add, "93"), g63 = suite.grade(add, "63");
+  EXPECT_EQ(tagged_reasoning(add, "93", g93, kFirstTagA), "C6I9x D3J3= 1 6");
+  EXPECT_EQ(tagged_pair_reasoning(add, "93", g93, "63", g63),
+            "A C6I9x D3J3= 1 6; B O6U6= P3V3= 0 10");
+  // Lined up at the end where more characters agree: a dropped first letter is one mark.
+  const TaskExample rev{"reverse", "rev lmam", "maml"};
+  EXPECT_EQ(tagged_reasoning(rev, "aml", suite.grade(rev, "aml"), kFirstTagA).substr(0, 26),
+            "CmI.x DaJa= EmKm= FlLl= 1 ");
+  // An answer longer than the shown positions: the cut positions are counted, not marked.
+  const TaskExample long_add{"add", "1+1=", "2"};
+  const std::string long_reasoning =
+      tagged_reasoning(long_add, "12345672", suite.grade(long_add, "12345672"), kFirstTagA);
+  EXPECT_EQ(long_reasoning.substr(0, 6), "C.I3x ") << long_reasoning;  // the last 6 of 8
+  EXPECT_NE(long_reasoning.find(" 7 "), std::string::npos) << long_reasoning;
+
+  // The builder with the tagged layout: each record's reasoning copies its prompt's tagged line.
+  JudgeDataOptions options;
+  options.prompts = 50;
+  options.pairwise_fraction = 1.0;
+  options.with_reference = true;
+  options.layout = kJudgeTaggedLayout;
+  options.scrambled_per_prompt = 2;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_FALSE(data.pointwise.empty());
+  ASSERT_FALSE(data.pairwise.empty());
+  for (const ScoredExample& e : data.pointwise) {
+    // Remove the marks and the count and score: what is left is the prompt's line, spaced.
+    const std::string line = tagged_line(*e.reference, e.response, kFirstTagA);
+    std::string copied;
+    for (char c : e.reasoning.substr(0, e.reasoning.rfind(' ', e.reasoning.rfind(' ') - 1))) {
+      if (c != ' ' && c != '=' && c != 'x') copied += c;
+    }
+    std::string shown;
+    for (char c : line) {
+      if (c != '+' && c != 'x') shown += c;
+    }
+    EXPECT_EQ(copied, shown) << e.reasoning << " | " << line;
+  }
+}
+
+TEST(JudgeData, ScrambledResponsesKeepTheShapeAndChange) {
+  Rng rng(5);
+  for (const std::string reference : {"63", "4 5 8 9", "rxnj", "7"}) {
+    for (int i = 0; i < 50; ++i) {
+      const std::string s = scramble_response(reference, rng);
+      ASSERT_EQ(s.size(), reference.size()) << s;
+      EXPECT_NE(s, reference);
+      for (size_t c = 0; c < s.size(); ++c) {
+        // Same class of character at every position: spaces stay, digits stay digits.
+        EXPECT_EQ(std::isdigit(static_cast<unsigned char>(s[c])) != 0,
+                  std::isdigit(static_cast<unsigned char>(reference[c])) != 0) << s;
+        EXPECT_EQ(s[c] == ' ', reference[c] == ' ') << s;
+      }
+    }
+  }
+  EXPECT_EQ(scramble_response("+-", rng), "+-0");  // nothing to redraw: still a different answer
 }
 
 TEST(GrmConfig, ReasoningStylesAreChecked) {
@@ -444,6 +506,16 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   const std::string styles =
       config_error("grm: {columns: 10, with_reference: true, aligned_marks: true}");
   EXPECT_NE(styles.find("grm.aligned_marks"), std::string::npos) << styles;
+  // Tagged: a reference to line the answers up with, no other style.
+  EXPECT_EQ(config_error("grm: {tagged: true, with_reference: true, scrambled_per_prompt: 2}"),
+            "");
+  const std::string tagged_alone = config_error("grm: {tagged: true}");
+  EXPECT_NE(tagged_alone.find("grm.with_reference"), std::string::npos) << tagged_alone;
+  const std::string tagged_columns =
+      config_error("grm: {tagged: true, with_reference: true, columns: 10}");
+  EXPECT_NE(tagged_columns.find("grm.tagged"), std::string::npos) << tagged_columns;
+  const std::string scrambled = config_error("grm: {scrambled_per_prompt: 9}");
+  EXPECT_NE(scrambled.find("grm.scrambled_per_prompt"), std::string::npos) << scrambled;
 }
 
 TEST(JudgeData, ScoreScale) {
