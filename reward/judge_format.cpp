@@ -114,25 +114,30 @@ char aligned_shown(int c, bool tagged) {
   return char(c);
 }
 
-size_t tagged_first_shown(const AlignedPairs& aligned) {
-  const size_t n = aligned.pairs.size(), shown = std::min<size_t>(n, kMaxTaggedPositions);
-  return aligned.right_aligned ? n - shown : 0;
+TaggedPositions tagged_positions(std::string_view reference, std::string_view response) {
+  TaggedPositions shown;
+  shown.aligned = aligned_pairs(escape_judged_text(reference), escape_judged_text(response));
+  const size_t n = shown.aligned.pairs.size();
+  const size_t count = std::min<size_t>(n, kMaxTaggedPositions);
+  shown.first = shown.aligned.right_aligned ? n - count : 0;
+  shown.end = shown.first + count;
+  return shown;
+}
+
+std::string tagged_pair(char first_tag, size_t k, int expected, int got) {
+  // Every character after a tag of its own: the reference's, then the response's.
+  return {char(first_tag + int(k)), aligned_shown(expected, true),
+          char(first_tag + kMaxTaggedPositions + int(k)), aligned_shown(got, true)};
 }
 
 std::string tagged_line(std::string_view reference, std::string_view response, char first_tag) {
-  const AlignedPairs aligned =
-      aligned_pairs(escape_judged_text(reference), escape_judged_text(response));
-  const size_t first = tagged_first_shown(aligned);
-  const size_t end = std::min(aligned.pairs.size(), first + kMaxTaggedPositions);
-  std::string line = first > 0 ? "+" : "";
-  for (size_t i = first; i < end; ++i) {
-    // Every character after a tag of its own: the reference's, then the response's.
-    line += char(first_tag + int(i - first));
-    line += aligned_shown(aligned.pairs[i].first, true);
-    line += char(first_tag + kMaxTaggedPositions + int(i - first));
-    line += aligned_shown(aligned.pairs[i].second, true);
+  const TaggedPositions shown = tagged_positions(reference, response);
+  std::string line = shown.first > 0 ? "+" : "";
+  for (size_t i = shown.first; i < shown.end; ++i) {
+    const auto [e, g] = shown.aligned.pairs[i];
+    line += tagged_pair(first_tag, i - shown.first, e, g);
   }
-  if (end < aligned.pairs.size()) line += "+";
+  if (shown.end < shown.aligned.pairs.size()) line += "+";
   return line;
 }
 

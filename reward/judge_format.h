@@ -78,8 +78,17 @@ AlignedPairs aligned_pairs(std::string_view expected, std::string_view got);
 // How a character of an aligned pair shows: '.' missing, '_' a space, and in the tagged layout
 // '?' a capital letter (capitals are its tags).
 char aligned_shown(int c, bool tagged);
-// The shown positions of a tagged line: [first, first + kMaxTaggedPositions) at the aligned end.
-size_t tagged_first_shown(const AlignedPairs& aligned);
+// The positions a tagged line shows: pairs [first, end) of `aligned`, at most
+// kMaxTaggedPositions at the aligned end. Both answers are escaped before they are lined up.
+struct TaggedPositions {
+  AlignedPairs aligned;
+  size_t first = 0;
+  size_t end = 0;
+};
+TaggedPositions tagged_positions(std::string_view reference, std::string_view response);
+// "C6I9": shown position k (counted from `first`) with its two tags, as the tagged line and the
+// tagged reasoning (scored_data.h) both write it.
+std::string tagged_pair(char first_tag, size_t k, int expected, int got);
 // The tagged line of one response (escaped first); first_tag is kFirstTagA or kFirstTagB.
 std::string tagged_line(std::string_view reference, std::string_view response, char first_tag);
 

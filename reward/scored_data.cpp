@@ -194,22 +194,16 @@ std::string aligned_comparison(std::string_view expected, std::string_view got) 
 
 std::string tagged_reasoning(const TaskExample& example, std::string_view response,
                              const Grade& grade, char first_tag) {
-  // The answers as the judge's prompt shows them (judge_format.h, tagged_line).
-  const AlignedPairs aligned =
-      aligned_pairs(escape_judged_text(example.reference), escape_judged_text(response));
-  const size_t first = tagged_first_shown(aligned);
-  const size_t end = std::min(aligned.pairs.size(), first + kMaxTaggedPositions);
+  // The positions as the judge's prompt shows them (judge_format.h, tagged_line).
+  const TaggedPositions shown = tagged_positions(example.reference, response);
   std::string out;
   int mismatches = 0;
-  for (size_t i = 0; i < aligned.pairs.size(); ++i) {
-    const auto [e, g] = aligned.pairs[i];
+  for (size_t i = 0; i < shown.aligned.pairs.size(); ++i) {
+    const auto [e, g] = shown.aligned.pairs[i];
     const bool equal = e != kMissingChar && e == g;
     mismatches += !equal;
-    if (i < first || i >= end) continue;  // cut from the prompt's line: counted, not marked
-    out += char(first_tag + int(i - first));
-    out += aligned_shown(e, true);
-    out += char(first_tag + kMaxTaggedPositions + int(i - first));
-    out += aligned_shown(g, true);
+    if (i < shown.first || i >= shown.end) continue;  // cut from the line: counted, not marked
+    out += tagged_pair(first_tag, i - shown.first, e, g);
     out += equal ? '=' : 'x';
     out += ' ';
   }
