@@ -16,6 +16,33 @@ namespace rlhf {
 
 namespace fs = std::filesystem;
 
+TrainingSequence split_pair_example(const Tokenizer& tokenizer, const PairwiseExample& e,
+                                    size_t index) {
+  RLHF_CHECK(e.reference.has_value(), "a split pair example needs a reference");
+  const std::optional<SplitPairOutput> out = split_pair_output(e.reasoning, e.verdict);
+  if (!out) {
+    fail("pairwise record {} (task '{}'): the split pair layout (grm.split_pairs) needs "
+         "reasoning of the form 'A <about A>; B <about B>', got '{}'",
+         index, e.prompt, e.reasoning);
+  }
+  const SplitPairTurns turns = split_pair_turns(e.prompt, e.response_a, e.response_b, *e.reference);
+  // Trained: the judge's two turns and the final eos. Given: the prompt and side B's line.
+  TrainingSequence seq;
+  seq.tokens = format_prompt(tokenizer, turns.prompt, SpecialToken::kJudge);
+  seq.loss_mask.assign(seq.tokens.size(), 0);
+  auto append = [&](const std::string& text, uint8_t trained) {
+    const std::vector<int32_t> body = tokenizer.encode(text);
+    seq.tokens.insert(seq.tokens.end(), body.begin(), body.end());
+    seq.loss_mask.insert(seq.loss_mask.end(), body.size(), trained);
+  };
+  append(out->a_turn, 1);
+  append(turns.b_line, 0);
+  append(out->b_turn, 1);
+  seq.tokens.push_back(tokenizer.special(SpecialToken::kEos));
+  seq.loss_mask.push_back(1);
+  return seq;
+}
+
 JudgeMixSource::JudgeMixSource(const ScoredData& data, const TaskSuite& suite,
                                const Tokenizer& tokenizer, double judge_fraction,
                                int max_seq_len, int layout)
@@ -34,7 +61,12 @@ JudgeMixSource::JudgeMixSource(const ScoredData& data, const TaskSuite& suite,
                        pointwise_judge_output(e.reasoning, e.score), SpecialToken::kJudge),
         e.prompt);
   }
-  for (const PairwiseExample& e : data.pairwise) {
+  for (size_t i = 0; i < data.pairwise.size(); ++i) {
+    const PairwiseExample& e = data.pairwise[i];
+    if (layout == kJudgeSplitPairLayout && e.reference) {
+      add(split_pair_example(tokenizer, e, i), e.prompt);
+      continue;
+    }
     add(format_example(tokenizer,
                        pairwise_judge_prompt(e.prompt, e.response_a, e.response_b, e.reference,
                                              layout),

@@ -16,6 +16,13 @@
 
 namespace rlhf {
 
+// The training sequence of one pairwise record in the split pair layout (judge_format.h): the
+// prompt with side A's line, the judge's turn about A, side B's line (given, not trained), the
+// judge's turn about B with the verdict line, eos. An rlhf::Error naming the record (`index`)
+// if its reasoning is not "A <about A>; B <about B>".
+TrainingSequence split_pair_example(const Tokenizer& tokenizer, const PairwiseExample& e,
+                                    size_t index);
+
 // Judge examples and demonstrations, mixed by a hash of the index.
 class JudgeMixSource : public SftDataSource {
  public:

@@ -105,6 +105,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.prompt_labels = s.get("prompt_labels", c.prompt_labels);
   c.columns = s.get("columns", c.columns);
   c.tagged = s.get("tagged", c.tagged);
+  c.split_pairs = s.get("split_pairs", c.split_pairs);
   c.scrambled_per_prompt = s.get("scrambled_per_prompt", c.scrambled_per_prompt);
   c.seed = s.get("seed", c.seed);
   s.finish();
@@ -167,6 +168,14 @@ GrmConfig read_grm(YamlSection& s) {
       fail("{}: two reasoning styles; turn off {}, {} and {}", s.key_path("tagged"),
            s.key_path("aligned_marks"), s.key_path("position_marks"), s.key_path("columns"));
     }
+  } else if (c.split_pairs) {
+    fail("{}: the split pair layout is a form of the tagged layout; turn on {}",
+         s.key_path("split_pairs"), s.key_path("tagged"));
+  }
+  if (c.split_pairs && !c.reasoning) {
+    fail("{}: a split pair judgment is the reasoning about each side in turn; without reasoning "
+         "({} false) turn it off",
+         s.key_path("split_pairs"), s.key_path("reasoning"));
   }
   return c;
 }

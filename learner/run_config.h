@@ -71,8 +71,12 @@ struct GrmConfig {
   int columns = 0;                 // > 0: column layout and reasoning of this width (same)
   int scrambled_per_prompt = 0;    // scrambled references judged per prompt (scored_data.h)
   bool tagged = false;             // tagged layout and reasoning (judge_format.h)
-  // The judge prompt layout (judge_format.h): tagged, columns or the lines.
-  int layout() const { return tagged ? kJudgeTaggedLayout : columns; }
+  bool split_pairs = false;        // tagged: a pairwise judgment in two turns (judge_format.h)
+  // The judge prompt layout (judge_format.h): split pair, tagged, columns or the lines.
+  int layout() const {
+    if (!tagged) return columns;
+    return split_pairs ? kJudgeSplitPairLayout : kJudgeTaggedLayout;
+  }
   uint64_t seed = 11;
 };
 

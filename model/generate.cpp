@@ -16,6 +16,7 @@ void SamplingParams::validate() const {
   if (top_k < 0) fail("sampling.top_k must be >= 0 (0 = off), got {}", top_k);
   if (!(top_p > 0.0 && top_p <= 1.0)) fail("sampling.top_p must be in (0, 1], got {}", top_p);
   if (max_new_tokens < 1) fail("sampling.max_new_tokens must be >= 1, got {}", max_new_tokens);
+  if (stop_token < -1) fail("sampling.stop_token must be -1 (off) or a token id, got {}", stop_token);
 }
 
 std::vector<int32_t> Generation::processed_tokens() const {
@@ -310,7 +311,7 @@ void Generator::take_token(Sequence& seq, const float* host_logits,
   Generation& g = *seq.out;
   g.tokens.push_back(token);
   g.logprobs.push_back(float(logprob));
-  if (params.stop_at_eos && token == eos_) {
+  if ((params.stop_at_eos && token == eos_) || token == params.stop_token) {
     g.finished = true;
     seq.done = true;
   } else if (int(g.tokens.size()) >= params.max_new_tokens ||

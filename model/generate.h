@@ -27,6 +27,7 @@ struct SamplingParams {
   int max_new_tokens = 32;   // generated tokens per sequence, eos included
   uint64_t seed = 0;         // sequence i samples from Rng(mix_seed(seed, i))
   bool stop_at_eos = true;   // false: eos is an ordinary token and generation goes on
+  int32_t stop_token = -1;   // >= 0: also stop after this token (finished = true, kept in text)
 
   // Throws rlhf::Error naming the first bad field.
   void validate() const;

@@ -29,11 +29,10 @@ int judge_layout_of(const CheckpointContents& info, const std::string& path) {
          kJudgeColumnsKey, kJudgeLayoutKey);
   }
   if (layout_it != info.metadata.end()) {
-    if (layout_it->second != "tagged") {
-      fail("checkpoint '{}': metadata '{}' must be 'tagged', got '{}'", path, kJudgeLayoutKey,
-           layout_it->second);
-    }
-    return kJudgeTaggedLayout;
+    if (layout_it->second == "tagged") return kJudgeTaggedLayout;
+    if (layout_it->second == "tagged-split") return kJudgeSplitPairLayout;
+    fail("checkpoint '{}': metadata '{}' must be 'tagged' or 'tagged-split', got '{}'", path,
+         kJudgeLayoutKey, layout_it->second);
   }
   if (columns_it == info.metadata.end()) return kJudgeLinesLayout;
   int columns = -1;
@@ -50,6 +49,7 @@ int judge_layout_of(const CheckpointContents& info, const std::string& path) {
 std::map<std::string, std::string> judge_layout_annotations(int layout) {
   check_judge_layout(layout);
   if (layout == kJudgeTaggedLayout) return {{kJudgeLayoutKey, "tagged"}};
+  if (layout == kJudgeSplitPairLayout) return {{kJudgeLayoutKey, "tagged-split"}};
   if (layout > 0) return {{kJudgeColumnsKey, std::to_string(layout)}};
   return {};
 }
@@ -57,6 +57,7 @@ std::map<std::string, std::string> judge_layout_annotations(int layout) {
 std::string judge_layout_name(int layout) {
   check_judge_layout(layout);
   if (layout == kJudgeTaggedLayout) return "tagged layout";
+  if (layout == kJudgeSplitPairLayout) return "tagged layout, split pairs";
   if (layout > 0) return "column layout of " + std::to_string(layout);
   return "line layout";
 }
@@ -106,6 +107,69 @@ std::vector<std::string> Judge::generate_with_retries(const std::vector<std::str
   return outputs;
 }
 
+std::vector<std::string> Judge::generate_split_with_retries(
+    const std::vector<SplitPairTurns>& turns, const VotingParams& params, uint64_t seed_base,
+    std::vector<int>& retries) {
+  const std::vector<int32_t> newline_tokens = tokenizer_.encode("\n");
+  RLHF_CHECK(newline_tokens.size() == 1, "the tokenizer encodes a newline as one token");
+  const int32_t newline = newline_tokens[0];
+  std::vector<std::string> outputs(turns.size());
+  std::vector<size_t> todo(turns.size());  // pairs whose output is not valid yet
+  std::iota(todo.begin(), todo.end(), size_t(0));
+  SamplingParams sampling;
+  sampling.temperature = params.temperature;
+  sampling.max_new_tokens = params.max_new_tokens;
+  for (int attempt = 0; attempt <= params.max_retries && !todo.empty(); ++attempt) {
+    sampling.seed = mix_seed(seed_base, uint64_t(attempt));
+    if (attempt > 0) sampling.temperature = std::max(params.temperature, 1.0);
+    // Turn 1: the reasoning about A, which ends at its newline.
+    std::vector<std::vector<int32_t>> first;
+    first.reserve(todo.size());
+    for (size_t i : todo) {
+      first.push_back(format_prompt(tokenizer_, turns[i].prompt, SpecialToken::kJudge));
+    }
+    SamplingParams first_params = sampling;
+    first_params.stop_token = newline;
+    const std::vector<Generation> a_turns = generator_.generate(first, first_params);
+    // Turn 2: the context so far and B's line, then the reasoning about B and the verdict.
+    // A first turn that stopped otherwise (eos, max_new_tokens, the context) is INVALID, and so
+    // is a pair whose second turn would start at the end of the context.
+    std::vector<size_t> second_of;  // index into todo of each second turn
+    std::vector<std::vector<int32_t>> second;
+    for (size_t j = 0; j < todo.size(); ++j) {
+      const Generation& g = a_turns[j];
+      if (!g.finished || g.tokens.back() != newline) continue;
+      std::vector<int32_t> context = g.prompt_tokens;
+      context.insert(context.end(), g.tokens.begin(), g.tokens.end());
+      const std::vector<int32_t> b_line = tokenizer_.encode(turns[todo[j]].b_line);
+      context.insert(context.end(), b_line.begin(), b_line.end());
+      if (int(context.size()) >= model_.config().max_seq_len) continue;
+      second_of.push_back(j);
+      second.push_back(std::move(context));
+    }
+    SamplingParams second_params = sampling;
+    second_params.seed = mix_seed(sampling.seed, 0x5EC0);
+    const std::vector<Generation> b_turns =
+        second.empty() ? std::vector<Generation>() : generator_.generate(second, second_params);
+    std::vector<bool> done(todo.size(), false);
+    for (size_t m = 0; m < second_of.size(); ++m) {
+      const size_t j = second_of[m];
+      if (!b_turns[m].finished) continue;  // cut off: the verdict is not finished
+      std::string out = a_turns[j].text + b_turns[m].text;
+      if (!parse_pairwise(out).valid) continue;
+      outputs[todo[j]] = std::move(out);
+      done[j] = true;
+    }
+    std::vector<size_t> still_invalid;
+    for (size_t j = 0; j < todo.size(); ++j) {
+      if (attempt > 0) ++retries[todo[j]];
+      if (!done[j]) still_invalid.push_back(todo[j]);
+    }
+    todo = std::move(still_invalid);
+  }
+  return outputs;  // "" for the pairs that stayed INVALID
+}
+
 std::vector<PointwiseJudgment> Judge::score(const std::vector<JudgeRequest>& requests,
                                             const VotingParams& params) {
   params.validate();
@@ -146,22 +210,48 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
   params.validate();
   const int k = params.k;
   auto swapped = [&](int sample) { return params.swap_order && sample % 2 == 1; };
+  // Sample s of request i is item i * k + s. The split pair layout judges the items that have
+  // a reference in two turns; every other item is one prompt.
   std::vector<std::string> prompts;
-  prompts.reserve(requests.size() * k);
-  for (const PairwiseRequest& r : requests) {
+  std::vector<size_t> prompt_items;
+  std::vector<SplitPairTurns> split;
+  std::vector<size_t> split_items;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const PairwiseRequest& r = requests[i];
     for (int s = 0; s < k; ++s) {
-      prompts.push_back(
-          swapped(s)
-              ? pairwise_judge_prompt(r.prompt, r.response_b, r.response_a, r.reference,
-                                      layout_)
-              : pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
-                                      layout_));
+      const std::string& first = swapped(s) ? r.response_b : r.response_a;
+      const std::string& second = swapped(s) ? r.response_a : r.response_b;
+      if (layout_ == kJudgeSplitPairLayout && r.reference) {
+        split.push_back(split_pair_turns(r.prompt, first, second, *r.reference));
+        split_items.push_back(i * k + s);
+      } else {
+        prompts.push_back(pairwise_judge_prompt(r.prompt, first, second, r.reference, layout_));
+        prompt_items.push_back(i * k + s);
+      }
     }
   }
-  std::vector<int> retries(prompts.size(), 0);
-  const std::vector<std::string> outputs = generate_with_retries(
-      prompts, params, mix_seed(params.seed, 0xC0AE),
-      [](const std::string& out) { return parse_pairwise(out).valid; }, retries);
+  const uint64_t seed_base = mix_seed(params.seed, 0xC0AE);
+  std::vector<std::string> outputs(requests.size() * k);
+  std::vector<int> retries(requests.size() * k, 0);
+  auto gather = [&](const std::vector<size_t>& items, const std::vector<std::string>& texts,
+                    const std::vector<int>& spent) {
+    for (size_t n = 0; n < items.size(); ++n) {
+      outputs[items[n]] = texts[n];
+      retries[items[n]] = spent[n];
+    }
+  };
+  if (!prompts.empty()) {
+    std::vector<int> spent(prompts.size(), 0);
+    gather(prompt_items,
+           generate_with_retries(
+               prompts, params, seed_base,
+               [](const std::string& out) { return parse_pairwise(out).valid; }, spent),
+           spent);
+  }
+  if (!split.empty()) {
+    std::vector<int> spent(split.size(), 0);
+    gather(split_items, generate_split_with_retries(split, params, seed_base, spent), spent);
+  }
   std::vector<PairwiseJudgment> results(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
     PairwiseJudgment& j = results[i];

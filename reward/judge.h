@@ -40,7 +40,8 @@ struct VotingParams {
   double temperature = 0.0;   // 0: greedy (then the k samples agree unless order swaps differ)
   int max_retries = 2;        // extra attempts per INVALID sample, each with a new seed
   int max_new_tokens = 96;    // per judge output, eos included (a pairwise reasoning that quotes
-                              // both responses runs to ~80 tokens)
+                              // both responses runs to ~80 tokens); per turn in the split pair
+                              // layout (judge_format.h)
   uint64_t seed = 0;
   bool swap_order = true;     // pairwise: odd samples see B first
   static constexpr int kMaxVotes = 32;
@@ -103,6 +104,15 @@ class Judge {
   std::vector<std::string> generate_with_retries(const std::vector<std::string>& prompts,
                                                  const VotingParams& params, uint64_t seed_base,
                                                  IsValid valid, std::vector<int>& retries);
+
+  // The split pair layout (judge_format.h): for each pair, the first turn from turns[i].prompt
+  // up to the judge's newline, then turns[i].b_line appended and the second turn to eos; the
+  // output is the two turns joined. A pair is retried as a whole; returns "" for the pairs
+  // that stayed INVALID and adds retries to retries[i].
+  std::vector<std::string> generate_split_with_retries(const std::vector<SplitPairTurns>& turns,
+                                                       const VotingParams& params,
+                                                       uint64_t seed_base,
+                                                       std::vector<int>& retries);
 
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;

@@ -77,8 +77,12 @@ std::string interleaved_columns(std::string_view reference, std::string_view res
   return line;
 }
 
+bool is_tagged_layout(int layout) {
+  return layout == kJudgeTaggedLayout || layout == kJudgeSplitPairLayout;
+}
+
 void check_judge_layout(int layout) {
-  RLHF_CHECK(layout == kJudgeTaggedLayout || (layout >= 0 && layout <= kMaxJudgeColumns),
+  RLHF_CHECK(is_tagged_layout(layout) || (layout >= 0 && layout <= kMaxJudgeColumns),
              "judge prompt layout {} is not one of judge_format.h", layout);
 }
 
@@ -155,7 +159,7 @@ std::string column_lines(const std::string& label, std::string_view reference,
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
                                    const std::optional<std::string>& reference, int layout) {
   check_judge_layout(layout);
-  if (layout == kJudgeTaggedLayout && reference) {
+  if (is_tagged_layout(layout) && reference) {
     return "task: " + escape_judged_text(prompt) + "\npairs: " +
            tagged_line(*reference, response, kFirstTagA);
   }
@@ -172,6 +176,8 @@ std::string pairwise_judge_prompt(std::string_view prompt, std::string_view resp
                                   std::string_view response_b,
                                   const std::optional<std::string>& reference, int layout) {
   check_judge_layout(layout);
+  RLHF_CHECK(layout != kJudgeSplitPairLayout || !reference,
+             "a split pair judgment has two turns: split_pair_turns, not pairwise_judge_prompt");
   if (layout == kJudgeTaggedLayout && reference) {
     return "task: " + escape_judged_text(prompt) + "\nA: " +
            tagged_line(*reference, response_a, kFirstTagA) + "\nB: " +
@@ -186,6 +192,23 @@ std::string pairwise_judge_prompt(std::string_view prompt, std::string_view resp
                      escape_judged_text(response_a) + "\nB: " + escape_judged_text(response_b);
   if (reference) text += "\nreference: " + escape_judged_text(*reference);
   return text;
+}
+
+SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view response_a,
+                                std::string_view response_b, const std::string& reference) {
+  return {"task: " + escape_judged_text(prompt) + "\nA: " +
+              tagged_line(reference, response_a, kFirstTagA),
+          "B: " + tagged_line(reference, response_b, kFirstTagB) + "\n"};
+}
+
+std::optional<SplitPairOutput> split_pair_output(std::string_view reasoning, Verdict verdict) {
+  constexpr std::string_view kSideB = "; B ";
+  const size_t at = reasoning.find(kSideB);
+  if (reasoning.substr(0, 2) != "A " || at == std::string_view::npos) return std::nullopt;
+  SplitPairOutput out;
+  out.a_turn = std::string(reasoning.substr(0, at)) + "\n";
+  out.b_turn = pairwise_judge_output(reasoning.substr(at + 2), verdict);
+  return out;
 }
 
 std::string pointwise_judge_output(std::string_view reasoning, int score) {

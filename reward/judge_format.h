@@ -93,15 +93,33 @@ std::string tagged_pair(char first_tag, size_t k, int expected, int got);
 std::string tagged_line(std::string_view reference, std::string_view response, char first_tag);
 
 // A judge's prompt layout is one int: kJudgeLinesLayout (the lines at the top of this file), a
-// width W in 1..kMaxJudgeColumns (the column layout), or kJudgeTaggedLayout. The column and
-// tagged layouts apply only with a reference; without one a judge is shown the lines.
+// width W in 1..kMaxJudgeColumns (the column layout), kJudgeTaggedLayout or
+// kJudgeSplitPairLayout. The column, tagged and split pair layouts apply only with a reference;
+// without one a judge is shown the lines.
 inline constexpr int kJudgeLinesLayout = 0;
 inline constexpr int kJudgeTaggedLayout = -1;
+// The split pair layout (a judge trained with grm.split_pairs; only with a reference): the tagged
+// layout, except that a pairwise judgment takes two turns. The judge sees side A's tagged line
+// alone and writes its reasoning about A, which ends with a newline; side B's line is then
+// appended to its context as given text, and the judge writes its reasoning about B and the
+// verdict line (one generation, two turns; Judge::compare runs them):
+//
+//   prompt: task: <prompt>\nA: <tagged line, C..N>      the judge writes: A <reasoning>\n
+//   given:  B: <tagged line, O..Z>\n                     the judge writes: B <reasoning>\nVerdict: X
+//
+// The output the parser reads is the two turns joined, "A ...\nB ...\nVerdict: X". Why: a small
+// judge finds a tagged position by its place in the line just before its output, so with both
+// lines in one prompt it copies each side far worse than alone (docs/grm.md, "the split pair").
+// Pointwise prompts are the tagged layout's.
+inline constexpr int kJudgeSplitPairLayout = -2;
+// kJudgeTaggedLayout or kJudgeSplitPairLayout: the layouts whose pointwise prompt is the tagged one.
+bool is_tagged_layout(int layout);
 // A failed internal check unless `layout` is one of the above: layouts come from a checked config
 // or from checkpoint metadata that judge_layout_of (reward/judge.h) has checked.
 void check_judge_layout(int layout);
 
-// layout: as above (check_judge_layout).
+// layout: as above (check_judge_layout). A pairwise prompt of the split pair layout with a
+// reference is two turns (split_pair_turns): pairwise_judge_prompt fails an internal check.
 std::string pointwise_judge_prompt(std::string_view prompt, std::string_view response,
                                    const std::optional<std::string>& reference = std::nullopt,
                                    int layout = kJudgeLinesLayout);
@@ -109,6 +127,23 @@ std::string pairwise_judge_prompt(std::string_view prompt, std::string_view resp
                                   std::string_view response_b,
                                   const std::optional<std::string>& reference = std::nullopt,
                                   int layout = kJudgeLinesLayout);
+
+// The split pair layout's two turns of given text (the judge prompt body and side B's line).
+struct SplitPairTurns {
+  std::string prompt;  // "task: <prompt>\nA: <tagged line>", for format_prompt
+  std::string b_line;  // "B: <tagged line>\n", appended after the judge's first turn
+};
+SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view response_a,
+                                std::string_view response_b, const std::string& reference);
+// What a split pair judge is trained to write in its two turns, from a pairwise reasoning of
+// the form "A <about A>; B <about B>" (what the tagged layout's data builder writes): a_turn =
+// "A <about A>\n", b_turn = "B <about B>\nVerdict: X". nullopt if the reasoning is not of
+// that form (it needs a part for each side).
+struct SplitPairOutput {
+  std::string a_turn;
+  std::string b_turn;
+};
+std::optional<SplitPairOutput> split_pair_output(std::string_view reasoning, Verdict verdict);
 
 // What the judge is trained to write. `reasoning` may be empty (the no-reasoning ablation);
 // it must not end with a newline.

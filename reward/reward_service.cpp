@@ -348,11 +348,18 @@ void check_pairwise_request(const PairwiseRequest& r, const std::string& field,
   check_text(field + "response_a", r.response_a, true, limits);
   check_text(field + "response_b", r.response_b, true, limits);
   check_text(field + "reference", r.reference.value_or(""), false, limits);
-  // Swapping A and B (both_orders) does not change the length.
-  check_fits_context(field + "prompt + response_a + response_b + reference",
-                     pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
-                                           judge.layout()),
-                     judge);
+  // Swapping A and B (both_orders) does not change the length. A split pair's given text is
+  // its prompt and side B's line.
+  std::string given;
+  if (judge.layout() == kJudgeSplitPairLayout && r.reference) {
+    const SplitPairTurns turns =
+        split_pair_turns(r.prompt, r.response_a, r.response_b, *r.reference);
+    given = turns.prompt + "\n" + turns.b_line;
+  } else {
+    given = pairwise_judge_prompt(r.prompt, r.response_a, r.response_b, r.reference,
+                                  judge.layout());
+  }
+  check_fits_context(field + "prompt + response_a + response_b + reference", given, judge);
 }
 
 class RewardServer::Impl {

@@ -365,7 +365,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
       grades.push_back(suite.grade(ex, c));
       const std::string reasoning =
           !options.reasoning       ? ""
-          : options.layout == kJudgeTaggedLayout
+          : is_tagged_layout(options.layout)
               ? tagged_reasoning(ex, c, grades.back(), kFirstTagA)
           : options.layout > 0 ? column_reasoning(ex, c, grades.back(), options.layout)
           : options.aligned_marks ? aligned_reasoning(ex, c, grades.back(), options.quote_response,
@@ -390,7 +390,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     // Aligned, "A 69x 33= 1 6; B ...": each side as in its pointwise reasoning.
     auto pair_reasoning = [&](size_t a, size_t b) {
       if (!options.reasoning) return std::string();
-      if (options.layout == kJudgeTaggedLayout) {
+      if (is_tagged_layout(options.layout)) {
         return tagged_pair_reasoning(ex, candidates[a], grades[a], candidates[b], grades[b]);
       }
       if (options.layout > 0) {

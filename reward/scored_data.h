@@ -154,8 +154,9 @@ struct JudgeDataOptions {
   // With quote_response: the quotes take the prompt's labels (aligned_reasoning above).
   bool prompt_labels = false;
   // The judge prompt layout (judge_format.h) and its reasoning: kJudgeLinesLayout (the
-  // reasoning styles above), a width W > 0 (column_reasoning) or kJudgeTaggedLayout
-  // (tagged_reasoning). The last two need with_reference and no other reasoning style (the
+  // reasoning styles above), a width W > 0 (column_reasoning) or a tagged layout
+  // (is_tagged_layout: tagged_reasoning; the split pair layout differs only in how a pairwise
+  // record becomes a training sequence, learner/grm.h). The last two need with_reference and no other reasoning style (the
   // config checks both).
   int layout = kJudgeLinesLayout;
   // Scrambled references judged per prompt (scramble_response): responses whose characters a

@@ -452,6 +452,11 @@ TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
   const std::string both = error_of([&] { judge_layout_of(checkpoint_read_info(two), two); });
   EXPECT_NE(both.find(kJudgeLayoutKey), std::string::npos) << both;
   EXPECT_EQ(judge_layout_name(kJudgeTaggedLayout), "tagged layout");
+  const std::string split = (dir / "split.safetensors").string();
+  checkpoint_save(split, model, tokenizer.name(), nullptr, nullptr, nullptr,
+                  judge_layout_annotations(kJudgeSplitPairLayout));
+  EXPECT_EQ(judge_layout_of(checkpoint_read_info(split), split), kJudgeSplitPairLayout);
+  EXPECT_EQ(judge_layout_name(kJudgeSplitPairLayout), "tagged layout, split pairs");
 
   // A request fits the context or not by the prompt the judge will really see: a long task
   // fits in the line layout and, with a reference, not in columns of 64.
@@ -463,7 +468,45 @@ TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
   const std::string too_long =
       error_of([&] { check_pairwise_request(request, "", column_judge, limits); });
   EXPECT_NE(too_long.find("prompt"), std::string::npos) << too_long;
+  // The split pair layout counts its prompt and side B's line.
+  // (A task of 130 characters: 156 tokens with the two lines, 163 with 140.)
+  Judge split_judge(model, tokenizer, 1, kJudgeSplitPairLayout);
+  const PairwiseRequest fits{std::string(130, 'q'), "2", "3", std::string("2")};
+  EXPECT_EQ(error_of([&] { check_pairwise_request(fits, "", split_judge, limits); }), "");
+  const PairwiseRequest too_long_split{std::string(140, 'q'), "2", "3", std::string("2")};
+  EXPECT_NE(error_of([&] { check_pairwise_request(too_long_split, "", split_judge, limits); }),
+            "");
   fs::remove_all(dir);
+}
+
+// A split pair judge answers every request: pairs with a reference in two turns, pairs without
+// one in the line layout; every sample votes or is counted INVALID, and a seed reproduces it.
+TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
+  const RandomJudgeModel random;
+  Judge judge(*random.model, random.tokenizer, 1, kJudgeSplitPairLayout);
+  const std::vector<PairwiseRequest> requests = {
+      {"60+3=", "93", "63", std::string("63")},
+      {"rev abc", "cba", "abc", std::nullopt},
+      {"sort 3 1 2", "1 2 3", "3 2 1", std::string("1 2 3")}};
+  VotingParams params;
+  params.k = 3;
+  params.temperature = 1.0;
+  params.max_retries = 1;
+  params.max_new_tokens = 12;
+  params.seed = 4;
+  const std::vector<PairwiseJudgment> first = judge.compare(requests, params);
+  const std::vector<PairwiseJudgment> again = judge.compare(requests, params);
+  ASSERT_EQ(first.size(), requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const PairwiseJudgment& j = first[i];
+    EXPECT_EQ(int(j.votes.size()) + j.invalid_samples, params.k) << i;
+    EXPECT_EQ(j.reasoning.size(), j.votes.size()) << i;
+    EXPECT_EQ(j.valid, !j.votes.empty()) << i;
+    EXPECT_GE(j.retries, j.invalid_samples * params.max_retries) << i;
+    EXPECT_LE(j.retries, params.k * params.max_retries) << i;
+    EXPECT_EQ(j.votes, again[i].votes) << i;
+    EXPECT_EQ(j.retries, again[i].retries) << i;
+  }
 }
 
 }  // namespace

@@ -397,6 +397,38 @@ TEST_F(GenerateTest, StopsAtEos) {
   EXPECT_TRUE(found) << "no seed produced eos; the test checks nothing";
 }
 
+TEST_F(GenerateTest, StopsAfterTheStopToken) {
+  // The same draws with and without a stop token: with it, each sequence ends right after the
+  // token's first occurrence (kept, finished) and is otherwise unchanged.
+  Generator generator(model, tokenizer, 8);
+  std::vector<std::vector<int32_t>> prompts;
+  for (char c : std::string("abcdefgh")) prompts.push_back(format_prompt(tokenizer, {&c, 1}));
+  SamplingParams params;
+  params.temperature = 4.0;
+  params.max_new_tokens = 16;
+  params.seed = 5;
+  params.stop_at_eos = false;
+  const auto free_run = generator.generate(prompts, params);
+  params.stop_token = free_run[0].tokens[5];
+  const auto stopped = generator.generate(prompts, params);
+  int stopped_early = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t>& all = free_run[i].tokens;
+    const auto at = std::find(all.begin(), all.end(), params.stop_token);
+    if (at == all.end()) {
+      EXPECT_EQ(stopped[i].tokens, all);
+      EXPECT_FALSE(stopped[i].finished);
+      continue;
+    }
+    ++stopped_early;
+    EXPECT_EQ(stopped[i].tokens, std::vector<int32_t>(all.begin(), at + 1));
+    EXPECT_TRUE(stopped[i].finished);
+    EXPECT_EQ(stopped[i].text, tokenizer.decode(stopped[i].tokens));
+  }
+  EXPECT_LE(stopped[0].tokens.size(), 6u);
+  EXPECT_GE(stopped_early, 1);
+}
+
 TEST_F(GenerateTest, GenerateTextFormatsAndDecodes) {
   Generator generator(model, tokenizer, 2);
   SamplingParams params;
@@ -517,6 +549,7 @@ TEST(SamplingParams, ValidateNamesTheBadField) {
   expect_error_naming(with([](SamplingParams& p) { p.top_p = 0.0; }), "top_p");
   expect_error_naming(with([](SamplingParams& p) { p.top_p = 1.5; }), "top_p");
   expect_error_naming(with([](SamplingParams& p) { p.max_new_tokens = 0; }), "max_new_tokens");
+  expect_error_naming(with([](SamplingParams& p) { p.stop_token = -2; }), "stop_token");
   SamplingParams edge;
   edge.temperature = 0.0;
   edge.top_p = 1.0;

@@ -144,6 +144,38 @@ TEST(JudgeFormat, TaggedLayoutGivesEveryCharacterItsOwnTag) {
             "task: rev abc\nresponse: cba");
 }
 
+TEST(JudgeFormat, SplitPairLayoutTakesTwoTurns) {
+  EXPECT_TRUE(is_tagged_layout(kJudgeSplitPairLayout));
+  EXPECT_TRUE(is_tagged_layout(kJudgeTaggedLayout));
+  EXPECT_FALSE(is_tagged_layout(kJudgeLinesLayout));
+  EXPECT_FALSE(is_tagged_layout(8));
+  // Pointwise prompts are the tagged layout's.
+  EXPECT_EQ(pointwise_judge_prompt("60+3=", "93", std::string("63"), kJudgeSplitPairLayout),
+            pointwise_judge_prompt("60+3=", "93", std::string("63"), kJudgeTaggedLayout));
+  // A pair: side A's line in the prompt, side B's line given after the judge's first turn.
+  const SplitPairTurns turns = split_pair_turns("60+3=", "93", "6\n3", "63");
+  EXPECT_EQ(turns.prompt, "task: 60+3=\nA: C6I9D3J3");
+  EXPECT_EQ(turns.b_line, "B: O.U6P.V\\Q6WnR3X3\n");
+  // Without a reference the split pair layout shows the lines, as the tagged layout does.
+  EXPECT_EQ(pairwise_judge_prompt("rev abc", "cba", "abc", std::nullopt, kJudgeSplitPairLayout),
+            "task: rev abc\nA: cba\nB: abc");
+
+  // The judge's two turns, from the reasoning the data builder writes.
+  const auto out = split_pair_output("A C6I9x D3J3= 1 6; B O6U6= P3V3= 0 10", Verdict::kB);
+  ASSERT_TRUE(out.has_value());
+  EXPECT_EQ(out->a_turn, "A C6I9x D3J3= 1 6\n");
+  EXPECT_EQ(out->b_turn, "B O6U6= P3V3= 0 10\nVerdict: B");
+  // Joined, they are what the pairwise parser reads.
+  const ParsedVerdict parsed = parse_pairwise(out->a_turn + out->b_turn);
+  ASSERT_TRUE(parsed.valid) << parsed.error;
+  EXPECT_EQ(parsed.verdict, Verdict::kB);
+  EXPECT_EQ(parsed.reasoning, "A C6I9x D3J3= 1 6\nB O6U6= P3V3= 0 10");
+  // Reasoning without a part for each side cannot be split.
+  EXPECT_FALSE(split_pair_output("", Verdict::kA).has_value());
+  EXPECT_FALSE(split_pair_output("A C6I9x D3J3= 1 6", Verdict::kA).has_value());
+  EXPECT_FALSE(split_pair_output("both fine; B too", Verdict::kTie).has_value());
+}
+
 TEST(JudgeFormat, ReferenceIsOptional) {
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::string("cba")),
             "task: rev abc\nresponse: cba\nreference: cba");

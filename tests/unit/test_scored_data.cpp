@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "common/error.h"
+#include "learner/grm.h"
 #include "learner/run_config.h"
 #include "reward/grm_eval.h"
 #include "reward/scored_data.h"
@@ -514,8 +515,51 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   const std::string tagged_columns =
       config_error("grm: {tagged: true, with_reference: true, columns: 10}");
   EXPECT_NE(tagged_columns.find("grm.tagged"), std::string::npos) << tagged_columns;
+  // Split pairs: a form of the tagged layout, with reasoning.
+  const RunConfig split =
+      RunConfig::load_string("grm: {tagged: true, with_reference: true, split_pairs: true}", "t");
+  EXPECT_EQ(split.grm.layout(), kJudgeSplitPairLayout);
+  const std::string split_alone = config_error("grm: {split_pairs: true, with_reference: true}");
+  EXPECT_NE(split_alone.find("grm.tagged"), std::string::npos) << split_alone;
+  const std::string split_bare = config_error(
+      "grm: {tagged: true, with_reference: true, split_pairs: true, reasoning: false}");
+  EXPECT_NE(split_bare.find("grm.reasoning"), std::string::npos) << split_bare;
   const std::string scrambled = config_error("grm: {scrambled_per_prompt: 9}");
   EXPECT_NE(scrambled.find("grm.scrambled_per_prompt"), std::string::npos) << scrambled;
+}
+
+// A split pair record trains the judge's two turns and eos, never the given text: the prompt
+// with side A's line and side B's line.
+TEST(JudgeData, SplitPairExampleTrainsTheJudgesTurnsOnly) {
+  ByteTokenizer tokenizer;
+  const PairwiseExample e{"60+3=", "93", "63", std::string("63"),
+                          "A C6I9x D3J3= 1 6; B O6U6= P3V3= 0 10", Verdict::kB};
+  const TrainingSequence seq = split_pair_example(tokenizer, e, 0);
+  ASSERT_EQ(seq.tokens.size(), seq.loss_mask.size());
+  std::string given, trained;
+  for (size_t i = 0; i < seq.tokens.size(); ++i) {
+    const std::string piece = tokenizer.decode(std::span(&seq.tokens[i], 1));
+    (seq.loss_mask[i] ? trained : given) += piece;
+  }
+  EXPECT_EQ(given, "task: 60+3=\nA: C6I9D3J3B: O6U6P3V3\n");
+  EXPECT_EQ(trained, "A C6I9x D3J3= 1 6\nB O6U6= P3V3= 0 10\nVerdict: B");
+  // In order: the prompt (bos, judge-marker, text, response-marker), turn A, B's line, turn B,
+  // eos.
+  const std::vector<int32_t> prompt = format_prompt(tokenizer, "task: 60+3=\nA: C6I9D3J3",
+                                                    SpecialToken::kJudge);
+  EXPECT_TRUE(std::equal(prompt.begin(), prompt.end(), seq.tokens.begin()));
+  EXPECT_EQ(seq.tokens.back(), tokenizer.special(SpecialToken::kEos));
+  EXPECT_EQ(seq.loss_mask.back(), 1);
+  const size_t b_line = prompt.size() + std::string("A C6I9x D3J3= 1 6\n").size();
+  EXPECT_EQ(seq.loss_mask[b_line - 1], 1);  // the newline that ends turn A is trained
+  EXPECT_EQ(seq.loss_mask[b_line], 0);      // 'B' of B's line is given
+
+  // Reasoning that is not "A ...; B ..." is an error naming the record.
+  PairwiseExample bad = e;
+  bad.reasoning = "B is right";
+  const std::string error = rlhf::error_of([&] { split_pair_example(tokenizer, bad, 7); });
+  EXPECT_NE(error.find("pairwise record 7"), std::string::npos) << error;
+  EXPECT_NE(error.find("grm.split_pairs"), std::string::npos) << error;
 }
 
 TEST(JudgeData, ScoreScale) {
