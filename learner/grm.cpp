@@ -22,7 +22,8 @@ TrainingSequence split_pair_example(const Tokenizer& tokenizer, const PairwiseEx
   const std::optional<SplitPairOutput> out = split_pair_output(e.reasoning, e.verdict);
   if (!out) {
     fail("pairwise record {} (task '{}'): the split pair layout (grm.split_pairs) needs "
-         "reasoning of the form 'A <about A>; B <about B>', got '{}'",
+         "reasoning of the form 'A <about A>; B <about B>' with no newline in side A's part, "
+         "got '{}'",
          index, e.prompt, e.reasoning);
   }
   const SplitPairTurns turns = split_pair_turns(e.prompt, e.response_a, e.response_b, *e.reference);

@@ -19,7 +19,7 @@ namespace rlhf {
 // The training sequence of one pairwise record in the split pair layout (judge_format.h): the
 // prompt with side A's line, the judge's turn about A, side B's line (given, not trained), the
 // judge's turn about B with the verdict line, eos. An rlhf::Error naming the record (`index`)
-// if its reasoning is not "A <about A>; B <about B>".
+// if its reasoning is not "A <about A>; B <about B>" with no newline in side A's part.
 TrainingSequence split_pair_example(const Tokenizer& tokenizer, const PairwiseExample& e,
                                     size_t index);
 

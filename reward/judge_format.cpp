@@ -204,7 +204,11 @@ SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view respon
 std::optional<SplitPairOutput> split_pair_output(std::string_view reasoning, Verdict verdict) {
   constexpr std::string_view kSideB = "; B ";
   const size_t at = reasoning.find(kSideB);
-  if (reasoning.substr(0, 2) != "A " || at == std::string_view::npos) return std::nullopt;
+  // The first turn ends at its first newline, so side A's part must not hold one.
+  if (reasoning.substr(0, 2) != "A " || at == std::string_view::npos ||
+      reasoning.substr(0, at).find('\n') != std::string_view::npos) {
+    return std::nullopt;
+  }
   SplitPairOutput out;
   out.a_turn = std::string(reasoning.substr(0, at)) + "\n";
   out.b_turn = pairwise_judge_output(reasoning.substr(at + 2), verdict);

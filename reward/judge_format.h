@@ -138,7 +138,8 @@ SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view respon
 // What a split pair judge is trained to write in its two turns, from a pairwise reasoning of
 // the form "A <about A>; B <about B>" (what the tagged layout's data builder writes): a_turn =
 // "A <about A>\n", b_turn = "B <about B>\nVerdict: X". nullopt if the reasoning is not of
-// that form (it needs a part for each side).
+// that form: it needs a part for each side, and side A's part cannot hold a newline (the
+// judge's first turn ends at its first newline).
 struct SplitPairOutput {
   std::string a_turn;
   std::string b_turn;

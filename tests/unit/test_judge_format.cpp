@@ -174,6 +174,9 @@ TEST(JudgeFormat, SplitPairLayoutTakesTwoTurns) {
   EXPECT_FALSE(split_pair_output("", Verdict::kA).has_value());
   EXPECT_FALSE(split_pair_output("A C6I9x D3J3= 1 6", Verdict::kA).has_value());
   EXPECT_FALSE(split_pair_output("both fine; B too", Verdict::kTie).has_value());
+  // Side A's part cannot hold a newline: the first turn would stop there.
+  EXPECT_FALSE(split_pair_output("A C6I9x\nD3J3= 1 6; B O6U6= 0 10", Verdict::kB).has_value());
+  EXPECT_TRUE(split_pair_output("A C6I9x D3J3= 1 6; B O6U6=\nP3V3= 0 10", Verdict::kB).has_value());
 }
 
 TEST(JudgeFormat, ReferenceIsOptional) {
