@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <numeric>
+#include <optional>
 
 #include "common/error.h"
 #include "common/rng.h"
@@ -68,6 +69,46 @@ Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batc
   check_judge_layout(layout);
 }
 
+namespace {
+
+// The retry loop of every judging call. `attempt(pending, sampling)` generates once for the
+// items `pending` (indices into 0..items-1) and returns, per entry of pending, the item's
+// finished output, or nullopt where generation was cut off: a judge cut off by max_new_tokens
+// has not finished its verdict ("Score: 1" may be the start of "Score: 10"). Outputs that
+// `valid` rejects are retried up to max_retries times, each time with a new seed; retries[i]
+// counts item i's. Returns "" for the items that stayed INVALID.
+template <typename Attempt, typename IsValid>
+std::vector<std::string> retry_until_valid(size_t items, const VotingParams& params,
+                                           uint64_t seed_base, Attempt attempt, IsValid valid,
+                                           std::vector<int>& retries) {
+  std::vector<std::string> outputs(items);
+  std::vector<size_t> pending(items);  // items whose output is not valid yet
+  std::iota(pending.begin(), pending.end(), size_t(0));
+  SamplingParams sampling;
+  sampling.temperature = params.temperature;
+  sampling.max_new_tokens = params.max_new_tokens;
+  for (int round = 0; round <= params.max_retries && !pending.empty(); ++round) {
+    sampling.seed = mix_seed(seed_base, uint64_t(round));
+    // A greedy retry would repeat the same output: retries sample at temperature >= 1.
+    if (round > 0) sampling.temperature = std::max(params.temperature, 1.0);
+    const std::vector<std::optional<std::string>> got = attempt(pending, sampling);
+    std::vector<size_t> still_invalid;
+    for (size_t j = 0; j < pending.size(); ++j) {
+      const size_t i = pending[j];
+      if (round > 0) ++retries[i];
+      if (got[j] && valid(*got[j])) {
+        outputs[i] = *got[j];
+      } else {
+        still_invalid.push_back(i);
+      }
+    }
+    pending = std::move(still_invalid);
+  }
+  return outputs;
+}
+
+}  // namespace
+
 template <typename IsValid>
 std::vector<std::string> Judge::generate_with_retries(const std::vector<std::string>& prompts,
                                                       const VotingParams& params,
@@ -78,96 +119,61 @@ std::vector<std::string> Judge::generate_with_retries(const std::vector<std::str
   for (const std::string& p : prompts) {
     tokens.push_back(format_prompt(tokenizer_, p, SpecialToken::kJudge));
   }
-  std::vector<std::string> outputs(prompts.size());
-  std::vector<size_t> todo(prompts.size());  // prompts whose output is not valid yet
-  std::iota(todo.begin(), todo.end(), size_t(0));
-  SamplingParams sampling;
-  sampling.temperature = params.temperature;
-  sampling.max_new_tokens = params.max_new_tokens;
-  for (int attempt = 0; attempt <= params.max_retries && !todo.empty(); ++attempt) {
-    sampling.seed = mix_seed(seed_base, uint64_t(attempt));
-    // A greedy retry would repeat the same output: retries sample at temperature >= 1.
-    if (attempt > 0) sampling.temperature = std::max(params.temperature, 1.0);
+  auto attempt = [&](const std::vector<size_t>& pending, const SamplingParams& sampling) {
     std::vector<std::vector<int32_t>> batch;
-    batch.reserve(todo.size());
-    for (size_t i : todo) batch.push_back(tokens[i]);
-    const std::vector<Generation> generations = generator_.generate(batch, sampling);
-    std::vector<size_t> still_invalid;
-    for (size_t j = 0; j < todo.size(); ++j) {
-      const size_t i = todo[j];
-      // A judge cut off by max_new_tokens has not finished its verdict ("Score: 1" may be
-      // the start of "Score: 10"), so only outputs that ended with eos can be valid.
-      outputs[i] = generations[j].finished ? generations[j].text : std::string();
-      if (attempt > 0) ++retries[i];
-      if (!generations[j].finished || !valid(outputs[i])) still_invalid.push_back(i);
+    batch.reserve(pending.size());
+    for (size_t i : pending) batch.push_back(tokens[i]);
+    std::vector<std::optional<std::string>> got;
+    got.reserve(pending.size());
+    for (Generation& g : generator_.generate(batch, sampling)) {
+      got.push_back(g.finished ? std::optional<std::string>(std::move(g.text)) : std::nullopt);
     }
-    todo = std::move(still_invalid);
-  }
-  for (size_t i : todo) outputs[i].clear();  // stayed INVALID
-  return outputs;
+    return got;
+  };
+  return retry_until_valid(prompts.size(), params, seed_base, attempt, valid, retries);
 }
 
-std::vector<std::string> Judge::generate_split_with_retries(
-    const std::vector<SplitPairTurns>& turns, const VotingParams& params, uint64_t seed_base,
-    std::vector<int>& retries) {
+std::vector<std::optional<std::string>> Judge::split_pair_attempt(
+    const std::vector<SplitPairTurns>& turns, const std::vector<size_t>& pending,
+    const SamplingParams& sampling) {
   const std::vector<int32_t> newline_tokens = tokenizer_.encode("\n");
   RLHF_CHECK(newline_tokens.size() == 1, "the tokenizer encodes a newline as one token");
   const int32_t newline = newline_tokens[0];
-  std::vector<std::string> outputs(turns.size());
-  std::vector<size_t> todo(turns.size());  // pairs whose output is not valid yet
-  std::iota(todo.begin(), todo.end(), size_t(0));
-  SamplingParams sampling;
-  sampling.temperature = params.temperature;
-  sampling.max_new_tokens = params.max_new_tokens;
-  for (int attempt = 0; attempt <= params.max_retries && !todo.empty(); ++attempt) {
-    sampling.seed = mix_seed(seed_base, uint64_t(attempt));
-    if (attempt > 0) sampling.temperature = std::max(params.temperature, 1.0);
-    // Turn 1: the reasoning about A, which ends at its newline.
-    std::vector<std::vector<int32_t>> first;
-    first.reserve(todo.size());
-    for (size_t i : todo) {
-      first.push_back(format_prompt(tokenizer_, turns[i].prompt, SpecialToken::kJudge));
-    }
-    SamplingParams first_params = sampling;
-    first_params.stop_token = newline;
-    const std::vector<Generation> a_turns = generator_.generate(first, first_params);
-    // Turn 2: the context so far and B's line, then the reasoning about B and the verdict.
-    // A first turn that stopped otherwise (eos, max_new_tokens, the context) is INVALID, and so
-    // is a pair whose second turn would start at the end of the context.
-    std::vector<size_t> second_of;  // index into todo of each second turn
-    std::vector<std::vector<int32_t>> second;
-    for (size_t j = 0; j < todo.size(); ++j) {
-      const Generation& g = a_turns[j];
-      if (!g.finished || g.tokens.back() != newline) continue;
-      std::vector<int32_t> context = g.prompt_tokens;
-      context.insert(context.end(), g.tokens.begin(), g.tokens.end());
-      const std::vector<int32_t> b_line = tokenizer_.encode(turns[todo[j]].b_line);
-      context.insert(context.end(), b_line.begin(), b_line.end());
-      if (int(context.size()) >= model_.config().max_seq_len) continue;
-      second_of.push_back(j);
-      second.push_back(std::move(context));
-    }
-    SamplingParams second_params = sampling;
-    second_params.seed = mix_seed(sampling.seed, 0x5EC0);
-    const std::vector<Generation> b_turns =
-        second.empty() ? std::vector<Generation>() : generator_.generate(second, second_params);
-    std::vector<bool> done(todo.size(), false);
-    for (size_t m = 0; m < second_of.size(); ++m) {
-      const size_t j = second_of[m];
-      if (!b_turns[m].finished) continue;  // cut off: the verdict is not finished
-      std::string out = a_turns[j].text + b_turns[m].text;
-      if (!parse_pairwise(out).valid) continue;
-      outputs[todo[j]] = std::move(out);
-      done[j] = true;
-    }
-    std::vector<size_t> still_invalid;
-    for (size_t j = 0; j < todo.size(); ++j) {
-      if (attempt > 0) ++retries[todo[j]];
-      if (!done[j]) still_invalid.push_back(todo[j]);
-    }
-    todo = std::move(still_invalid);
+  // Turn 1: the reasoning about A, which ends at its newline.
+  std::vector<std::vector<int32_t>> first;
+  first.reserve(pending.size());
+  for (size_t i : pending) {
+    first.push_back(format_prompt(tokenizer_, turns[i].prompt, SpecialToken::kJudge));
   }
-  return outputs;  // "" for the pairs that stayed INVALID
+  SamplingParams first_params = sampling;
+  first_params.stop_token = newline;
+  const std::vector<Generation> a_turns = generator_.generate(first, first_params);
+  // Turn 2: the context so far and B's line, then the reasoning about B and the verdict.
+  // A first turn that stopped otherwise (eos, max_new_tokens, the context) is INVALID, and so
+  // is a pair whose second turn would start at the end of the context.
+  std::vector<size_t> second_of;  // index into pending of each second turn
+  std::vector<std::vector<int32_t>> second;
+  for (size_t j = 0; j < pending.size(); ++j) {
+    const Generation& g = a_turns[j];
+    if (!g.finished || g.tokens.back() != newline) continue;
+    std::vector<int32_t> context = g.prompt_tokens;
+    context.insert(context.end(), g.tokens.begin(), g.tokens.end());
+    const std::vector<int32_t> b_line = tokenizer_.encode(turns[pending[j]].b_line);
+    context.insert(context.end(), b_line.begin(), b_line.end());
+    if (int(context.size()) >= model_.config().max_seq_len) continue;
+    second_of.push_back(j);
+    second.push_back(std::move(context));
+  }
+  SamplingParams second_params = sampling;
+  second_params.seed = mix_seed(sampling.seed, 0x5EC0);
+  const std::vector<Generation> b_turns =
+      second.empty() ? std::vector<Generation>() : generator_.generate(second, second_params);
+  std::vector<std::optional<std::string>> got(pending.size());
+  for (size_t m = 0; m < second_of.size(); ++m) {
+    const size_t j = second_of[m];
+    if (b_turns[m].finished) got[j] = a_turns[j].text + b_turns[m].text;
+  }
+  return got;
 }
 
 std::vector<PointwiseJudgment> Judge::score(const std::vector<JudgeRequest>& requests,
@@ -250,7 +256,14 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
   }
   if (!split.empty()) {
     std::vector<int> spent(split.size(), 0);
-    gather(split_items, generate_split_with_retries(split, params, seed_base, spent), spent);
+    auto attempt = [&](const std::vector<size_t>& pending, const SamplingParams& sampling) {
+      return split_pair_attempt(split, pending, sampling);
+    };
+    gather(split_items,
+           retry_until_valid(
+               split.size(), params, seed_base, attempt,
+               [](const std::string& out) { return parse_pairwise(out).valid; }, spent),
+           spent);
   }
   std::vector<PairwiseJudgment> results(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {

@@ -105,14 +105,13 @@ class Judge {
                                                  const VotingParams& params, uint64_t seed_base,
                                                  IsValid valid, std::vector<int>& retries);
 
-  // The split pair layout (judge_format.h): for each pair, the first turn from turns[i].prompt
-  // up to the judge's newline, then turns[i].b_line appended and the second turn to eos; the
-  // output is the two turns joined. A pair is retried as a whole; returns "" for the pairs
-  // that stayed INVALID and adds retries to retries[i].
-  std::vector<std::string> generate_split_with_retries(const std::vector<SplitPairTurns>& turns,
-                                                       const VotingParams& params,
-                                                       uint64_t seed_base,
-                                                       std::vector<int>& retries);
+  // One generation of the split pair layout's two turns (judge_format.h) for the pairs
+  // `pending` of `turns`: the first turn from the prompt up to the judge's newline, then side B's
+  // line appended and the second turn to eos. Per entry of pending, the two turns joined, or
+  // nullopt if either stopped otherwise.
+  std::vector<std::optional<std::string>> split_pair_attempt(
+      const std::vector<SplitPairTurns>& turns, const std::vector<size_t>& pending,
+      const SamplingParams& sampling);
 
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;

@@ -67,6 +67,13 @@ class GenerateTest : public ::testing::Test {
     return prompts;
   }
 
+  // Eight one-letter task prompts, formatted: the stop tests sample from them.
+  std::vector<std::vector<int32_t>> letter_prompts() const {
+    std::vector<std::vector<int32_t>> prompts;
+    for (char c : std::string("abcdefgh")) prompts.push_back(format_prompt(tokenizer, {&c, 1}));
+    return prompts;
+  }
+
   static constexpr int kModelBatch = 8;
   CpuOps<float> ops;
   ByteTokenizer tokenizer;
@@ -362,8 +369,7 @@ TEST_F(GenerateTest, StopsAtEos) {
   // A hot temperature flattens the random model so eos (1 of 262 tokens) turns up; look for a
   // seed that produces one, then check what stopping there means.
   Generator generator(model, tokenizer, 8);
-  std::vector<std::vector<int32_t>> prompts;
-  for (char c : std::string("abcdefgh")) prompts.push_back(format_prompt(tokenizer, {&c, 1}));
+  const std::vector<std::vector<int32_t>> prompts = letter_prompts();
   SamplingParams params;
   params.temperature = 4.0;
   params.max_new_tokens = 24;
@@ -401,8 +407,7 @@ TEST_F(GenerateTest, StopsAfterTheStopToken) {
   // The same draws with and without a stop token: with it, each sequence ends right after the
   // token's first occurrence (kept, finished) and is otherwise unchanged.
   Generator generator(model, tokenizer, 8);
-  std::vector<std::vector<int32_t>> prompts;
-  for (char c : std::string("abcdefgh")) prompts.push_back(format_prompt(tokenizer, {&c, 1}));
+  const std::vector<std::vector<int32_t>> prompts = letter_prompts();
   SamplingParams params;
   params.temperature = 4.0;
   params.max_new_tokens = 16;
