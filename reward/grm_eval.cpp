@@ -94,6 +94,8 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   };
 
   Judge judge(judge_model, tokenizer, options.max_batch, options.layout);
+  result.pair_judging =
+      pair_judging_name(options.layout, options.with_reference, options.separate_sides);
   auto count = [&](int invalid, int retries, int samples) {
     result.invalid_samples += invalid;
     result.retries += retries;
@@ -117,6 +119,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   greedy.seed = options.seed;
   greedy.swap_order = false;
   greedy.max_new_tokens = options.max_new_tokens;
+  greedy.separate_sides = options.separate_sides;
   spdlog::info("eval grm: {} pointwise judgments", point_requests.size());
   const std::vector<PointwiseJudgment> scores = judge.score(point_requests, greedy);
   std::vector<double> judged, judged_truth;
@@ -167,6 +170,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   voting.seed = options.seed + 1;
   voting.swap_order = true;
   voting.max_new_tokens = options.max_new_tokens;
+  voting.separate_sides = options.separate_sides;
   const std::vector<PairwiseJudgment> voted = judge.compare(pairs, voting);
   int64_t correct = 0, correct_k = 0, consistent = 0, both_valid = 0, correct_scores = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {

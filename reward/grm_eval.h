@@ -32,6 +32,7 @@ struct GrmEvalOptions {
   bool with_reference = false;
   int max_batch = 64;
   int max_new_tokens = 96;     // per judge output
+  bool separate_sides = true;  // VotingParams::separate_sides (split pair judges)
   int layout = 0;              // the judge's prompt layout (judge_layout_of)
   uint64_t seed = 3;
 };
@@ -50,6 +51,7 @@ struct GrmEvalResult {
   int64_t invalid_samples = 0;
   int64_t retries = 0;
   int k = 0;
+  std::string pair_judging;  // pair_judging_name (reward/judge.h)
   std::vector<std::string> examples;  // a few judged items with their reasoning, for reading
 };
 

@@ -63,6 +63,12 @@ std::string judge_layout_name(int layout) {
   return "line layout";
 }
 
+std::string pair_judging_name(int layout, bool with_reference, bool separate_sides) {
+  check_judge_layout(layout);
+  if (layout != kJudgeSplitPairLayout || !with_reference) return "one prompt";
+  return separate_sides ? "separate sides" : "two turns";
+}
+
 Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int layout)
     : model_(model), tokenizer_(tokenizer), generator_(model, tokenizer, max_batch),
       layout_(layout) {
@@ -176,6 +182,59 @@ std::vector<std::optional<std::string>> Judge::split_pair_attempt(
   return got;
 }
 
+std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
+    const std::vector<SplitPairTurns>& turns,
+    const std::vector<std::array<std::string, 2>>& side_prompts,
+    const std::vector<size_t>& pending, const SamplingParams& sampling) {
+  const std::vector<int32_t> newline_tokens = tokenizer_.encode("\n");
+  RLHF_CHECK(newline_tokens.size() == 1, "the tokenizer encodes a newline as one token");
+  const int32_t newline = newline_tokens[0];
+  const size_t n = pending.size();
+  // The pointwise readings: side A's for entries 0..n-1, side B's for n..2n-1.
+  std::vector<std::vector<int32_t>> readings_in;
+  readings_in.reserve(2 * n);
+  for (int side = 0; side < 2; ++side) {
+    for (size_t i : pending) {
+      readings_in.push_back(format_prompt(tokenizer_, side_prompts[i][side], SpecialToken::kJudge));
+    }
+  }
+  SamplingParams reading_params = sampling;
+  reading_params.stop_token = newline;
+  const std::vector<Generation> readings = generator_.generate(readings_in, reading_params);
+  auto part = [&](const Generation& g, bool side_b) -> std::optional<std::string> {
+    if (!g.finished || g.tokens.empty() || g.tokens.back() != newline) return std::nullopt;
+    return side_turn(g.text, side_b);
+  };
+  // The verdict turn: A's prompt, A's part, B's line and B's part given; the judge writes the
+  // verdict line. A reading that stopped other than at its newline makes the pair INVALID.
+  std::vector<size_t> verdict_of;  // index into pending of each verdict turn
+  std::vector<std::string> given_parts;
+  std::vector<std::vector<int32_t>> verdict_turns;
+  for (size_t j = 0; j < n; ++j) {
+    const std::optional<std::string> a_part = part(readings[j], false);
+    const std::optional<std::string> b_part = part(readings[n + j], true);
+    if (!a_part || !b_part) continue;
+    const SplitPairTurns& t = turns[pending[j]];
+    std::vector<int32_t> context = format_prompt(tokenizer_, t.prompt, SpecialToken::kJudge);
+    const std::vector<int32_t> given = tokenizer_.encode(*a_part + t.b_line + *b_part);
+    context.insert(context.end(), given.begin(), given.end());
+    if (int(context.size()) >= model_.config().max_seq_len) continue;
+    verdict_of.push_back(j);
+    given_parts.push_back(*a_part + *b_part);
+    verdict_turns.push_back(std::move(context));
+  }
+  SamplingParams verdict_params = sampling;
+  verdict_params.seed = mix_seed(sampling.seed, 0x5EC0);
+  const std::vector<Generation> verdicts =
+      verdict_turns.empty() ? std::vector<Generation>()
+                            : generator_.generate(verdict_turns, verdict_params);
+  std::vector<std::optional<std::string>> got(n);
+  for (size_t m = 0; m < verdict_of.size(); ++m) {
+    if (verdicts[m].finished) got[verdict_of[m]] = given_parts[m] + verdicts[m].text;
+  }
+  return got;
+}
+
 std::vector<PointwiseJudgment> Judge::score(const std::vector<JudgeRequest>& requests,
                                             const VotingParams& params) {
   params.validate();
@@ -221,6 +280,7 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
   std::vector<std::string> prompts;
   std::vector<size_t> prompt_items;
   std::vector<SplitPairTurns> split;
+  std::vector<std::array<std::string, 2>> side_prompts;  // with separate_sides
   std::vector<size_t> split_items;
   for (size_t i = 0; i < requests.size(); ++i) {
     const PairwiseRequest& r = requests[i];
@@ -229,6 +289,10 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
       const std::string& second = swapped(s) ? r.response_a : r.response_b;
       if (layout_ == kJudgeSplitPairLayout && r.reference) {
         split.push_back(split_pair_turns(r.prompt, first, second, *r.reference));
+        if (params.separate_sides) {
+          side_prompts.push_back({pointwise_judge_prompt(r.prompt, first, r.reference, layout_),
+                                  pointwise_judge_prompt(r.prompt, second, r.reference, layout_)});
+        }
         split_items.push_back(i * k + s);
       } else {
         prompts.push_back(pairwise_judge_prompt(r.prompt, first, second, r.reference, layout_));
@@ -257,7 +321,9 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
   if (!split.empty()) {
     std::vector<int> spent(split.size(), 0);
     auto attempt = [&](const std::vector<size_t>& pending, const SamplingParams& sampling) {
-      return split_pair_attempt(split, pending, sampling);
+      return params.separate_sides
+                 ? separate_sides_attempt(split, side_prompts, pending, sampling)
+                 : split_pair_attempt(split, pending, sampling);
     };
     gather(split_items,
            retry_until_valid(

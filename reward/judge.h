@@ -10,6 +10,7 @@
 // 0.5, B below, tie at exactly 0.5. A sample whose output stays INVALID after max_retries
 // retries does not vote; a request with no valid vote at all is INVALID (valid = false), never
 // a default score or a tie.
+#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -44,6 +45,11 @@ struct VotingParams {
                               // layout (judge_format.h)
   uint64_t seed = 0;
   bool swap_order = true;     // pairwise: odd samples see B first
+  // Split pair layout, with a reference: each side is read alone, as a pointwise judgment, and
+  // the judge writes the verdict after both readings (judge_format.h). Off: the two turns, the
+  // second reasoning about B after A's. Separate sides judge far better (docs/grm.md, "separate
+  // sides"): a side's reading cannot depend on the pair's order or on the other side.
+  bool separate_sides = true;
   static constexpr int kMaxVotes = 32;
   void validate() const;      // rlhf::Error naming the bad field
 };
@@ -80,6 +86,9 @@ int judge_layout_of(const CheckpointContents& info, const std::string& path);
 std::map<std::string, std::string> judge_layout_annotations(int layout);
 // "line layout", "column layout of 10", "tagged layout": for logs.
 std::string judge_layout_name(int layout);
+// How Judge::compare judges a pair: "one prompt", "two turns" (the split pair layout) or
+// "separate sides" (the split pair layout with VotingParams::separate_sides).
+std::string pair_judging_name(int layout, bool with_reference, bool separate_sides);
 
 class Judge {
  public:
@@ -112,6 +121,14 @@ class Judge {
   std::vector<std::optional<std::string>> split_pair_attempt(
       const std::vector<SplitPairTurns>& turns, const std::vector<size_t>& pending,
       const SamplingParams& sampling);
+  // The same with separate sides (VotingParams::separate_sides, judge_format.h): both sides'
+  // pointwise readings in one batch (side_prompts[i]: A's and B's pointwise prompts, each up to
+  // its first newline), then per pair the turns with both readings given and the verdict line
+  // generated.
+  std::vector<std::optional<std::string>> separate_sides_attempt(
+      const std::vector<SplitPairTurns>& turns,
+      const std::vector<std::array<std::string, 2>>& side_prompts,
+      const std::vector<size_t>& pending, const SamplingParams& sampling);
 
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;

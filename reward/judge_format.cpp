@@ -201,6 +201,21 @@ SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view respon
           "B: " + tagged_line(reference, response_b, kFirstTagB) + "\n"};
 }
 
+std::optional<std::string> side_turn(std::string_view pointwise_line, bool side_b) {
+  if (pointwise_line.size() < 2 || pointwise_line.back() != '\n' ||
+      pointwise_line.find('\n') != pointwise_line.size() - 1) {
+    return std::nullopt;
+  }
+  std::string out = side_b ? "B " : "A ";
+  // Capitals in a tagged reasoning are only tags: the tagged line shows a capital letter of an
+  // answer as '?' (aligned_shown).
+  const int shift = side_b ? kFirstTagB - kFirstTagA : 0;
+  for (char c : pointwise_line) {
+    out += c >= kFirstTagA && c < kFirstTagB ? char(c + shift) : c;
+  }
+  return out;
+}
+
 std::optional<SplitPairOutput> split_pair_output(std::string_view reasoning, Verdict verdict) {
   constexpr std::string_view kSideB = "; B ";
   const size_t at = reasoning.find(kSideB);

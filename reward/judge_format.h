@@ -110,6 +110,8 @@ inline constexpr int kJudgeTaggedLayout = -1;
 // The output the parser reads is the two turns joined, "A ...\nB ...\nVerdict: X". Why: a small
 // judge finds a tagged position by its place in the line just before its output, so with both
 // lines in one prompt it copies each side far worse than alone (docs/grm.md, "the split pair").
+// By default the judge writes only the verdict in these turns: each side's reasoning is its
+// pointwise reading, made alone and given (separate sides, side_turn below).
 // Pointwise prompts are the tagged layout's.
 inline constexpr int kJudgeSplitPairLayout = -2;
 // kJudgeTaggedLayout or kJudgeSplitPairLayout: the layouts whose pointwise prompt is the tagged one.
@@ -135,6 +137,13 @@ struct SplitPairTurns {
 };
 SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view response_a,
                                 std::string_view response_b, const std::string& reference);
+// Separate sides (VotingParams::separate_sides): each side is read alone, as a pointwise
+// judgment of the tagged layout, whose first line is the reasoning ("C6I9x D3J3= 1 6"); that
+// line is then given as the side's part of the split pair's turns, and the judge writes only the
+// verdict. So neither side's reasoning depends on the order of the pair or on the other side.
+// side_turn makes the part: "A <line>\n", or for side B "B <line>\n" with A's tags C..N renamed
+// to B's O..Z; nullopt unless `pointwise_line` is one line ending with its newline.
+std::optional<std::string> side_turn(std::string_view pointwise_line, bool side_b);
 // What a split pair judge is trained to write in its two turns, from a pairwise reasoning of
 // the form "A <about A>; B <about B>" (what the tagged layout's data builder writes): a_turn =
 // "A <about A>\n", b_turn = "B <about B>\nVerdict: X". nullopt if the reasoning is not of

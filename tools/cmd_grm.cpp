@@ -72,7 +72,8 @@ nlohmann::json eval_json(const GrmEvalResult& r) {
           {"retries", r.retries},
           {"pairs", r.pairs},
           {"pointwise_items", r.pointwise_items},
-          {"prompts", r.prompts}};
+          {"prompts", r.prompts},
+          {"pair_judging", r.pair_judging}};
 }
 
 GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suite,
@@ -88,12 +89,12 @@ GrmEvalResult evaluate_checkpoint(const std::string& path, const TaskSuite& suit
 
 void print_eval(const std::string& name, const std::string& path, const GrmEvalResult& r) {
   std::cout << fmt::format(
-      "{} ({}): {} held-out prompts, {} pairs, {} pointwise items\n"
+      "{} ({}): {} held-out prompts, {} pairs ({}), {} pointwise items\n"
       "  pairwise accuracy   Voting@1 {:.3f}   Voting@{} {:.3f}   from pointwise scores {:.3f}\n"
       "  swap consistency    {:.3f}\n"
       "  spearman            {:.3f}\n"
       "  invalid rate        {:.4f} ({} of {} samples, {} retries)\n",
-      name, path, r.prompts, r.pairs, r.pointwise_items, r.pairwise_accuracy, r.k,
+      name, path, r.prompts, r.pairs, r.pair_judging, r.pointwise_items, r.pairwise_accuracy, r.k,
       r.pairwise_accuracy_vote_k, r.pairwise_accuracy_from_scores, r.swap_consistency, r.spearman, r.invalid_rate,
       r.invalid_samples, r.judge_samples, r.retries);
   for (const std::string& line : r.examples) std::cout << "    " << line << "\n";
@@ -164,6 +165,9 @@ void register_eval_grm(CLI::App& eval) {
       ->capture_default_str();
   grm->add_flag("--with-reference", e->eval.with_reference,
                 "show the judge the reference answer");
+  grm->add_flag("--two-turns{false}", e->eval.separate_sides,
+                "split pair judges: judge a pair in the two turns, B's reasoning after A's, "
+                "instead of reading each side alone");
   grm->add_option("--threads", e->threads, "CPU threads (default: runtime.threads)");
   grm->callback([e] { eval_grm(*e); });
 }

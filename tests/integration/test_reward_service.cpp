@@ -479,8 +479,9 @@ TEST(RewardServer, AJudgeCheckpointCarriesItsPromptLayout) {
   fs::remove_all(dir);
 }
 
-// A split pair judge answers every request: pairs with a reference in two turns, pairs without
-// one in the line layout; every sample votes or is counted INVALID, and a seed reproduces it.
+// A split pair judge answers every request: pairs with a reference by separate sides (the
+// default) or in two turns, pairs without one in the line layout; every sample votes or is
+// counted INVALID, and a seed reproduces it.
 TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
   const RandomJudgeModel random;
   Judge judge(*random.model, random.tokenizer, 1, kJudgeSplitPairLayout);
@@ -488,25 +489,33 @@ TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
       {"60+3=", "93", "63", std::string("63")},
       {"rev abc", "cba", "abc", std::nullopt},
       {"sort 3 1 2", "1 2 3", "3 2 1", std::string("1 2 3")}};
-  VotingParams params;
-  params.k = 3;
-  params.temperature = 1.0;
-  params.max_retries = 1;
-  params.max_new_tokens = 12;
-  params.seed = 4;
-  const std::vector<PairwiseJudgment> first = judge.compare(requests, params);
-  const std::vector<PairwiseJudgment> again = judge.compare(requests, params);
-  ASSERT_EQ(first.size(), requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const PairwiseJudgment& j = first[i];
-    EXPECT_EQ(int(j.votes.size()) + j.invalid_samples, params.k) << i;
-    EXPECT_EQ(j.reasoning.size(), j.votes.size()) << i;
-    EXPECT_EQ(j.valid, !j.votes.empty()) << i;
-    EXPECT_GE(j.retries, j.invalid_samples * params.max_retries) << i;
-    EXPECT_LE(j.retries, params.k * params.max_retries) << i;
-    EXPECT_EQ(j.votes, again[i].votes) << i;
-    EXPECT_EQ(j.retries, again[i].retries) << i;
+  for (const bool separate_sides : {true, false}) {
+    SCOPED_TRACE(separate_sides ? "separate sides" : "two turns");
+    VotingParams params;
+    params.k = 3;
+    params.temperature = 1.0;
+    params.max_retries = 1;
+    params.max_new_tokens = 12;
+    params.seed = 4;
+    params.separate_sides = separate_sides;
+    const std::vector<PairwiseJudgment> first = judge.compare(requests, params);
+    const std::vector<PairwiseJudgment> again = judge.compare(requests, params);
+    ASSERT_EQ(first.size(), requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const PairwiseJudgment& j = first[i];
+      EXPECT_EQ(int(j.votes.size()) + j.invalid_samples, params.k) << i;
+      EXPECT_EQ(j.reasoning.size(), j.votes.size()) << i;
+      EXPECT_EQ(j.valid, !j.votes.empty()) << i;
+      EXPECT_GE(j.retries, j.invalid_samples * params.max_retries) << i;
+      EXPECT_LE(j.retries, params.k * params.max_retries) << i;
+      EXPECT_EQ(j.votes, again[i].votes) << i;
+      EXPECT_EQ(j.retries, again[i].retries) << i;
+    }
   }
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, true), "separate sides");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, false), "two turns");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, false, true), "one prompt");
+  EXPECT_EQ(pair_judging_name(kJudgeTaggedLayout, true, true), "one prompt");
 }
 
 }  // namespace

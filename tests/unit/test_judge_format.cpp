@@ -179,6 +179,19 @@ TEST(JudgeFormat, SplitPairLayoutTakesTwoTurns) {
   EXPECT_TRUE(split_pair_output("A C6I9x D3J3= 1 6; B O6U6=\nP3V3= 0 10", Verdict::kB).has_value());
 }
 
+// Separate sides: a pointwise reasoning line becomes side A's or side B's part of the turns.
+TEST(JudgeFormat, SideTurnRenamesAPointwiseReadingForItsSide) {
+  EXPECT_EQ(side_turn("C6I9x D3J3= 1 6\n", false), "A C6I9x D3J3= 1 6\n");
+  EXPECT_EQ(side_turn("C6I9x D3J3= 1 6\n", true), "B O6U9x P3V3= 1 6\n");
+  // Every tag of side A has its partner on side B; other characters stay.
+  EXPECT_EQ(side_turn("C.I_x H?N?= 2 5\n", true), "B O.U_x T?Z?= 2 5\n");
+  // One line, ended by its newline; anything else is not a reading.
+  EXPECT_FALSE(side_turn("C6I9x D3J3= 1 6", false).has_value());
+  EXPECT_FALSE(side_turn("C6I9x\nD3J3= 1 6\n", true).has_value());
+  EXPECT_FALSE(side_turn("\n", false).has_value());
+  EXPECT_FALSE(side_turn("", true).has_value());
+}
+
 TEST(JudgeFormat, ReferenceIsOptional) {
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::string("cba")),
             "task: rev abc\nresponse: cba\nreference: cba");

@@ -463,6 +463,40 @@ TEST(JudgeData, TaggedReasoningCopiesTheTaggedLineAndMarksEachPosition) {
   }
 }
 
+// Separate sides (VotingParams::separate_sides) give the verdict turn each side's pointwise
+// reasoning line, renamed by side_turn: that must be exactly what training wrote there. Every
+// pairwise record of the builder, split into its turns, starts with its two sides' pointwise
+// reasonings as side_turn makes them.
+TEST(JudgeData, SeparateSidesGiveTheVerdictTurnWhatTrainingWroteThere) {
+  const TaskSuite suite{TaskSuiteConfig{}};
+  JudgeDataOptions options;
+  options.prompts = 60;
+  options.pairwise_fraction = 1.0;
+  options.with_reference = true;
+  options.layout = kJudgeSplitPairLayout;
+  options.scrambled_per_prompt = 2;
+  options.pairs_per_prompt = 3;
+  const ScoredData data = build_judge_data(suite, Split::kTrain, nullptr, options);
+  ASSERT_GT(data.pairwise.size(), 50u);
+  std::map<std::pair<std::string, std::string>, std::string> pointwise;  // (prompt, response)
+  for (const ScoredExample& e : data.pointwise) pointwise[{e.prompt, e.response}] = e.reasoning;
+  size_t checked = 0;
+  for (const PairwiseExample& p : data.pairwise) {
+    const auto a = pointwise.find({p.prompt, p.response_a});
+    const auto b = pointwise.find({p.prompt, p.response_b});
+    if (a == pointwise.end() || b == pointwise.end()) continue;
+    const std::optional<SplitPairOutput> turns = split_pair_output(p.reasoning, p.verdict);
+    ASSERT_TRUE(turns.has_value()) << p.reasoning;
+    EXPECT_EQ(side_turn(a->second + "\n", false), turns->a_turn) << p.reasoning;
+    const std::optional<std::string> b_part = side_turn(b->second + "\n", true);
+    ASSERT_TRUE(b_part.has_value()) << b->second;
+    EXPECT_EQ(turns->b_turn.substr(0, b_part->size()), *b_part) << p.reasoning;
+    EXPECT_EQ(turns->b_turn.substr(b_part->size(), 9), "Verdict: ") << p.reasoning;
+    ++checked;
+  }
+  EXPECT_GT(checked, data.pairwise.size() / 2);
+}
+
 TEST(JudgeData, ScrambledResponsesKeepTheShapeAndChange) {
   Rng rng(5);
   for (const std::string reference : {"63", "4 5 8 9", "rxnj", "7"}) {
