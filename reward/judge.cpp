@@ -139,12 +139,16 @@ std::vector<std::string> Judge::generate_with_retries(const std::vector<std::str
   return retry_until_valid(prompts.size(), params, seed_base, attempt, valid, retries);
 }
 
+int32_t Judge::newline_token() const {
+  const std::vector<int32_t> tokens = tokenizer_.encode("\n");
+  RLHF_CHECK(tokens.size() == 1, "the tokenizer encodes a newline as one token");
+  return tokens[0];
+}
+
 std::vector<std::optional<std::string>> Judge::split_pair_attempt(
     const std::vector<SplitPairTurns>& turns, const std::vector<size_t>& pending,
     const SamplingParams& sampling) {
-  const std::vector<int32_t> newline_tokens = tokenizer_.encode("\n");
-  RLHF_CHECK(newline_tokens.size() == 1, "the tokenizer encodes a newline as one token");
-  const int32_t newline = newline_tokens[0];
+  const int32_t newline = newline_token();
   // Turn 1: the reasoning about A, which ends at its newline.
   std::vector<std::vector<int32_t>> first;
   first.reserve(pending.size());
@@ -186,9 +190,7 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     const std::vector<SplitPairTurns>& turns,
     const std::vector<std::array<std::string, 2>>& side_prompts,
     const std::vector<size_t>& pending, const SamplingParams& sampling) {
-  const std::vector<int32_t> newline_tokens = tokenizer_.encode("\n");
-  RLHF_CHECK(newline_tokens.size() == 1, "the tokenizer encodes a newline as one token");
-  const int32_t newline = newline_tokens[0];
+  const int32_t newline = newline_token();
   const size_t n = pending.size();
   // The pointwise readings: side A's for entries 0..n-1, side B's for n..2n-1.
   std::vector<std::vector<int32_t>> readings_in;

@@ -114,6 +114,9 @@ class Judge {
                                                  const VotingParams& params, uint64_t seed_base,
                                                  IsValid valid, std::vector<int>& retries);
 
+  // The token that ends a split pair's first turn and a separate side's reading.
+  int32_t newline_token() const;
+
   // One generation of the split pair layout's two turns (judge_format.h) for the pairs
   // `pending` of `turns`: the first turn from the prompt up to the judge's newline, then side B's
   // line appended and the second turn to eos. Per entry of pending, the two turns joined, or
