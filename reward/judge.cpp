@@ -77,6 +77,12 @@ Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batc
 
 namespace {
 
+// Whether a turn generated with `stop` as its stop token ended there (not at eos, the token
+// limit or the context).
+bool ended_with(const Generation& g, int32_t stop) {
+  return g.finished && !g.tokens.empty() && g.tokens.back() == stop;
+}
+
 // The retry loop of every judging call. `attempt(pending, sampling)` generates once for the
 // items `pending` (indices into 0..items-1) and returns, per entry of pending, the item's
 // finished output, or nullopt where generation was cut off: a judge cut off by max_new_tokens
@@ -139,6 +145,14 @@ std::vector<std::string> Judge::generate_with_retries(const std::vector<std::str
   return retry_until_valid(prompts.size(), params, seed_base, attempt, valid, retries);
 }
 
+std::vector<Generation> Judge::last_turn(const std::vector<std::vector<int32_t>>& contexts,
+                                         const SamplingParams& sampling) {
+  if (contexts.empty()) return {};
+  SamplingParams params = sampling;
+  params.seed = mix_seed(sampling.seed, 0x5EC0);
+  return generator_.generate(contexts, params);
+}
+
 int32_t Judge::newline_token() const {
   const std::vector<int32_t> tokens = tokenizer_.encode("\n");
   RLHF_CHECK(tokens.size() == 1, "the tokenizer encodes a newline as one token");
@@ -165,7 +179,7 @@ std::vector<std::optional<std::string>> Judge::split_pair_attempt(
   std::vector<std::vector<int32_t>> second;
   for (size_t j = 0; j < pending.size(); ++j) {
     const Generation& g = a_turns[j];
-    if (!g.finished || g.tokens.back() != newline) continue;
+    if (!ended_with(g, newline)) continue;
     std::vector<int32_t> context = g.prompt_tokens;
     context.insert(context.end(), g.tokens.begin(), g.tokens.end());
     const std::vector<int32_t> b_line = tokenizer_.encode(turns[pending[j]].b_line);
@@ -174,10 +188,7 @@ std::vector<std::optional<std::string>> Judge::split_pair_attempt(
     second_of.push_back(j);
     second.push_back(std::move(context));
   }
-  SamplingParams second_params = sampling;
-  second_params.seed = mix_seed(sampling.seed, 0x5EC0);
-  const std::vector<Generation> b_turns =
-      second.empty() ? std::vector<Generation>() : generator_.generate(second, second_params);
+  const std::vector<Generation> b_turns = last_turn(second, sampling);
   std::vector<std::optional<std::string>> got(pending.size());
   for (size_t m = 0; m < second_of.size(); ++m) {
     const size_t j = second_of[m];
@@ -204,7 +215,7 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
   reading_params.stop_token = newline;
   const std::vector<Generation> readings = generator_.generate(readings_in, reading_params);
   auto part = [&](const Generation& g, bool side_b) -> std::optional<std::string> {
-    if (!g.finished || g.tokens.empty() || g.tokens.back() != newline) return std::nullopt;
+    if (!ended_with(g, newline)) return std::nullopt;
     return side_turn(g.text, side_b);
   };
   // The verdict turn: A's prompt, A's part, B's line and B's part given; the judge writes the
@@ -225,11 +236,7 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     given_parts.push_back(*a_part + *b_part);
     verdict_turns.push_back(std::move(context));
   }
-  SamplingParams verdict_params = sampling;
-  verdict_params.seed = mix_seed(sampling.seed, 0x5EC0);
-  const std::vector<Generation> verdicts =
-      verdict_turns.empty() ? std::vector<Generation>()
-                            : generator_.generate(verdict_turns, verdict_params);
+  const std::vector<Generation> verdicts = last_turn(verdict_turns, sampling);
   std::vector<std::optional<std::string>> got(n);
   for (size_t m = 0; m < verdict_of.size(); ++m) {
     if (verdicts[m].finished) got[verdict_of[m]] = given_parts[m] + verdicts[m].text;

@@ -116,6 +116,10 @@ class Judge {
 
   // The token that ends a split pair's first turn and a separate side's reading.
   int32_t newline_token() const;
+  // The last turn of a split pair (both ways): `contexts` generated to eos with a seed of its
+  // own, derived from the first turn's; none if there are none.
+  std::vector<Generation> last_turn(const std::vector<std::vector<int32_t>>& contexts,
+                                    const SamplingParams& sampling);
 
   // One generation of the split pair layout's two turns (judge_format.h) for the pairs
   // `pending` of `turns`: the first turn from the prompt up to the judge's newline, then side B's
