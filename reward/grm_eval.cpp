@@ -124,6 +124,9 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   const std::vector<PointwiseJudgment> scores = judge.score(point_requests, greedy);
   std::vector<double> judged, judged_truth;
   for (size_t i = 0; i < scores.size(); ++i) {
+    result.pointwise_judgments.push_back(
+        {point_requests[i].prompt, point_requests[i].response, point_requests[i].reference,
+         truth[i], scores[i]});
     count(scores[i].invalid_samples, scores[i].retries, 1);
     if (!scores[i].valid) continue;
     judged.push_back(scores[i].score);
@@ -184,6 +187,10 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
     count(forward[i].invalid_samples, forward[i].retries, 1);
     count(backward[i].invalid_samples, backward[i].retries, 1);
     count(voted[i].invalid_samples, voted[i].retries, options.k);
+    result.pair_judgments.push_back({pairs[i].prompt, pairs[i].response_a, pairs[i].response_b,
+                                     truth[pair_items[i].first], truth[pair_items[i].second],
+                                     pair_items[i].first, pair_items[i].second, forward[i],
+                                     backward[i], voted[i]});
     correct += forward[i].valid && forward[i].verdict == want;
     correct_k += voted[i].valid && voted[i].verdict == want;
     if (forward[i].valid && backward[i].valid) {

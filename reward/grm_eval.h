@@ -16,10 +16,13 @@
 //   spearman            rank correlation of greedy pointwise scores with ground truth
 //   invalid_rate        INVALID judge samples / all judge samples (after retries)
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "model/transformer.h"
 #include "model/tokenizer.h"
+#include "reward/judge.h"
 #include "rollout/task_suite.h"
 
 namespace rlhf {
@@ -35,6 +38,23 @@ struct GrmEvalOptions {
   bool separate_sides = true;  // VotingParams::separate_sides (split pair judges)
   int layout = 0;              // the judge's prompt layout (judge_layout_of)
   uint64_t seed = 3;
+};
+
+// Every judgment the evaluation made, for reading the judge's mistakes (`eval grm --records`).
+struct GrmEvalPointwiseItem {
+  std::string prompt, response;
+  std::optional<std::string> reference;  // when the judge was shown it
+  double truth = 0;  // the grader's score, 0..10
+  PointwiseJudgment judgment;  // greedy
+};
+
+struct GrmEvalPairItem {
+  std::string prompt, response_a, response_b;
+  double truth_a = 0, truth_b = 0;
+  size_t pointwise_a = 0, pointwise_b = 0;  // the two responses' entries in pointwise_items
+  PairwiseJudgment forward;   // greedy, A first
+  PairwiseJudgment backward;  // greedy, B first (its verdict in that order's names)
+  PairwiseJudgment voted;     // Voting@k
 };
 
 struct GrmEvalResult {
@@ -53,6 +73,8 @@ struct GrmEvalResult {
   int k = 0;
   std::string pair_judging;  // pair_judging_name (reward/judge.h)
   std::vector<std::string> examples;  // a few judged items with their reasoning, for reading
+  std::vector<GrmEvalPointwiseItem> pointwise_judgments;  // in the order they were judged
+  std::vector<GrmEvalPairItem> pair_judgments;
 };
 
 GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tokenizer,

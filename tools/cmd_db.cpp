@@ -18,6 +18,7 @@
 #include "common/error.h"
 #include "rollout/rollout_store.h"
 #include "tools/cli.h"
+#include "tools/export_sink.h"
 
 namespace rlhf::cli {
 
@@ -65,46 +66,6 @@ nlohmann::json stats_json(const RolloutStore::Stats& stats) {
           {"live_sst_bytes", stats.live_sst_bytes}};
 }
 
-// Where the JSON lines go: stdout, or a temporary file beside FILE that is renamed over it once
-// complete, so an interrupted export leaves no half-written FILE behind.
-class ExportSink {
- public:
-  explicit ExportSink(const std::string& path) : path_(path) {
-    if (to_stdout()) return;
-    temp_ = fmt::format("{}.tmp.{}", path, ::getpid());
-    file_.open(temp_, std::ios::binary | std::ios::trunc);
-    if (!file_) fail("--out '{}': cannot open '{}' for writing", path, temp_);
-  }
-  ~ExportSink() {
-    if (!temp_.empty() && !committed_) {
-      std::error_code ignored;
-      std::filesystem::remove(temp_, ignored);
-    }
-  }
-  ExportSink(const ExportSink&) = delete;
-  ExportSink& operator=(const ExportSink&) = delete;
-
-  bool to_stdout() const { return path_.empty() || path_ == "-"; }
-  std::ostream& stream() { return to_stdout() ? std::cout : file_; }
-
-  void commit() {
-    stream().flush();
-    if (!stream()) fail("--out '{}': write failed (disk full?)", to_stdout() ? "-" : path_);
-    if (to_stdout()) return;
-    file_.close();
-    if (!file_) fail("--out '{}': write failed (disk full?)", path_);
-    std::error_code ec;
-    std::filesystem::rename(temp_, path_, ec);
-    if (ec) fail("--out '{}': cannot rename '{}' to it: {}", path_, temp_, ec.message());
-    committed_ = true;
-  }
-
- private:
-  std::string path_;
-  std::string temp_;
-  std::ofstream file_;
-  bool committed_ = false;
-};
 
 // Logs how far a long export has got, at most every few seconds: a store holds millions of
 // rollouts, and an export of them should show it is alive.
@@ -168,7 +129,7 @@ void register_db(CLI::App& app) {
   exp->add_flag("--json", e->common.json, "print a machine-readable summary as the last line");
   exp->callback([e] {
     const auto store = RolloutStore::open(e->path, RolloutStore::Mode::kReadOnly);
-    ExportSink sink(e->out);
+    ExportSink sink(e->out, "--out");
     ExportProgress progress(e->kind);
     google::protobuf::util::JsonPrintOptions json;
     json.preserve_proto_field_names = true;

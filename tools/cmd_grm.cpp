@@ -2,6 +2,7 @@
 // rlhf eval grm: measure a judge on held-out prompts (reward/grm_eval.h).
 #include <chrono>
 #include <iostream>
+#include <optional>
 
 #include <fmt/core.h>
 #include <spdlog/spdlog.h>
@@ -14,6 +15,7 @@
 #include "reward/grm_eval.h"
 #include "reward/judge.h"
 #include "tools/cli.h"
+#include "tools/export_sink.h"
 
 namespace rlhf::cli {
 
@@ -57,6 +59,7 @@ struct EvalGrmOptions {
   std::string ablation;  // a second judge (e.g. trained without reasoning), evaluated alike
   GrmEvalOptions eval;
   int threads = 0;
+  std::string records;  // JSONL of every judgment, or empty
 };
 
 nlohmann::json eval_json(const GrmEvalResult& r) {
@@ -100,13 +103,74 @@ void print_eval(const std::string& name, const std::string& path, const GrmEvalR
   for (const std::string& line : r.examples) std::cout << "    " << line << "\n";
 }
 
+nlohmann::json pairwise_json(const PairwiseJudgment& j) {
+  nlohmann::json votes = nlohmann::json::array();
+  for (Verdict v : j.votes) votes.push_back(verdict_name(v));
+  return {{"valid", j.valid},
+          {"verdict", j.valid ? nlohmann::json(verdict_name(j.verdict)) : nlohmann::json()},
+          {"preference_a", j.preference_a},
+          {"votes", votes},
+          {"reasoning", j.reasoning},
+          {"invalid_samples", j.invalid_samples},
+          {"retries", j.retries}};
+}
+
+// One line per greedy pointwise judgment, then one per pair: what the judge wrote, beside the
+// grader's scores, so that its mistakes can be read (and counted) without rerunning it. A judge
+// writes bytes, not always UTF-8; invalid bytes show as U+FFFD, as in the scored data.
+void write_records(std::ostream& out, const std::string& which, const GrmEvalResult& r) {
+  auto write = [&](const nlohmann::json& line) {
+    out << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  };
+  auto score_or_null = [](const PointwiseJudgment& j) {
+    return j.valid ? nlohmann::json(j.score) : nlohmann::json();
+  };
+  for (const GrmEvalPointwiseItem& p : r.pointwise_judgments) {
+    nlohmann::json line = {{"judge", which},
+                           {"kind", "pointwise"},
+                           {"prompt", p.prompt},
+                           {"response", p.response},
+                           {"truth", p.truth},
+                           {"valid", p.judgment.valid},
+                           {"score", score_or_null(p.judgment)},
+                           {"reasoning", p.judgment.reasoning},
+                           {"retries", p.judgment.retries}};
+    if (p.reference) line["reference"] = *p.reference;
+    write(line);
+  }
+  for (const GrmEvalPairItem& p : r.pair_judgments) {
+    const PointwiseJudgment& a = r.pointwise_judgments[p.pointwise_a].judgment;
+    const PointwiseJudgment& b = r.pointwise_judgments[p.pointwise_b].judgment;
+    nlohmann::json line = {{"judge", which},
+                           {"kind", "pairwise"},
+                           {"prompt", p.prompt},
+                           {"response_a", p.response_a},
+                           {"response_b", p.response_b},
+                           {"truth_a", p.truth_a},
+                           {"truth_b", p.truth_b},
+                           {"better", p.truth_a > p.truth_b ? "A" : "B"},
+                           {"pointwise_score_a", score_or_null(a)},
+                           {"pointwise_score_b", score_or_null(b)},
+                           {"forward", pairwise_json(p.forward)},
+                           {"backward", pairwise_json(p.backward)},
+                           {"vote_k", pairwise_json(p.voted)}};
+    if (const auto& ref = r.pointwise_judgments[p.pointwise_a].reference) line["reference"] = *ref;
+    write(line);
+  }
+}
+
 void eval_grm(const EvalGrmOptions& o) {
   const auto start = Clock::now();
   const RunConfig config = load_config(o.common);
   check_float_backend(config.runtime.device);
   cpu_set_threads(o.threads > 0 ? o.threads : config.runtime.threads);
   const TaskSuite suite(config.tasks);
+  if (o.records == "-") fail("--records: needs a file (stdout carries the report)");
+  // Opened before the evaluation, so that a path that cannot be written fails at once.
+  std::optional<ExportSink> records;
+  if (!o.records.empty()) records.emplace(o.records, "--records");
   const GrmEvalResult judge = evaluate_checkpoint(o.judge, suite, o.eval, config.runtime.device);
+  if (records) write_records(records->stream(), "judge", judge);
   print_eval("judge", o.judge, judge);
   nlohmann::json out = eval_json(judge);
   out["command"] = "eval grm";
@@ -119,9 +183,14 @@ void eval_grm(const EvalGrmOptions& o) {
     print_eval("ablation", o.ablation, ablation);
     out["ablation"] = eval_json(ablation);
     out["ablation"]["judge"] = o.ablation;
+    if (records) write_records(records->stream(), "ablation", ablation);
     out["reasoning_beats_ablation"] = judge.pairwise_accuracy > ablation.pairwise_accuracy;
     std::cout << fmt::format("judge vs ablation pairwise accuracy: {:.3f} vs {:.3f}\n",
                              judge.pairwise_accuracy, ablation.pairwise_accuracy);
+  }
+  if (records) {
+    records->commit();
+    out["records"] = o.records;
   }
   out["wall_s"] = std::chrono::duration<double>(Clock::now() - start).count();
   print_json(o.common, out);
@@ -169,6 +238,9 @@ void register_eval_grm(CLI::App& eval) {
                 "split pair judges: judge a pair in the two turns, B's reasoning after A's, "
                 "instead of reading each side alone");
   grm->add_option("--threads", e->threads, "CPU threads (default: runtime.threads)");
+  grm->add_option("--records", e->records,
+                  "write every judgment (reasoning, verdict, the grader's scores) to this JSONL "
+                  "file");
   grm->callback([e] { eval_grm(*e); });
 }
 

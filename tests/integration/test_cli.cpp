@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -543,8 +544,10 @@ TEST(Cli, TrainGrmThenEvalGrm) {
   EXPECT_TRUE(fs::exists(workdir / "scored.jsonl"));
   EXPECT_TRUE(fs::exists(workdir / "policy.safetensors"));
 
+  const fs::path records = dir / "records.jsonl";
   const Result eval = run("eval grm --json --prompts 6 --k 3 --config " + config.string() +
-                          " --judge " + (workdir / "policy.safetensors").string());
+                          " --judge " + (workdir / "policy.safetensors").string() +
+                          " --records " + records.string());
   ASSERT_EQ(eval.exit_code, 0) << eval.err;
   const auto e = nlohmann::json::parse(last_line(eval.out));
   for (const char* key : {"pairwise_accuracy", "invalid_rate", "swap_consistency", "spearman",
@@ -561,6 +564,45 @@ TEST(Cli, TrainGrmThenEvalGrm) {
   EXPECT_GT(e["pairs"].get<int>(), 0);
   // 4 pointwise items per prompt at most; every judge sample is counted.
   EXPECT_GE(e["judge_samples"].get<int>(), e["pointwise_items"].get<int>() + 2 * e["pairs"].get<int>());
+
+  // --records: one line per pointwise item and per pair, from which the summary's figures
+  // follow again (the Voting@1 accuracy and the swap consistency, counted here from the lines).
+  EXPECT_EQ(e["records"], records.string());
+  std::ifstream in(records);
+  std::string line;
+  int pointwise = 0, pairwise = 0, right = 0, both_valid = 0, consistent = 0;
+  const std::map<std::string, std::string> mirrored = {{"A", "B"}, {"B", "A"}, {"tie", "tie"}};
+  while (std::getline(in, line)) {
+    const auto r = nlohmann::json::parse(line);
+    EXPECT_EQ(r["judge"], "judge");
+    if (r["kind"] == "pointwise") {
+      ++pointwise;
+      EXPECT_TRUE(r.contains("truth") && r.contains("score") && r.contains("reasoning")) << line;
+      continue;
+    }
+    ASSERT_EQ(r["kind"], "pairwise") << line;
+    ++pairwise;
+    EXPECT_NE(r["truth_a"], r["truth_b"]) << line;  // ground-truth ties are not judged
+    const auto& forward = r["forward"];
+    const auto& backward = r["backward"];
+    right += forward["valid"].get<bool>() && forward["verdict"] == r["better"];
+    if (forward["valid"].get<bool>() && backward["valid"].get<bool>()) {
+      ++both_valid;
+      consistent += mirrored.at(backward["verdict"].get<std::string>()) == forward["verdict"];
+    }
+  }
+  EXPECT_EQ(pointwise, e["pointwise_items"].get<int>());
+  EXPECT_EQ(pairwise, e["pairs"].get<int>());
+  EXPECT_DOUBLE_EQ(double(right) / pairwise, e["pairwise_accuracy"].get<double>());
+  EXPECT_DOUBLE_EQ(both_valid ? double(consistent) / both_valid : 0.0,
+                   e["swap_consistency"].get<double>());
+  // A records file that cannot be written fails before the evaluation, and leaves nothing.
+  const Result unwritable = run("eval grm --prompts 2 --config " + config.string() + " --judge " +
+                                (workdir / "policy.safetensors").string() + " --records " +
+                                (dir / "no-such-dir" / "r.jsonl").string());
+  EXPECT_EQ(unwritable.exit_code, 1);
+  EXPECT_NE(unwritable.err.find("--records"), std::string::npos) << unwritable.err;
+  EXPECT_EQ(unwritable.out.find("pairwise accuracy"), std::string::npos) << unwritable.out;
 
   // User data with a bad line: one clear error naming the file and line, nothing trained.
   const fs::path bad = dir / "bad.jsonl";
