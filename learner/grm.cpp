@@ -122,6 +122,7 @@ ScoredData make_grm_data(const RunConfig& config) {
   options.prompt_labels = g.prompt_labels;
   options.layout = g.layout();
   options.scrambled_per_prompt = g.scrambled_per_prompt;
+  options.swapped_per_prompt = g.swapped_per_prompt;
   options.seed = g.seed;
   std::unique_ptr<Ops<float>> ops;  // before the policy, which frees its buffers through it
   std::unique_ptr<Transformer<float>> policy;

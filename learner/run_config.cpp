@@ -107,6 +107,7 @@ GrmConfig read_grm(YamlSection& s) {
   c.tagged = s.get("tagged", c.tagged);
   c.split_pairs = s.get("split_pairs", c.split_pairs);
   c.scrambled_per_prompt = s.get("scrambled_per_prompt", c.scrambled_per_prompt);
+  c.swapped_per_prompt = s.get("swapped_per_prompt", c.swapped_per_prompt);
   c.seed = s.get("seed", c.seed);
   s.finish();
   if (c.prompts < 1) fail("{}: must be >= 1, got {}", s.key_path("prompts"), c.prompts);
@@ -158,6 +159,9 @@ GrmConfig read_grm(YamlSection& s) {
   if (c.scrambled_per_prompt < 0 || c.scrambled_per_prompt > 8) {
     fail("{}: must be in 0..8, got {}", s.key_path("scrambled_per_prompt"),
          c.scrambled_per_prompt);
+  }
+  if (c.swapped_per_prompt < 0 || c.swapped_per_prompt > 8) {
+    fail("{}: must be in 0..8, got {}", s.key_path("swapped_per_prompt"), c.swapped_per_prompt);
   }
   if (c.tagged) {
     if (!c.with_reference) {

@@ -70,6 +70,7 @@ struct GrmConfig {
   bool prompt_labels = false;      // the quotes take the judge prompt's labels (same)
   int columns = 0;                 // > 0: column layout and reasoning of this width (same)
   int scrambled_per_prompt = 0;    // scrambled references judged per prompt (scored_data.h)
+  int swapped_per_prompt = 0;      // references with two characters exchanged (same)
   bool tagged = false;             // tagged layout and reasoning (judge_format.h)
   bool split_pairs = false;        // tagged: a pairwise judgment in two turns (judge_format.h)
   // The judge prompt layout (judge_format.h): split pair, tagged, columns or the lines.

@@ -319,6 +319,25 @@ std::string scramble_response(std::string_view reference, Rng& rng) {
   return out;
 }
 
+std::optional<std::string> swap_response(std::string_view reference, Rng& rng) {
+  auto swappable = [](char c) {
+    return std::isdigit(static_cast<unsigned char>(c)) || std::islower(static_cast<unsigned char>(c));
+  };
+  std::vector<std::pair<size_t, size_t>> choices;
+  for (size_t i = 0; i < reference.size(); ++i) {
+    for (size_t j = i + 1; j < reference.size(); ++j) {
+      if (swappable(reference[i]) && swappable(reference[j]) && reference[i] != reference[j]) {
+        choices.push_back({i, j});
+      }
+    }
+  }
+  if (choices.empty()) return std::nullopt;
+  const auto [i, j] = choices[size_t(rng.uniform_int(0, int64_t(choices.size()) - 1))];
+  std::string out(reference);
+  std::swap(out[i], out[j]);
+  return out;
+}
+
 ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* policy,
                             const JudgeDataOptions& options) {
   RLHF_CHECK(options.prompts > 0, "build_judge_data needs prompts");
@@ -347,6 +366,7 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
   Rng rng(mix_seed(options.seed, 0xDA7A));
   Rng tie_rng(mix_seed(options.seed, 0x71E));
   Rng scramble_rng(mix_seed(options.seed, 0x5C4A));
+  Rng swap_rng(mix_seed(options.seed, 0x5A9));
   ScoredData data;
   for (size_t i = 0; i < examples.size(); ++i) {
     const TaskExample& ex = examples[i];
@@ -356,6 +376,11 @@ ScoredData build_judge_data(const TaskSuite& suite, Split split, Generator* poli
     }
     for (int c = 0; c < options.scrambled_per_prompt; ++c) {
       candidates.push_back(scramble_response(ex.reference, scramble_rng));
+    }
+    for (int c = 0; c < options.swapped_per_prompt; ++c) {
+      if (std::optional<std::string> swapped = swap_response(ex.reference, swap_rng)) {
+        candidates.push_back(std::move(*swapped));
+      }
     }
     candidates.insert(candidates.end(), samples[i].begin(), samples[i].end());
     const std::optional<std::string> reference =

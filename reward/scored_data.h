@@ -125,6 +125,13 @@ std::string tagged_pair_reasoning(const TaskExample& example, std::string_view r
 // at least one changed; a reference without such characters gets a "0" appended.
 std::string scramble_response(std::string_view reference, Rng& rng);
 
+// The reference with two of its characters exchanged: two digits or lower-case letters that
+// differ, at any distance, drawn uniformly among such pairs. Every character of the response is
+// then one the expected answer has, only in another place, which is where a judge that writes
+// the expected character instead of copying the response's goes wrong. nullopt when no two
+// such characters differ ("7", "5 5").
+std::optional<std::string> swap_response(std::string_view reference, Rng& rng);
+
 struct JudgeDataOptions {
   int prompts = 2000;              // task-suite prompts (training split, from first_index on)
   uint64_t first_index = 0;
@@ -162,6 +169,9 @@ struct JudgeDataOptions {
   // Scrambled references judged per prompt (scramble_response): responses whose characters a
   // judge cannot guess from the expected answer, so that copying them pays.
   int scrambled_per_prompt = 0;
+  // Swapped references judged per prompt (swap_response), where the reference has two different
+  // characters to exchange.
+  int swapped_per_prompt = 0;
   uint64_t seed = 1;
 };
 

@@ -515,6 +515,33 @@ TEST(JudgeData, ScrambledResponsesKeepTheShapeAndChange) {
   EXPECT_EQ(scramble_response("+-", rng), "+-0");  // nothing to redraw: still a different answer
 }
 
+TEST(JudgeData, SwappedResponsesExchangeTwoDifferentCharacters) {
+  Rng rng(6);
+  for (const std::string reference : {"63", "4 5 8 9", "rxnj", "1 1 2"}) {
+    std::set<std::string> seen;
+    for (int i = 0; i < 100; ++i) {
+      const std::optional<std::string> s = swap_response(reference, rng);
+      ASSERT_TRUE(s.has_value()) << reference;
+      ASSERT_EQ(s->size(), reference.size()) << *s;
+      std::vector<size_t> changed;
+      for (size_t c = 0; c < s->size(); ++c) {
+        if ((*s)[c] != reference[c]) changed.push_back(c);
+      }
+      ASSERT_EQ(changed.size(), 2u) << reference << " -> " << *s;
+      EXPECT_EQ((*s)[changed[0]], reference[changed[1]]) << *s;
+      EXPECT_EQ((*s)[changed[1]], reference[changed[0]]) << *s;
+      seen.insert(*s);
+    }
+    // Every exchange of two different characters comes up, not only neighbours: "4 5 8 9" has
+    // six, "1 1 2" two (either 1 with the 2).
+    const size_t expected = reference == "63" ? 1 : reference == "1 1 2" ? 2 : 6;
+    EXPECT_EQ(seen.size(), expected) << reference;
+  }
+  EXPECT_FALSE(swap_response("7", rng).has_value());
+  EXPECT_FALSE(swap_response("5 5", rng).has_value());
+  EXPECT_FALSE(swap_response("+-", rng).has_value());
+}
+
 TEST(GrmConfig, ReasoningStylesAreChecked) {
   auto config_error = [](const std::string& yaml) {
     return rlhf::error_of([&] { RunConfig::load_string(yaml, "test"); });  // test_support.h
@@ -560,6 +587,8 @@ TEST(GrmConfig, ReasoningStylesAreChecked) {
   EXPECT_NE(split_bare.find("grm.reasoning"), std::string::npos) << split_bare;
   const std::string scrambled = config_error("grm: {scrambled_per_prompt: 9}");
   EXPECT_NE(scrambled.find("grm.scrambled_per_prompt"), std::string::npos) << scrambled;
+  const std::string swapped = config_error("grm: {swapped_per_prompt: -1}");
+  EXPECT_NE(swapped.find("grm.swapped_per_prompt"), std::string::npos) << swapped;
 }
 
 // A split pair record trains the judge's two turns and eos, never the given text: the prompt
