@@ -95,7 +95,8 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
 
   Judge judge(judge_model, tokenizer, options.max_batch, options.layout);
   result.pair_judging =
-      pair_judging_name(options.layout, options.with_reference, options.separate_sides);
+      pair_judging_name(options.layout, options.with_reference, options.separate_sides,
+                        options.verdict_from_scores);
   auto count = [&](int invalid, int retries, int samples) {
     result.invalid_samples += invalid;
     result.retries += retries;
@@ -120,6 +121,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   greedy.swap_order = false;
   greedy.max_new_tokens = options.max_new_tokens;
   greedy.separate_sides = options.separate_sides;
+  greedy.verdict_from_scores = options.verdict_from_scores;
   spdlog::info("eval grm: {} pointwise judgments", point_requests.size());
   const std::vector<PointwiseJudgment> scores = judge.score(point_requests, greedy);
   std::vector<double> judged, judged_truth;
@@ -174,6 +176,7 @@ GrmEvalResult evaluate_grm(Transformer<float>& judge_model, const Tokenizer& tok
   voting.swap_order = true;
   voting.max_new_tokens = options.max_new_tokens;
   voting.separate_sides = options.separate_sides;
+  voting.verdict_from_scores = options.verdict_from_scores;
   const std::vector<PairwiseJudgment> voted = judge.compare(pairs, voting);
   int64_t correct = 0, correct_k = 0, consistent = 0, both_valid = 0, correct_scores = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {

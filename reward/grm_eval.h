@@ -36,6 +36,7 @@ struct GrmEvalOptions {
   int max_batch = 64;
   int max_new_tokens = 96;     // per judge output
   bool separate_sides = true;  // VotingParams::separate_sides (split pair judges)
+  bool verdict_from_scores = true;  // VotingParams::verdict_from_scores (with separate sides)
   int layout = 0;              // the judge's prompt layout (judge_layout_of)
   uint64_t seed = 3;
 };

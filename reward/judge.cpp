@@ -63,10 +63,12 @@ std::string judge_layout_name(int layout) {
   return "line layout";
 }
 
-std::string pair_judging_name(int layout, bool with_reference, bool separate_sides) {
+std::string pair_judging_name(int layout, bool with_reference, bool separate_sides,
+                              bool verdict_from_scores) {
   check_judge_layout(layout);
   if (layout != kJudgeSplitPairLayout || !with_reference) return "one prompt";
-  return separate_sides ? "separate sides" : "two turns";
+  if (!separate_sides) return "two turns";
+  return verdict_from_scores ? "separate sides, verdict from scores" : "separate sides";
 }
 
 Judge::Judge(Transformer<float>& model, const Tokenizer& tokenizer, int max_batch, int layout)
@@ -200,7 +202,8 @@ std::vector<std::optional<std::string>> Judge::split_pair_attempt(
 std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     const std::vector<SplitPairTurns>& turns,
     const std::vector<std::array<std::string, 2>>& side_prompts,
-    const std::vector<size_t>& pending, const SamplingParams& sampling) {
+    const std::vector<size_t>& pending, const SamplingParams& sampling,
+    bool verdict_from_scores) {
   const int32_t newline = newline_token();
   const size_t n = pending.size();
   // The pointwise readings: side A's for entries 0..n-1, side B's for n..2n-1.
@@ -220,6 +223,8 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
   };
   // The verdict turn: A's prompt, A's part, B's line and B's part given; the judge writes the
   // verdict line. A reading that stopped other than at its newline makes the pair INVALID.
+  // With verdict_from_scores, readings whose scores differ decide the verdict themselves.
+  std::vector<std::optional<std::string>> got(n);
   std::vector<size_t> verdict_of;  // index into pending of each verdict turn
   std::vector<std::string> given_parts;
   std::vector<std::vector<int32_t>> verdict_turns;
@@ -227,6 +232,12 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     const std::optional<std::string> a_part = part(readings[j], false);
     const std::optional<std::string> b_part = part(readings[n + j], true);
     if (!a_part || !b_part) continue;
+    if (verdict_from_scores) {
+      if (const std::optional<Verdict> v = verdict_from_readings(*a_part, *b_part)) {
+        got[j] = *a_part + *b_part + "Verdict: " + verdict_name(*v);
+        continue;
+      }
+    }
     const SplitPairTurns& t = turns[pending[j]];
     std::vector<int32_t> context = format_prompt(tokenizer_, t.prompt, SpecialToken::kJudge);
     const std::vector<int32_t> given = tokenizer_.encode(*a_part + t.b_line + *b_part);
@@ -237,7 +248,6 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     verdict_turns.push_back(std::move(context));
   }
   const std::vector<Generation> verdicts = last_turn(verdict_turns, sampling);
-  std::vector<std::optional<std::string>> got(n);
   for (size_t m = 0; m < verdict_of.size(); ++m) {
     if (verdicts[m].finished) got[verdict_of[m]] = given_parts[m] + verdicts[m].text;
   }
@@ -331,7 +341,8 @@ std::vector<PairwiseJudgment> Judge::compare(const std::vector<PairwiseRequest>&
     std::vector<int> spent(split.size(), 0);
     auto attempt = [&](const std::vector<size_t>& pending, const SamplingParams& sampling) {
       return params.separate_sides
-                 ? separate_sides_attempt(split, side_prompts, pending, sampling)
+                 ? separate_sides_attempt(split, side_prompts, pending, sampling,
+                                          params.verdict_from_scores)
                  : split_pair_attempt(split, pending, sampling);
     };
     gather(split_items,

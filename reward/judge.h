@@ -50,6 +50,13 @@ struct VotingParams {
   // second reasoning about B after A's. Separate sides judge far better (docs/grm.md, "separate
   // sides"): a side's reading cannot depend on the pair's order or on the other side.
   bool separate_sides = true;
+  // Separate sides: when the two readings end with different scores, the verdict is their
+  // comparison (the higher score wins) and no verdict turn is generated; the judge writes the
+  // verdict only when the scores are equal (or one does not parse: verdict_from_readings). So a
+  // verdict never contradicts the judge's own readings of the two sides, and the order of the
+  // pair matters only where the readings cannot tell the sides apart. Off: the judge writes every
+  // verdict (docs/grm.md, "the verdict from the readings' scores").
+  bool verdict_from_scores = true;
   static constexpr int kMaxVotes = 32;
   void validate() const;      // rlhf::Error naming the bad field
 };
@@ -88,7 +95,9 @@ std::map<std::string, std::string> judge_layout_annotations(int layout);
 std::string judge_layout_name(int layout);
 // How Judge::compare judges a pair: "one prompt", "two turns" (the split pair layout) or
 // "separate sides" (the split pair layout with VotingParams::separate_sides).
-std::string pair_judging_name(int layout, bool with_reference, bool separate_sides);
+// "separate sides, verdict from scores" when VotingParams::verdict_from_scores is on as well.
+std::string pair_judging_name(int layout, bool with_reference, bool separate_sides,
+                              bool verdict_from_scores);
 
 class Judge {
  public:
@@ -131,11 +140,13 @@ class Judge {
   // The same with separate sides (VotingParams::separate_sides, judge_format.h): both sides'
   // pointwise readings in one batch (side_prompts[i]: A's and B's pointwise prompts, each up to
   // its first newline), then per pair the turns with both readings given and the verdict line
-  // generated.
+  // generated; with verdict_from_scores, only for the pairs whose readings' scores are equal
+  // (the others get the verdict of verdict_from_readings written after their readings).
   std::vector<std::optional<std::string>> separate_sides_attempt(
       const std::vector<SplitPairTurns>& turns,
       const std::vector<std::array<std::string, 2>>& side_prompts,
-      const std::vector<size_t>& pending, const SamplingParams& sampling);
+      const std::vector<size_t>& pending, const SamplingParams& sampling,
+      bool verdict_from_scores);
 
   Transformer<float>& model_;
   const Tokenizer& tokenizer_;

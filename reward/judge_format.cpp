@@ -216,6 +216,22 @@ std::optional<std::string> side_turn(std::string_view pointwise_line, bool side_
   return out;
 }
 
+std::optional<int> reading_score(std::string_view line) {
+  if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
+  const size_t space = line.rfind(' ');
+  if (space == std::string_view::npos) return std::nullopt;
+  const std::string_view field = line.substr(space + 1);
+  if (field == "10") return 10;
+  if (field.size() == 1 && field[0] >= '1' && field[0] <= '9') return field[0] - '0';
+  return std::nullopt;
+}
+
+std::optional<Verdict> verdict_from_readings(std::string_view a_part, std::string_view b_part) {
+  const std::optional<int> a = reading_score(a_part), b = reading_score(b_part);
+  if (!a || !b || *a == *b) return std::nullopt;
+  return *a > *b ? Verdict::kA : Verdict::kB;
+}
+
 std::optional<SplitPairOutput> split_pair_output(std::string_view reasoning, Verdict verdict) {
   constexpr std::string_view kSideB = "; B ";
   const size_t at = reasoning.find(kSideB);

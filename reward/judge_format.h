@@ -144,6 +144,14 @@ SplitPairTurns split_pair_turns(std::string_view prompt, std::string_view respon
 // side_turn makes the part: "A <line>\n", or for side B "B <line>\n" with A's tags C..N renamed
 // to B's O..Z; nullopt unless `pointwise_line` is one line ending with its newline.
 std::optional<std::string> side_turn(std::string_view pointwise_line, bool side_b);
+// The score a tagged reasoning line ends with ("C6I9x D3J3= 1 6" -> 6; the line may end with its
+// newline, and may be a side's part, "A ..." or "B ..."): its last field, written as the score
+// line writes a score (1..10, no sign, no leading zero). nullopt for anything else.
+std::optional<int> reading_score(std::string_view line);
+// Separate sides with the verdict from the scores (VotingParams::verdict_from_scores): the verdict
+// two sides' parts give by their scores, the higher score winning; nullopt when the scores are
+// equal or either does not parse, which leaves the verdict to the judge.
+std::optional<Verdict> verdict_from_readings(std::string_view a_part, std::string_view b_part);
 // What a split pair judge is trained to write in its two turns, from a pairwise reasoning of
 // the form "A <about A>; B <about B>" (what the tagged layout's data builder writes): a_turn =
 // "A <about A>\n", b_turn = "B <about B>\nVerdict: X". nullopt if the reasoning is not of

@@ -237,6 +237,9 @@ void register_eval_grm(CLI::App& eval) {
   grm->add_flag("--two-turns{false}", e->eval.separate_sides,
                 "split pair judges: judge a pair in the two turns, B's reasoning after A's, "
                 "instead of reading each side alone");
+  grm->add_flag("--verdict-turn{false}", e->eval.verdict_from_scores,
+                "separate sides: the judge writes every verdict, also where its two readings' "
+                "scores differ (by default those decide it)");
   grm->add_option("--threads", e->threads, "CPU threads (default: runtime.threads)");
   grm->add_option("--records", e->records,
                   "write every judgment (reasoning, verdict, the grader's scores) to this JSONL "

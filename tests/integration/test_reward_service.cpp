@@ -489,8 +489,9 @@ TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
       {"60+3=", "93", "63", std::string("63")},
       {"rev abc", "cba", "abc", std::nullopt},
       {"sort 3 1 2", "1 2 3", "3 2 1", std::string("1 2 3")}};
-  for (const bool separate_sides : {true, false}) {
-    SCOPED_TRACE(separate_sides ? "separate sides" : "two turns");
+  for (const auto& [separate_sides, from_scores] :
+       {std::pair{true, true}, std::pair{true, false}, std::pair{false, false}}) {
+    SCOPED_TRACE(pair_judging_name(kJudgeSplitPairLayout, true, separate_sides, from_scores));
     VotingParams params;
     params.k = 3;
     params.temperature = 1.0;
@@ -498,6 +499,7 @@ TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
     params.max_new_tokens = 12;
     params.seed = 4;
     params.separate_sides = separate_sides;
+    params.verdict_from_scores = from_scores;
     const std::vector<PairwiseJudgment> first = judge.compare(requests, params);
     const std::vector<PairwiseJudgment> again = judge.compare(requests, params);
     ASSERT_EQ(first.size(), requests.size());
@@ -512,10 +514,12 @@ TEST(RewardServer, ASplitPairJudgeComparesWithAndWithoutAReference) {
       EXPECT_EQ(j.retries, again[i].retries) << i;
     }
   }
-  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, true), "separate sides");
-  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, false), "two turns");
-  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, false, true), "one prompt");
-  EXPECT_EQ(pair_judging_name(kJudgeTaggedLayout, true, true), "one prompt");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, true, true),
+            "separate sides, verdict from scores");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, true, false), "separate sides");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, true, false, true), "two turns");
+  EXPECT_EQ(pair_judging_name(kJudgeSplitPairLayout, false, true, true), "one prompt");
+  EXPECT_EQ(pair_judging_name(kJudgeTaggedLayout, true, true, true), "one prompt");
 }
 
 }  // namespace

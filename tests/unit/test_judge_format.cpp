@@ -192,6 +192,23 @@ TEST(JudgeFormat, SideTurnRenamesAPointwiseReadingForItsSide) {
   EXPECT_FALSE(side_turn("", true).has_value());
 }
 
+// Separate sides with the verdict from the scores: a reading's score is its last field, in
+// the score line's grammar, and two different scores decide the verdict.
+TEST(JudgeFormat, ReadingScoresDecideAVerdictOnlyWhenTheyDiffer) {
+  EXPECT_EQ(reading_score("C6I9x D3J3= 1 6\n"), 6);
+  EXPECT_EQ(reading_score("A C6I6= D3J3= 0 10\n"), 10);
+  EXPECT_EQ(reading_score("B O6U9x P3V3= 1 1"), 1);
+  for (const char* bad : {"C6I9x D3J3= 1 0\n", "C6I9x 1 11\n", "C6I9x 1 06\n", "C6I9x 1 +6\n",
+                          "C6I9x 1 6 \n", "6\n", "", "C6I9x 1 x\n"}) {
+    EXPECT_FALSE(reading_score(bad).has_value()) << bad;
+  }
+  EXPECT_EQ(verdict_from_readings("A C6I9x D3J3= 1 6\n", "B O6U6= P3V3= 0 10\n"), Verdict::kB);
+  EXPECT_EQ(verdict_from_readings("A C6I6= D3J3= 0 10\n", "B O6U9x P3V3= 1 6\n"), Verdict::kA);
+  // Equal scores, or one that does not parse: the judge writes the verdict.
+  EXPECT_FALSE(verdict_from_readings("A C6I9x D3J3= 1 6\n", "B O6U6= P3V8x 1 6\n").has_value());
+  EXPECT_FALSE(verdict_from_readings("A C6I9x D3J3= 1 6\n", "B O6U6= P3V3= 0 ten\n").has_value());
+}
+
 TEST(JudgeFormat, ReferenceIsOptional) {
   EXPECT_EQ(pointwise_judge_prompt("rev abc", "cba", std::string("cba")),
             "task: rev abc\nresponse: cba\nreference: cba");
