@@ -52,7 +52,7 @@ struct GrmEvalPointwiseItem {
 struct GrmEvalPairItem {
   std::string prompt, response_a, response_b;
   double truth_a = 0, truth_b = 0;
-  size_t pointwise_a = 0, pointwise_b = 0;  // the two responses' entries in pointwise_items
+  size_t pointwise_a = 0, pointwise_b = 0;  // the two responses' pointwise_judgments entries
   PairwiseJudgment forward;   // greedy, A first
   PairwiseJudgment backward;  // greedy, B first (its verdict in that order's names)
   PairwiseJudgment voted;     // Voting@k
