@@ -234,7 +234,8 @@ std::vector<std::optional<std::string>> Judge::separate_sides_attempt(
     if (!a_part || !b_part) continue;
     if (verdict_from_scores) {
       if (const std::optional<Verdict> v = verdict_from_readings(*a_part, *b_part)) {
-        got[j] = *a_part + *b_part + "Verdict: " + verdict_name(*v);
+        const std::string both = *a_part + *b_part;  // each part ends with its newline
+        got[j] = pairwise_judge_output(std::string_view(both).substr(0, both.size() - 1), *v);
         continue;
       }
     }

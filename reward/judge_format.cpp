@@ -16,6 +16,13 @@ std::pair<std::string, std::string_view> split_last_line(std::string_view output
   return {std::string(output.substr(0, newline)), output.substr(newline + 1)};
 }
 
+// A score as the score line writes it: 1..10, no sign, no leading zero, nothing else.
+std::optional<int> score_number(std::string_view number) {
+  if (number == "10") return 10;
+  if (number.size() == 1 && number[0] >= '1' && number[0] <= '9') return number[0] - '0';
+  return std::nullopt;
+}
+
 }  // namespace
 
 const char* verdict_name(Verdict verdict) {
@@ -220,10 +227,7 @@ std::optional<int> reading_score(std::string_view line) {
   if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
   const size_t space = line.rfind(' ');
   if (space == std::string_view::npos) return std::nullopt;
-  const std::string_view field = line.substr(space + 1);
-  if (field == "10") return 10;
-  if (field.size() == 1 && field[0] >= '1' && field[0] <= '9') return field[0] - '0';
-  return std::nullopt;
+  return score_number(line.substr(space + 1));
 }
 
 std::optional<Verdict> verdict_from_readings(std::string_view a_part, std::string_view b_part) {
@@ -269,14 +273,13 @@ ParsedScore parse_pointwise(std::string_view output) {
     parsed.error = last.empty() ? "empty last line" : "last line does not start with 'Score: '";
     return parsed;
   }
-  const std::string_view number = last.substr(kPrefix.size());
-  const bool one_digit = number.size() == 1 && number[0] >= '1' && number[0] <= '9';
-  if (!one_digit && number != "10") {
+  const std::optional<int> score = score_number(last.substr(kPrefix.size()));
+  if (!score) {
     parsed.error = "score is not an integer in 1..10";
     return parsed;
   }
   parsed.valid = true;
-  parsed.score = one_digit ? number[0] - '0' : 10;
+  parsed.score = *score;
   parsed.reasoning = std::move(reasoning);
   return parsed;
 }
