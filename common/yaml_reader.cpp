@@ -23,8 +23,16 @@ YamlSection YamlSection::section(const std::string& key) {
 
 void YamlSection::finish() const {
   if (!node_ || !node_.IsMap()) return;
+  std::set<std::string> seen;
   for (const auto& item : node_) {
     const std::string key = item.first.as<std::string>();
+    // yaml-cpp keeps both entries of a repeated key and looks up the first, so a second
+    // `model:` section (or a key given twice) would be dropped without a word.
+    if (!seen.insert(key).second) {
+      fail("{}: the key is given twice in this mapping; only one may stay (YAML would use the "
+           "first and ignore the other)",
+           key_path(key));
+    }
     if (!read_.count(key)) {
       std::string known;
       for (const auto& k : read_) known += (known.empty() ? "" : ", ") + k;

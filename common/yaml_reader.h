@@ -24,7 +24,7 @@ class YamlSection {
   T require(const std::string& key);
   bool has(const std::string& key) const;
   YamlSection section(const std::string& key);
-  // Rejects keys that were present in the YAML but never read.
+  // Rejects keys that were present in the YAML but never read, and keys given twice.
   void finish() const;
 
   const std::string& path() const { return path_; }

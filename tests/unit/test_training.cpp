@@ -231,6 +231,12 @@ TEST(RunConfig, BadValuesAndUnknownKeysNameTheKey) {
   EXPECT_NE(error_of("model: [1, 2").find("YAML"), std::string::npos);
   EXPECT_EQ(error_of(kTinyRun), "");
   EXPECT_NE(error_of("demo: {grm: x.yaml}").find("demo.grm"), std::string::npos);
+  // A key given twice, at the top (a second `model:` section) or inside a section: YAML would
+  // keep the first and drop the other without a word.
+  const std::string twice_at_top = std::string(kTinyRun) + "\nmodel:\n  n_layers: 2\n";
+  EXPECT_NE(error_of(twice_at_top).find("model: the key is given twice"), std::string::npos);
+  const std::string twice_inside = "sft:\n  steps: 10\n  steps: 20\n";
+  EXPECT_NE(error_of(twice_inside).find("sft.steps: the key is given twice"), std::string::npos);
 }
 
 // `demo:` names the other stages' configs relative to the file it is in, so
@@ -247,6 +253,30 @@ TEST(RunConfig, DemoStageConfigsResolveAgainstTheFilesDirectory) {
   const RunConfig plain = RunConfig::load_string(kTinyRun, "tiny");
   EXPECT_EQ(plain.demo.grm_config, "");
   EXPECT_EQ(plain.demo.rl_config, "");
+}
+
+// Every config the project ships loads, and the stage configs a `demo:` section names exist: a
+// shipped config that stops parsing (a renamed key, a value out of range) would otherwise show
+// only when someone runs the command that reads it.
+TEST(RunConfig, EveryShippedConfigLoads) {
+  const fs::path configs = fs::path(RLHF_SOURCE_DIR) / "configs";
+  int loaded = 0;
+  for (const fs::directory_entry& entry : fs::directory_iterator(configs)) {
+    if (entry.path().extension() != ".yaml") continue;
+    SCOPED_TRACE(entry.path().filename().string());
+    try {
+      const RunConfig run = RunConfig::load_file(entry.path().string());
+      for (const std::string& stage : {run.demo.grm_config, run.demo.rl_config}) {
+        if (!stage.empty()) {
+          EXPECT_TRUE(fs::exists(stage)) << "demo stage config " << stage;
+        }
+      }
+      ++loaded;
+    } catch (const Error& e) {
+      ADD_FAILURE() << e.what();
+    }
+  }
+  EXPECT_GE(loaded, 11) << "configs/ holds 11 configs; fewer were found in " << configs;
 }
 
 }  // namespace
