@@ -560,6 +560,8 @@ TEST_F(PromptJsonlTest, BadLinesAreErrorsWithFileAndLine) {
       {"{\"task\":\"mul\",\"prompt\":\"2*2=\",\"reference\":\"4\"}", ":2: unknown task 'mul'"},
       {"{\"task\":\"add\",\"prompt\":\"2+2=\",\"reference\":\"4\",\"id\":1}",
        ":2: unknown key 'id'"},
+      {"{\"task\":\"add\",\"prompt\":\"2+2=\",\"reference\":\"4\",\"prompt\":\"3+3=\"}",
+       ":2: key 'prompt' is given twice"},
   };
   for (const auto& [bad_line, problem] : cases) {
     const std::string path = write_text("bad.jsonl", good + bad_line + "\n" + good);
