@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_record.h"
 #include "common/rng.h"
 
 namespace rlhf {
@@ -92,9 +93,11 @@ ScoredData read_scored_jsonl(const std::string& path) {
     ++number;
     const std::string where = path + ":" + std::to_string(number);
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank line
-    const Json record = Json::parse(line, nullptr, false);
+    std::string repeated_key;
+    const Json record = parse_json_record(line, repeated_key, /*allow_exceptions=*/false);
     if (record.is_discarded()) fail("{}: not valid JSON", where);
     if (!record.is_object()) fail("{}: a record must be a JSON object", where);
+    if (!repeated_key.empty()) fail("{}: key '{}' is given twice", where, repeated_key);
     RecordReader r(record, where);
     if (record.contains("response_a")) {
       PairwiseExample e;

@@ -9,12 +9,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <vector>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_record.h"
 
 namespace rlhf {
 namespace {
@@ -38,28 +38,14 @@ std::string parse_error_detail(const nlohmann::json::parse_error& error) {
 
 TaskExample parse_record(const std::string& line, const std::string& where) {
   nlohmann::json record;
-  // The record's own keys as they come: nlohmann keeps only the last value of a key given
-  // twice, so a repeated "prompt" would otherwise replace the first without a word.
-  std::vector<std::string> keys;
-  const auto collect_keys = [&keys](int depth, nlohmann::json::parse_event_t event,
-                                    nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::key && depth == 1) {
-      keys.push_back(parsed.get<std::string>());
-    }
-    return true;
-  };
+  std::string repeated_key;
   try {
-    record = nlohmann::json::parse(line, collect_keys);
+    record = parse_json_record(line, repeated_key);
   } catch (const nlohmann::json::parse_error& e) {
     fail("{}: not valid JSON ({})", where, parse_error_detail(e));
   }
   if (!record.is_object()) fail("{}: expected a JSON object, got {}", where, record.type_name());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (std::find(keys.begin(), keys.begin() + static_cast<std::ptrdiff_t>(i), keys[i]) !=
-        keys.begin() + static_cast<std::ptrdiff_t>(i)) {
-      fail("{}: key '{}' is given twice", where, keys[i]);
-    }
-  }
+  if (!repeated_key.empty()) fail("{}: key '{}' is given twice", where, repeated_key);
   for (const auto& item : record.items()) {
     if (std::find(std::begin(kKeys), std::end(kKeys), item.key()) == std::end(kKeys)) {
       fail("{}: unknown key '{}' (expected task, prompt, reference)", where, item.key());

@@ -82,6 +82,10 @@ TEST(ScoredData, BadLinesNameTheFileLineAndKey) {
             std::string::npos);
   EXPECT_NE(error_of("[1,2]\n").find("must be a JSON object"), std::string::npos);
   EXPECT_NE(error_of("\n\n").find("has no records"), std::string::npos);
+  // A key given twice: a JSON parser keeps one of the two values; the reader refuses the line.
+  EXPECT_NE(error_of(R"({"prompt":"1+1=","response":"2","reasoning":"r","score":7,"score":3})")
+                .find(":1: key 'score' is given twice"),
+            std::string::npos);
 }
 
 TEST(JudgeData, BuilderGradesEveryResponseAndExplainsIt) {
