@@ -1,8 +1,8 @@
 #pragma once
-// Parsing one JSON record that people write (a line of a prompt file or of scored data).
-// nlohmann keeps only the last value of a key given twice in an object, so a record with a
-// repeated key ("prompt" twice) would lose the first value without a word; the readers refuse
-// such a record instead, naming the key.
+// Parsing one JSON record read from outside (a line of a prompt file or of scored data, a
+// checkpoint's header). nlohmann keeps only the last value of a key given twice in an object, so
+// a record with a repeated key ("prompt" twice, a tensor listed twice) would lose the other value
+// without a word; the readers refuse such a record instead, naming the key.
 #include <algorithm>
 #include <cstddef>
 #include <string>

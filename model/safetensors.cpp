@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_record.h"
 #include "model/param_layout.h"
 
 namespace rlhf {
@@ -222,12 +223,16 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
     const uint64_t data_size = file_size - data_start_;
 
     nlohmann::json header;
+    std::string repeated_name;  // a tensor (or __metadata__) listed twice: one would be lost
     try {
-      header = nlohmann::json::parse(header_text);
+      header = parse_json_record(header_text, repeated_name);
     } catch (const nlohmann::json::parse_error& e) {
       fail("checkpoint '{}': header is not valid JSON: {}", path, e.what());
     }
     if (!header.is_object()) fail("checkpoint '{}': header is not a JSON object", path);
+    if (!repeated_name.empty()) {
+      fail("checkpoint '{}': header lists '{}' twice", path, repeated_name);
+    }
 
     for (const auto& [name, value] : header.items()) {
       if (name == "__metadata__") {

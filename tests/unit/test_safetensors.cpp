@@ -268,6 +268,10 @@ TEST_F(Safetensors, CorruptHeadersAreErrors) {
        12, "tensors 'a' [0,8) and 'b' [4,12) overlap"},
       {R"({"__metadata__": {"step": 5}})", 0, "metadata 'step' is not a string"},
       {R"({"__metadata__": [1]})", 0, "__metadata__ is not a JSON object"},
+      // The same tensor listed twice: a JSON parser keeps one entry, so the other would vanish.
+      {R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+           "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+       8, "header lists 'w' twice"},
   };
   const std::string path = file("corrupt.safetensors");
   for (const Case& c : cases) {
