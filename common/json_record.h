@@ -3,10 +3,8 @@
 // checkpoint's header). nlohmann keeps only the last value of a key given twice in an object, so
 // a record with a repeated key ("prompt" twice, a tensor listed twice) would lose the other value
 // without a word; the readers refuse such a record instead, naming the key.
-#include <algorithm>
-#include <cstddef>
 #include <string>
-#include <vector>
+#include <unordered_set>
 
 #include <nlohmann/json.hpp>
 
@@ -16,21 +14,17 @@ namespace rlhf {
 // first key the top-level object gives twice ("" when its keys are distinct or it is no object).
 inline nlohmann::json parse_json_record(const std::string& text, std::string& repeated_key,
                                         bool allow_exceptions = true) {
-  std::vector<std::string> keys;  // the top-level object's keys, in the order they come
-  const auto collect_keys = [&keys](int depth, nlohmann::json::parse_event_t event,
-                                    nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::key && depth == 1) {
-      keys.push_back(parsed.get<std::string>());
+  repeated_key.clear();
+  std::unordered_set<std::string> seen;  // the top-level object's keys so far
+  const auto note_key = [&](int depth, nlohmann::json::parse_event_t event,
+                            nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1 &&
+        !seen.insert(parsed.get<std::string>()).second && repeated_key.empty()) {
+      repeated_key = parsed.get<std::string>();
     }
     return true;
   };
-  nlohmann::json record = nlohmann::json::parse(text, collect_keys, allow_exceptions);
-  repeated_key.clear();
-  for (size_t i = 0; i < keys.size() && repeated_key.empty(); ++i) {
-    const auto end = keys.begin() + static_cast<std::ptrdiff_t>(i);
-    if (std::find(keys.begin(), end, keys[i]) != end) repeated_key = keys[i];
-  }
-  return record;
+  return nlohmann::json::parse(text, note_key, allow_exceptions);
 }
 
 }  // namespace rlhf
