@@ -16,9 +16,10 @@
 // - FP32 fmas (a handful of rows): warp w takes the rows w%4, w%4 + 4, ..., w%4 + 28 and half
 //   w/4 of every chunk; lane l computes columns l and l + 32. The layout maximizes the
 //   multiply-adds per shared-memory load (32 per 6 loads).
-// - 3xTF32 tensor cores (from 8 rows per matrix): warp w takes columns 16 (w%4) .. +15 and
-//   half w/4 of every chunk, against all rows (see multiply_chunk_mma).
-// The two k halves are added at the end of a row tile in a fixed order. Every output is a sum in
+// - 3xTF32 tensor cores (from 8 rows per matrix): warp w takes k step w (8 values) of every
+//   chunk against all 64 columns and all rows (see multiply_chunk_mma).
+// The warps' partial sums (two k halves, or eight k steps) are added at the end of a row tile in
+// a fixed order. Every output is a sum in
 // an order fixed by the shape (for the dense kernel also by the multiprocessor count, which
 // sets its k splits), so results repeat bit for bit on one GPU; several products in one launch
 // each run their blocks as a launch of their own would, so sharing a launch changes no bit.
@@ -79,6 +80,7 @@ __device__ __forceinline__ void load_float_chunk(float (*tile)[kPitch], const fl
 // Float weights: a ring of weight tiles beside the ring of row tiles. `w` points at the block's
 // first weight row; rows are `ld` floats apart.
 struct FloatWeights {
+  static constexpr bool kExactInTf32 = false;  // see multiply_chunk_mma
   struct Shared {
     WeightTile w[kStages];
   };
@@ -101,6 +103,9 @@ struct FloatWeights {
 template <Fp4Format Format>
 struct Fp4Weights {
   static constexpr int kBlock = fp4_block_size(Format);
+  // MXFP4 values are E2M1 (two significant bits) times a power of two, so they are exact in
+  // TF32 (multiply_chunk_mma). NVFP4's multiplier carries the FP32 global scale: not exact.
+  static constexpr bool kExactInTf32 = Format == Fp4Format::mxfp4;
   struct Shared {
     WeightTile decoded;
     uint8_t codes[kStages][kColsPerBlock][kChunk / 2];
@@ -212,41 +217,59 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
 }
 
 // The MMA computes the transposed tile out^T = W x^T: the weight tile's 64 columns are the m
-// dimension (four 16-column tiles, one per row group of warps), the rows are n (four 8-row
-// tiles), k is k. Warp w takes columns 16 (w % 4) .. +15 and k half w / 4, as the fma layout
-// does, against the first RowTiles 8-row tiles. acc[j] is the MMA's accumulator fragment of
-// row tile j: element c holds column col0 + lane / 4 + 8 (c / 2), row 8 j + 2 (lane % 4) + c % 2.
+// dimension (four 16-column tiles), the rows are n (four 8-row tiles), k is k. Warp w takes k
+// step w of every chunk (its 8 values 8 w .. 8 w + 7) against all four column tiles and the
+// first RowTiles row tiles, so every weight and every x value of a chunk is split into its TF32
+// parts by exactly one warp, and each split weight fragment meets every row tile in registers.
+// (The layout before this one, warps of 16 columns and half the chunk, split each x value in
+// all four warps sharing it: 1.3 to 1.6 times the splits and MMAs per chunk at 1 to 4 row
+// tiles; docs/perf.md has the measurement.) acc[ct][j] is the accumulator fragment of column tile ct and row tile j:
+// element c holds column 16 ct + lane / 4 + 8 (c / 2), row 8 j + 2 (lane % 4) + c % 2.
+// With ExactWeights the weights are exact in TF32 (MXFP4), so their small part is zero and its
+// MMA, which would only add exact zeros, is left out.
 constexpr int kMmaRowTiles = kRowsPerTile / 8;
+constexpr int kMmaColumnTiles = kColsPerBlock / 16;
+constexpr int kMmaWarps = kFewRowsThreads / 32;
+static_assert(kMmaWarps * 8 == kChunk, "one 8-value k step of a chunk per warp");
 // Row and column (within the tile) of element c of row tile j's accumulator fragment.
 __device__ __forceinline__ int mma_fragment_row(int j, int c, int lane) {
   return 8 * j + 2 * (lane & 3) + c % 2;
 }
-__device__ __forceinline__ int mma_fragment_column(int col0, int c, int lane) {
-  return col0 + (lane >> 2) + 8 * (c / 2);
+__device__ __forceinline__ int mma_fragment_column(int ct, int c, int lane) {
+  return 16 * ct + (lane >> 2) + 8 * (c / 2);
 }
-template <int RowTiles>
-__device__ __forceinline__ void multiply_chunk_mma(float (&acc)[kMmaRowTiles][4],
-                                                   const WeightTile& w, const RowTile& x,
-                                                   int col0, int lane, int k_begin) {
+template <int RowTiles, bool ExactWeights>
+__device__ __forceinline__ void multiply_chunk_mma(
+    float (&acc)[kMmaColumnTiles][kMmaRowTiles][4], const WeightTile& w, const RowTile& x,
+    int lane, int k_step) {
   const int g = lane >> 2, t = lane & 3;
+  const int k = 8 * k_step + t;
   // Fragment reads: with the 68-float pitch, lane (g, t) hits bank 4 g + t: no conflicts.
+  uint32_t b_big[RowTiles][2], b_small[RowTiles][2];
 #pragma unroll
-  for (int kk = 0; kk < kHalfChunk; kk += 8) {
-    const int k = k_begin + kk + t;
+  for (int j = 0; j < RowTiles; ++j) {
+    split_tf32(x[8 * j + g][k], b_big[j][0], b_small[j][0]);
+    split_tf32(x[8 * j + g][k + 4], b_big[j][1], b_small[j][1]);
+  }
+#pragma unroll
+  for (int ct = 0; ct < kMmaColumnTiles; ++ct) {
+    const int col = 16 * ct + g;
+    const float a[4] = {w[col][k], w[col + 8][k], w[col][k + 4], w[col + 8][k + 4]};
     uint32_t a_big[4], a_small[4];
-    split_tf32(w[col0 + g][k], a_big[0], a_small[0]);
-    split_tf32(w[col0 + g + 8][k], a_big[1], a_small[1]);
-    split_tf32(w[col0 + g][k + 4], a_big[2], a_small[2]);
-    split_tf32(w[col0 + g + 8][k + 4], a_big[3], a_small[3]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (ExactWeights) {
+        a_big[i] = __float_as_uint(a[i]);
+      } else {
+        split_tf32(a[i], a_big[i], a_small[i]);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < RowTiles; ++j) {
-      uint32_t b_big[2], b_small[2];
-      split_tf32(x[8 * j + g][k], b_big[0], b_small[0]);
-      split_tf32(x[8 * j + g][k + 4], b_big[1], b_small[1]);
       // Small terms first: they are added to the running sum before the large one.
-      mma_tf32(acc[j], a_small, b_big);
-      mma_tf32(acc[j], a_big, b_small);
-      mma_tf32(acc[j], a_big, b_big);
+      if constexpr (!ExactWeights) mma_tf32(acc[ct][j], a_small, b_big[j]);
+      mma_tf32(acc[ct][j], a_big, b_small[j]);
+      mma_tf32(acc[ct][j], a_big, b_big[j]);
     }
   }
 }
@@ -280,7 +303,7 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
     const int mma_row_tiles = (rows_valid + 7) / 8;
     // Each variant's accumulators; the compiler drops the unused one.
     float acc[kRowsPerWarp][kColsPerLane] = {};
-    float acc_mma[kMmaRowTiles][4] = {};
+    float acc_mma[kMmaColumnTiles][kMmaRowTiles][4] = {};
 
     for (int c = 0; c < kStages - 1; ++c) {
       if (c < chunks) {
@@ -306,12 +329,12 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
       const RowTile& x = x_ring[c % kStages];
       const int k_begin = k_half * kHalfChunk;
       if constexpr (kTensorCores) {
-        const int col0 = 16 * row_group;
+        constexpr bool kExact = Weights::kExactInTf32;
         switch (mma_row_tiles) {
-          case 4: multiply_chunk_mma<4>(acc_mma, w, x, col0, lane, k_begin); break;
-          case 3: multiply_chunk_mma<3>(acc_mma, w, x, col0, lane, k_begin); break;
-          case 2: multiply_chunk_mma<2>(acc_mma, w, x, col0, lane, k_begin); break;
-          case 1: multiply_chunk_mma<1>(acc_mma, w, x, col0, lane, k_begin); break;
+          case 4: multiply_chunk_mma<4, kExact>(acc_mma, w, x, lane, warp); break;
+          case 3: multiply_chunk_mma<3, kExact>(acc_mma, w, x, lane, warp); break;
+          case 2: multiply_chunk_mma<2, kExact>(acc_mma, w, x, lane, warp); break;
+          case 1: multiply_chunk_mma<1, kExact>(acc_mma, w, x, lane, warp); break;
           default: break;
         }
       } else {
@@ -332,35 +355,55 @@ __device__ __forceinline__ void multiply_tiles(Weights& weights, RowTile* x_ring
       }
     }
     wait_async<0>();
-    __syncthreads();  // every warp is done with the rings: the row ring now holds upper halves
+    __syncthreads();  // every warp is done with the rings: the row ring takes the partial sums
     if constexpr (kTensorCores) {
-      const int col0 = 16 * row_group;
-      if (k_half == 1) {
+      // The eight warps' partial tiles (one per k step), added in a fixed order through four
+      // fragment-order slots in the row ring: (((w0 + w4) + (w1 + w5)) + (w2 + w6)) + (w3 + w7).
+      using Slot = float[kMmaColumnTiles][kMmaRowTiles][4][32];
+      static_assert(sizeof(Slot) * 4 <= sizeof(RowTile) * kStages);
+      Slot* slots = reinterpret_cast<Slot*>(x_ring);
+      const auto store = [&](Slot& slot) {
 #pragma unroll
-        for (int j = 0; j < kMmaRowTiles; ++j) {
-          if (j >= mma_row_tiles) break;
+        for (int ct = 0; ct < kMmaColumnTiles; ++ct) {
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            halves[mma_fragment_row(j, c, lane)][mma_fragment_column(col0, c, lane)] =
-                acc_mma[j][c];
+          for (int j = 0; j < kMmaRowTiles; ++j) {
+            if (j >= mma_row_tiles) break;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) slot[ct][j][c][lane] = acc_mma[ct][j][c];
+          }
+        }
+      };
+      if (warp >= 4) store(slots[warp - 4]);
+      __syncthreads();
+      if (warp < 4) {
+#pragma unroll
+        for (int ct = 0; ct < kMmaColumnTiles; ++ct) {
+#pragma unroll
+          for (int j = 0; j < kMmaRowTiles; ++j) {
+            if (j >= mma_row_tiles) break;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc_mma[ct][j][c] += slots[warp][ct][j][c][lane];
           }
         }
       }
       __syncthreads();
-      if (k_half == 0) {
+      if (warp < 4) store(slots[warp]);
+      __syncthreads();
+      // Warp w writes column tile w % 4 of row tiles w / 4 and w / 4 + 2.
+      const int ct = warp % 4;
 #pragma unroll
-        for (int j = 0; j < kMmaRowTiles; ++j) {
-          if (j >= mma_row_tiles) break;
+      for (int j = warp / 4; j < kMmaRowTiles; j += 2) {
+        if (j >= mma_row_tiles) break;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int m = mma_fragment_row(j, c, lane), n = mma_fragment_column(col0, c, lane);
-            if (m < rows_valid && n < n_valid) {
-              out[(t0 + m) * ld_out + n] = acc_mma[j][c] + halves[m][n];
-            }
-          }
+        for (int c = 0; c < 4; ++c) {
+          const int m = mma_fragment_row(j, c, lane), n = mma_fragment_column(ct, c, lane);
+          float sum = slots[0][ct][j][c][lane] + slots[1][ct][j][c][lane];
+          sum += slots[2][ct][j][c][lane];
+          sum += slots[3][ct][j][c][lane];
+          if (m < rows_valid && n < n_valid) out[(t0 + m) * ld_out + n] = sum;
         }
       }
-      __syncthreads();  // the halves are read before the next row tile refills the ring
+      __syncthreads();  // the slots are read before the next row tile refills the ring
       continue;
     }
     if (k_half == 1) {
