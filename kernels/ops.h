@@ -180,6 +180,28 @@ class Ops {
   virtual void rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
                                 const T* rstd, int N, int D) = 0;
 
+  // ---- the end of a residual branch and the start of the next ----
+  // After the residual stream x[N,D] takes a branch's output: the next sublayer's RMSNorm of x
+  // (normed, rstd, as rmsnorm_forward) and, when `copy` is set, a copy of x (the buffer the next
+  // branch adds its output to).
+  struct NormAfter {
+    T* normed;          // [N,D]
+    T* rstd;            // [N]
+    const T* weight;    // [D]
+    double eps;
+    T* copy = nullptr;  // [N,D], or null
+  };
+  // x[M,N] = residual[M,N] + in[M,K] . w[N,K]^T (residual may be x itself), then `after` on x.
+  // Each output has the bits of the separate calls (copy, matmul_forward accumulating,
+  // rmsnorm_forward, copy); a backend may fuse them, a decode step being bound by its launches.
+  virtual void matmul_residual_rmsnorm_forward(T* x, const T* residual, const T* in,
+                                               const T* w, int M, int N, int K,
+                                               const NormAfter& after) {
+    if (residual != x) copy(x, residual, int64_t(M) * N);
+    matmul_forward(x, in, w, M, N, K, true);
+    rmsnorm_after(x, M, N, after);
+  }
+
   // ---- rotary position embedding, in place on x[N, H, hd] at positions[N] ----
   // Pairs (2i, 2i+1) rotate by angle pos * theta^(-2i/hd).
   virtual void rope_forward(T* x, const int32_t* positions, int N, int H, int hd,
@@ -247,6 +269,13 @@ class Ops {
   // out[N,D] += sum_j gates[t,j] * ye[slot(t,j)]
   virtual void moe_combine_forward(T* out, const T* ye, const T* gates,
                                    const MoeRouting& routing, int D) = 0;
+  // moe_combine_forward into out[N,D], then `after` on out, with the bits of the separate calls.
+  virtual void moe_combine_rmsnorm_forward(T* out, const T* ye, const T* gates,
+                                           const MoeRouting& routing, int D,
+                                           const NormAfter& after) {
+    moe_combine_forward(out, ye, gates, routing, D);
+    rmsnorm_after(out, routing.n_tokens, D, after);
+  }
   // dye[R,D] = gate * dout[token]; dgates[N,k] = ye[slot] . dout[token]
   virtual void moe_combine_backward(T* dye, T* dgates, const T* dout, const T* ye,
                                     const T* gates, const MoeRouting& routing, int D) = 0;
@@ -299,6 +328,13 @@ class Ops {
   // One AdamW update of n parameters in place.
   virtual void adamw_step(T* param, const T* grad, T* m, T* v, int64_t n,
                           const AdamWHyper& hyper) = 0;
+
+ protected:
+  // `after` on x[N,D] by the separate calls (the fused ops' reference).
+  void rmsnorm_after(const T* x, int N, int D, const NormAfter& after) {
+    rmsnorm_forward(after.normed, after.rstd, x, after.weight, N, D, after.eps);
+    if (after.copy) copy(after.copy, x, int64_t(N) * D);
+  }
 };
 
 }  // namespace rlhf

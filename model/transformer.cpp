@@ -420,11 +420,13 @@ void Transformer<T>::run_layers(int batch, int n_new, KvCache<T>* cache,
   for (ClampCounts& counts : stats_.clamp) counts.total = 0;
   const ModelWeights<T>& W = active_weights();
   ops_.embedding_forward(layer_acts_[0].x_in, tokens_, W.embed, N, D);
+  LayerActs& first = layer_acts_[0];
+  ops_.rmsnorm_forward(first.attn_in, first.attn_rstd, first.x_in, W.layers[0].attn_norm, N, D,
+                       c.norm_eps);
   for (int l = 0; l < c.n_layers; ++l) {
     attention_block(l, batch, n_new, cache);
-    ffn_block(l, N, replay);
+    ffn_block(l, N, replay);  // ends with the next layer's attention norm, or the final norm
   }
-  ops_.rmsnorm_forward(final_in_, final_rstd_, resid_final_, W.final_norm, N, D, c.norm_eps);
   ops_.matmul_forward(logits_, final_in_, W.lm_head, N, c.vocab_size, D, false);
 }
 
@@ -508,7 +510,7 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
   const int N = batch * n_new, D = c.d_model;
   LayerActs& a = layer_acts_[l];
   const LayerWeights<T>& w = active_weights().layers[l];
-  ops_.rmsnorm_forward(a.attn_in, a.attn_rstd, a.x_in, w.attn_norm, N, D, c.norm_eps);
+  // a.attn_in (the norm of a.x_in) comes from the block before.
   const Projection qkv[] = {
       {a.q, w.wq, c.q_dim()}, {a.k, w.wk, c.kv_dim()}, {a.v, w.wv, c.kv_dim()}};
   ops_.matmul_forward_projections(a.attn_in, N, D, qkv);
@@ -522,8 +524,21 @@ void Transformer<T>::attention_block(int l, int batch, int n_new, KvCache<T>* ca
   } else {
     ops_.attention_forward(a.attn_out, a.lse, a.q, a.k, a.v, shape);
   }
-  ops_.copy(a.x_mid, a.x_in, int64_t(N) * D);
-  ops_.matmul_forward(a.x_mid, a.attn_out, w.wo, N, D, c.q_dim(), true);
+  // x_mid = x_in + the attention's output; the FFN's norm of it, and the copy of it that the
+  // FFN adds its output to (the next layer's x_in).
+  T* ffn_out = l + 1 < c.n_layers ? layer_acts_[l + 1].x_in : resid_final_;
+  ops_.matmul_residual_rmsnorm_forward(a.x_mid, a.x_in, a.attn_out, w.wo, N, D, c.q_dim(),
+                                       {a.ffn_in, a.ffn_rstd, w.ffn_norm, c.norm_eps, ffn_out});
+}
+
+template <typename T>
+typename Ops<T>::NormAfter Transformer<T>::norm_after_ffn(int l) {
+  const ModelConfig& c = config_;
+  if (l + 1 < c.n_layers) {
+    LayerActs& next = layer_acts_[l + 1];
+    return {next.attn_in, next.attn_rstd, active_weights().layers[l + 1].attn_norm, c.norm_eps};
+  }
+  return {final_in_, final_rstd_, active_weights().final_norm, c.norm_eps};
 }
 
 template <typename T>
@@ -532,9 +547,9 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   const int D = c.d_model;
   LayerActs& a = layer_acts_[l];
   const LayerWeights<T>& w = active_weights().layers[l];
+  // out holds a copy of x_mid and a.ffn_in its norm (attention_block); out += the FFN's output.
   T* out = l + 1 < c.n_layers ? layer_acts_[l + 1].x_in : resid_final_;
-  ops_.rmsnorm_forward(a.ffn_in, a.ffn_rstd, a.x_mid, w.ffn_norm, N, D, c.norm_eps);
-  ops_.copy(out, a.x_mid, int64_t(N) * D);
+  const typename Ops<T>::NormAfter after = norm_after_ffn(l);
   // The clamp counts accumulate in backend memory (read when last_stats() is asked); the
   // number of units looked at is known here.
   int64_t* clamp_counts = clamp_counts_.data() + 2 * l;
@@ -551,8 +566,8 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
       ops_.matmul_forward(dst, in, weight, M, n_out, n_in, accumulate);
     }
   };
-  // out += SwiGLU(ffn_in) through one dense weight triple of hidden width F; `gate_up_done`:
-  // a.gate and a.up already hold the first two products.
+  // The shared experts: out += SwiGLU(ffn_in) through one weight triple of hidden width F;
+  // `gate_up_done`: a.gate and a.up already hold the first two products.
   auto dense_swiglu = [&](const T* wg, const T* wu, const T* wd, int F,
                           const PackedFp4Matrix* pg, const PackedFp4Matrix* pu,
                           const PackedFp4Matrix* pd, bool gate_up_done) {
@@ -564,9 +579,12 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
     matmul(out, a.h, wd, pd, N, D, F, true);
   };
   if (!c.is_moe_layer(l)) {
+    // A dense layer's weights are never packed: its down product ends the layer together with
+    // the norm after it.
     const Projection gate_up[] = {{a.gate, w.ffn_gate, c.d_ff}, {a.up, w.ffn_up, c.d_ff}};
     ops_.matmul_forward_projections(a.ffn_in, N, D, gate_up);
-    dense_swiglu(w.ffn_gate, w.ffn_up, w.ffn_down, c.d_ff, nullptr, nullptr, nullptr, true);
+    swiglu(a.h, a.gate, a.up, int64_t(N) * c.d_ff);
+    ops_.matmul_residual_rmsnorm_forward(out, out, a.h, w.ffn_down, N, D, c.d_ff, after);
     return;
   }
   const bool packed = packed_format_.has_value();
@@ -622,7 +640,7 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   } else {
     ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, int(rows), D, Fe);
   }
-  ops_.moe_combine_forward(out, a.ye, a.gates, r, D);
+  ops_.moe_combine_rmsnorm_forward(out, a.ye, a.gates, r, D, after);
 }
 
 template <typename T>

@@ -233,8 +233,13 @@ class Transformer {
   };
 
   void allocate_activations();
+  // Each block ends with the norm the next block starts from: the attention block with the
+  // FFN's norm of x_mid (and the copy of x_mid the FFN adds to), the FFN with the next layer's
+  // attention norm or the final norm. A backend fuses a residual update with the norm after
+  // it (Ops::NormAfter), a decode step being bound by its launches.
   void attention_block(int layer, int batch, int n_new, KvCache<T>* cache);
   void ffn_block(int layer, int n_tokens, const RoutingTrace* replay);
+  typename Ops<T>::NormAfter norm_after_ffn(int layer);
   // The device work of a forward whose inputs (tokens_, positions_, start_) are in place:
   // embedding, layers, final norm, LM head. Touches no host memory but the clamp totals.
   void run_layers(int batch, int n_new, KvCache<T>* cache, const RoutingTrace* replay);

@@ -52,6 +52,14 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
     RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS_TC is '{}'; expected off or on", m);
     if (m == "off") few_rows_math_ = FewRowsMath::fma;
   }
+  // RLHF_CUDA_FUSED_NORM=off|on (default on): whether a residual update and the RMSNorm after
+  // it run as one kernel (matmul_residual_rmsnorm_forward, moe_combine_rmsnorm_forward) or as
+  // the separate calls, for A/B measurements (docs/cuda.md). Same bits either way.
+  if (const char* mode = std::getenv("RLHF_CUDA_FUSED_NORM")) {
+    const std::string m = mode;
+    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FUSED_NORM is '{}'; expected off or on", m);
+    fused_norm_enabled_ = m == "on";
+  }
   // RLHF_CUDA_GRAPHS=off|on (default on): whether callers may record ops into CUDA graphs.
   if (const char* mode = std::getenv("RLHF_CUDA_GRAPHS")) {
     const std::string m = mode;
@@ -502,6 +510,44 @@ template <typename T>
 void CudaOps<T>::rmsnorm_forward(T* out, T* rstd, const T* in, const T* weight, int N, int D,
                                  double eps) {
   cuda::rmsnorm_forward(out, rstd, in, weight, N, D, float(eps), stream_);
+}
+
+namespace {
+template <typename NormAfter>
+cuda::NormAfterArgs norm_after_args(const NormAfter& after) {
+  return {after.normed, after.rstd, after.weight, float(after.eps), after.copy};
+}
+}  // namespace
+
+// A decode-sized product: the few-rows split kernel, then one kernel for the residual, the
+// split sums, the copy and the norm (instead of a copy, the reduction, the norm and a copy).
+template <typename T>
+void CudaOps<T>::matmul_residual_rmsnorm_forward(T* x, const T* residual, const T* in,
+                                                 const T* w, int M, int N, int K,
+                                                 const NormAfter& after) {
+  if (M == 0 || N == 0) return;
+  if (!(fused_norm_enabled_ && few_rows_enabled_ && M <= kFewRowsDenseMaxRows &&
+        few_rows_kernel_fits(in, w, K))) {
+    Ops<T>::matmul_residual_rmsnorm_forward(x, residual, in, w, M, N, K, after);
+    return;
+  }
+  const cuda::FewRowsDenseProduct product{x, w, N};
+  auto* partial = static_cast<float*>(scratch(
+      sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, std::span(&product, 1), K))));
+  cuda::few_rows_dense_matmul_rmsnorm(product, residual, in, M, K, partial,
+                                      few_rows_tensor_cores(M, 1), norm_after_args(after),
+                                      stream_);
+}
+
+template <typename T>
+void CudaOps<T>::moe_combine_rmsnorm_forward(T* out, const T* ye, const T* gates,
+                                             const MoeRouting& r, int D,
+                                             const NormAfter& after) {
+  if (!fused_norm_enabled_) {
+    Ops<T>::moe_combine_rmsnorm_forward(out, ye, gates, r, D, after);
+    return;
+  }
+  cuda::moe_combine_rmsnorm_forward(out, ye, gates, r, D, norm_after_args(after), stream_);
 }
 
 template <typename T>

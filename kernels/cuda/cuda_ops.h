@@ -118,6 +118,11 @@ class CudaOps final : public Ops<T> {
                        double eps) override;
   void rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
                         const T* rstd, int N, int D) override;
+  using typename Ops<T>::NormAfter;
+  void matmul_residual_rmsnorm_forward(T* x, const T* residual, const T* in, const T* w, int M,
+                                       int N, int K, const NormAfter& after) override;
+  void moe_combine_rmsnorm_forward(T* out, const T* ye, const T* gates, const MoeRouting& routing,
+                                   int D, const NormAfter& after) override;
 
   void rope_forward(T* x, const int32_t* positions, int N, int H, int hd, double theta) override;
   void rope_backward(T* dx, const int32_t* positions, int N, int H, int hd,
@@ -201,6 +206,7 @@ class CudaOps final : public Ops<T> {
                                               : kFewRowsGroupedMaxAverage;
   }
   bool few_rows_enabled_ = true;
+  bool fused_norm_enabled_ = true;  // RLHF_CUDA_FUSED_NORM
   FewRowsMath few_rows_math_ = FewRowsMath::by_shape;
   // Whether a few-rows product of `rows` rows over n_groups weight matrices takes tensor cores.
   bool few_rows_tensor_cores(int rows, int n_groups) const;

@@ -62,4 +62,18 @@ __device__ inline float block_max(float x, float* shared) {
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// One row of RMSNorm by a block: y = x * r * weight, *rstd = r = 1 / sqrt(mean(x^2) + eps).
+// Thread t reads columns t, t + blockDim.x, ...: a kernel that has just written those columns
+// of x itself (the fused residual-and-norm kernels) reads back its own writes, and every caller
+// gets the bits of rmsnorm_forward for the same block size.
+__device__ inline void rmsnorm_row(float* y, float* rstd, const float* x, const float* weight,
+                                   int D, float eps, float* shared) {
+  float sum = 0;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) sum += x[c] * x[c];
+  sum = block_sum(sum, shared);
+  const float r = 1.0f / sqrtf(sum / float(D) + eps);
+  for (int c = threadIdx.x; c < D; c += blockDim.x) y[c] = x[c] * r * weight[c];
+  if (threadIdx.x == 0) *rstd = r;
+}
+
 }  // namespace rlhf::cuda

@@ -550,6 +550,24 @@ __global__ void reduce_splits_kernel(const DenseLaunch launch, int M, int64_t to
   }
 }
 
+// Row m of one product: x = residual + (partial[0] + partial[1] + ...), in reduce_splits_kernel's
+// order, to x and after.copy; then the row's RMSNorm. One block of kThreads per row.
+__global__ void reduce_splits_rmsnorm_kernel(const DenseUnits p, int M,
+                                             const float* residual, NormAfterArgs after) {
+  __shared__ float shared[32];
+  const int64_t m = blockIdx.x, n = int64_t(M) * p.N;
+  for (int c = threadIdx.x; c < p.N; c += blockDim.x) {
+    const int64_t at = m * p.N + c;
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) sum += p.partial[s * n + at];
+    const float x = residual[at] + sum;
+    p.out[at] = x;
+    if (after.copy) after.copy[at] = x;
+  }
+  rmsnorm_row(after.normed + m * p.N, after.rstd + m, p.out + m * p.N, after.weight, p.N,
+              after.eps, shared);
+}
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -689,12 +707,15 @@ int64_t few_rows_dense_scratch_floats(int M, std::span<const FewRowsDenseProduct
   return floats;
 }
 
-void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
-                           int M, int K, bool accumulate, float* partial, bool tensor_cores,
-                           cudaStream_t stream) {
+namespace {
+
+// Queues the split kernel for `products` (their partial sums into `partial`) and returns its
+// launch description; the caller queues the reduction.
+DenseLaunch launch_dense_splits(std::span<const FewRowsDenseProduct> products, const float* in,
+                                int M, int K, float* partial, bool tensor_cores,
+                                cudaStream_t stream) {
   CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
                "more products than one few-rows launch takes");
-  if (M <= 0) return;
   DenseLaunch launch{};
   int units = 0;
   int64_t outputs = 0;
@@ -710,15 +731,40 @@ void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const 
     outputs += int64_t(M) * product.N;
     partial += int64_t(p.splits) * M * product.N;
   }
-  if (launch.count == 0) return;
+  if (launch.count == 0) return launch;
   const dim3 grid(units, 1, (M + kRowsPerTile - 1) / kRowsPerTile);
   if (tensor_cores) {
     launch_split<true>(launch, in, M, K, grid, stream);
   } else {
     launch_split<false>(launch, in, M, K, grid, stream);
   }
+  return launch;
+}
+
+}  // namespace
+
+void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
+                           int M, int K, bool accumulate, float* partial, bool tensor_cores,
+                           cudaStream_t stream) {
+  if (M <= 0) return;
+  const DenseLaunch launch = launch_dense_splits(products, in, M, K, partial, tensor_cores, stream);
+  if (launch.count == 0) return;
+  const DenseUnits& last = launch.product[launch.count - 1];
+  const int64_t outputs = last.first_out + int64_t(M) * last.N;
   reduce_splits_kernel<<<grid_for(outputs), kThreads, 0, stream>>>(launch, M, outputs,
                                                                     accumulate);
+  CUDA_CHECK_LAUNCH();
+}
+
+void few_rows_dense_matmul_rmsnorm(const FewRowsDenseProduct& product, const float* residual,
+                                   const float* in, int M, int K, float* partial,
+                                   bool tensor_cores, const NormAfterArgs& after,
+                                   cudaStream_t stream) {
+  if (M <= 0 || product.N <= 0) return;
+  const DenseLaunch launch =
+      launch_dense_splits(std::span(&product, 1), in, M, K, partial, tensor_cores, stream);
+  reduce_splits_rmsnorm_kernel<<<M, kThreads, 0, stream>>>(launch.product[0], M, residual,
+                                                           after);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -41,6 +41,14 @@ void rmsnorm_forward(float* out, float* rstd, const float* in, const float* weig
                      float eps, cudaStream_t stream);
 void rmsnorm_backward(float* din, float* dweight, const float* dout, const float* in,
                       const float* weight, const float* rstd, int N, int D, cudaStream_t stream);
+// Ops::NormAfter with the float eps the RMSNorm kernels take. Row blocks of kThreads.
+struct NormAfterArgs {
+  float* normed;
+  float* rstd;
+  const float* weight;
+  float eps;
+  float* copy;  // null: none
+};
 // Rotates pairs by sign * pos * theta^(-2i/hd) (sign -1: the backward).
 void rope(float* x, const int32_t* positions, int N, int H, int hd, double theta, float sign,
           cudaStream_t stream);
@@ -115,6 +123,13 @@ int64_t few_rows_dense_scratch_floats(int M, std::span<const FewRowsDenseProduct
 void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
                            int M, int K, bool accumulate, float* partial, bool tensor_cores,
                            cudaStream_t stream);
+// Ops::matmul_residual_rmsnorm_forward for one product (product.out is x): the split product
+// as above, then one block per row adds residual and the splits (the bits of the reduction
+// kernel), writes x and the copy, and norms the row (the bits of rmsnorm_forward).
+void few_rows_dense_matmul_rmsnorm(const FewRowsDenseProduct& product, const float* residual,
+                                   const float* in, int M, int K, float* partial,
+                                   bool tensor_cores, const NormAfterArgs& after,
+                                   cudaStream_t stream);
 
 // ---- MoE (cuda_ops_moe.cu) ----
 // scores, gates and (unless replay) routing.expert_ids.
@@ -147,6 +162,10 @@ void moe_dispatch_forward(float* xe, const float* x, const MoeRouting& routing, 
                           cudaStream_t stream);
 void moe_dispatch_backward(float* dx, const float* dxe, const MoeRouting& routing, int D,
                            cudaStream_t stream);
+// moe_combine_forward, then `after` on out: one block per token, the bits of the two kernels.
+void moe_combine_rmsnorm_forward(float* out, const float* ye, const float* gates,
+                                 const MoeRouting& routing, int D, const NormAfterArgs& after,
+                                 cudaStream_t stream);
 void moe_combine_forward(float* out, const float* ye, const float* gates,
                          const MoeRouting& routing, int D, cudaStream_t stream);
 void moe_combine_backward(float* dye, float* dgates, const float* dout, const float* ye,

@@ -356,6 +356,26 @@ __global__ void combine_forward_kernel(float* out, const float* ye, const float*
   }
 }
 
+// combine_forward_kernel's sums for token blockIdx.x (one block of kThreads per token), to out
+// and after.copy, then the row's RMSNorm.
+__global__ void combine_rmsnorm_kernel(float* out, const float* ye, const float* gates,
+                                       MoeRouting r, int D, NormAfterArgs after) {
+  __shared__ float shared[32];
+  const int64_t t = blockIdx.x;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    const int64_t i = t * D + c;
+    float acc = out[i];
+    for (int j = 0; j < r.top_k; ++j) {
+      const int64_t pair = t * r.top_k + j;
+      acc += gates[pair] * ye[int64_t(r.slot[pair]) * D + c];
+    }
+    out[i] = acc;
+    if (after.copy) after.copy[i] = acc;
+  }
+  rmsnorm_row(after.normed + t * D, after.rstd + t, out + t * D, after.weight, D, after.eps,
+              shared);
+}
+
 // One warp per (token, choice) pair: dye = gate * dout, dgate = ye . dout.
 __global__ void combine_backward_kernel(float* dye, float* dgates, const float* dout,
                                         const float* ye, const float* gates, MoeRouting r,
@@ -477,6 +497,15 @@ void moe_combine_forward(float* out, const float* ye, const float* gates,
   const int64_t n = int64_t(routing.n_tokens) * D;
   if (n == 0) return;
   combine_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, ye, gates, routing, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine_rmsnorm_forward(float* out, const float* ye, const float* gates,
+                                 const MoeRouting& routing, int D, const NormAfterArgs& after,
+                                 cudaStream_t stream) {
+  if (routing.n_tokens == 0) return;
+  combine_rmsnorm_kernel<<<routing.n_tokens, kThreads, 0, stream>>>(out, ye, gates, routing, D,
+                                                                    after);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -30,14 +30,7 @@ __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* in,
                                        const float* weight, int D, float eps) {
   __shared__ float shared[32];
   const int64_t row = blockIdx.x;
-  const float* x = in + row * D;
-  float* y = out + row * D;
-  float sum = 0;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) sum += x[c] * x[c];
-  sum = block_sum(sum, shared);
-  const float r = 1.0f / sqrtf(sum / float(D) + eps);
-  for (int c = threadIdx.x; c < D; c += blockDim.x) y[c] = x[c] * r * weight[c];
-  if (threadIdx.x == 0) rstd[row] = r;
+  rmsnorm_row(out + row * D, rstd + row, in + row * D, weight, D, eps, shared);
 }
 
 // y = x r w  =>  dx += r (dy w) - x r^3 mean(dy w x)

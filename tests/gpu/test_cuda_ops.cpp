@@ -325,6 +325,63 @@ TEST_F(CudaOpsTest, ProjectionsInOneLaunchEqualSeparateProducts) {
   }
 }
 
+// The end of a residual branch with the norm after it (matmul_residual_rmsnorm_forward): up to
+// 64 rows the few-rows split kernel and one kernel that adds the residual and the splits, writes
+// x and the copy and norms each row. It must give the bits of the separate calls it replaces
+// (copy, matmul_forward accumulating, rmsnorm_forward, copy), since it adds in the reduction
+// kernel's order and norms with rmsnorm_forward's code. Above 64 rows (65) the call is those
+// calls. In place (residual is x) and with a separate residual, with and without the copy,
+// both multiply variants; then x against the CPU (kReduction, as every product).
+TEST_F(CudaOpsTest, ResidualProductWithNormEqualsSeparateCalls) {
+  Rng rng(131);
+  struct Shape { int M, N, K; };
+  const double eps = 1e-5;
+  for (const Shape s : {Shape{1, 1024, 1024}, Shape{7, 100, 44}, Shape{64, 200, 512},
+                        Shape{65, 96, 128}}) {
+    for (const auto math : {FewRowsMath::fma, FewRowsMath::tensor_cores}) {
+      gpu_->set_few_rows_math(math);
+      for (const bool in_place : {false, true}) {
+        for (const bool with_copy : {false, true}) {
+          SCOPED_TRACE(testing::Message() << "M=" << s.M << " N=" << s.N << " K=" << s.K << " "
+                                          << math_name(math) << (in_place ? " in place" : "")
+                                          << (with_copy ? " with copy" : ""));
+          const size_t xs = size_t(s.M) * s.N;
+          const auto residual = normal(rng, xs), in = normal(rng, size_t(s.M) * s.K);
+          const auto w = normal(rng, size_t(s.N) * s.K, 0.05), weight = normal(rng, s.N);
+          const float* d_in = dev(in);
+          const float* d_w = dev(w);
+          const float* d_weight = dev(weight);
+          float* x = in_place ? dev(residual) : poisoned(xs);
+          const float* d_residual = in_place ? x : dev(residual);
+          float* normed = poisoned(xs);
+          float* rstd = poisoned(s.M);
+          float* copy = with_copy ? poisoned(xs) : nullptr;
+          gpu_->matmul_residual_rmsnorm_forward(x, d_residual, d_in, d_w, s.M, s.N, s.K,
+                                                {normed, rstd, d_weight, eps, copy});
+          float* x_ref = dev(residual);
+          float* normed_ref = poisoned(xs);
+          float* rstd_ref = poisoned(s.M);
+          gpu_->matmul_forward(x_ref, d_in, d_w, s.M, s.N, s.K, true);
+          gpu_->rmsnorm_forward(normed_ref, rstd_ref, x_ref, d_weight, s.M, s.N, eps);
+          const auto got_x = back(x, xs);
+          EXPECT_TRUE(close(got_x, back(x_ref, xs), kExact)) << "x";
+          EXPECT_TRUE(close(back(normed, xs), back(normed_ref, xs), kExact)) << "normed";
+          EXPECT_TRUE(close(back(rstd, s.M), back(rstd_ref, s.M), kExact)) << "rstd";
+          if (with_copy) {
+            EXPECT_TRUE(close(back(copy, xs), got_x, kExact)) << "copy";
+          }
+          std::vector<float> x_cpu(xs), normed_cpu(xs), rstd_cpu(s.M);
+          cpu_.matmul_residual_rmsnorm_forward(x_cpu.data(), residual.data(), in.data(),
+                                               w.data(), s.M, s.N, s.K,
+                                               {normed_cpu.data(), rstd_cpu.data(),
+                                                weight.data(), eps});
+          EXPECT_TRUE(close(got_x, x_cpu, kReduction)) << "x against the CPU";
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, GroupedMatmulForwardAndBackward) {
   Rng rng(102);
   const int N = 24, K = 41;
@@ -873,6 +930,43 @@ TEST_F(CudaMoeTest, DispatchAndCombine) {
                             host_->view(), D);
   EXPECT_TRUE(close(back(d_dye, dye.size()), dye, kExact)) << "dye (one multiply)";
   EXPECT_TRUE(close(back(d_dgates, dgates.size()), dgates, kReduction)) << "dgates";
+}
+
+// moe_combine_rmsnorm_forward: one block per token adds the experts' rows as the combine kernel
+// does and norms the row with rmsnorm_forward's code, so it must give the bits of those two
+// calls (and of the copy), at any number of tokens.
+TEST_F(CudaMoeTest, CombineWithNormEqualsSeparateCalls) {
+  Rng rng(137);
+  const int N = 33, E = 7, K = 2, D = 300;
+  const double eps = 1e-6;
+  route(N, E, K, 1717);
+  const size_t xs = size_t(N) * D;
+  const float* d_gates = dev(gates_);
+  for (const bool with_copy : {false, true}) {
+    SCOPED_TRACE(with_copy ? "with copy" : "without copy");
+    const auto ye = normal(rng, size_t(N) * K * D), out = normal(rng, xs);
+    const auto weight = normal(rng, D);
+    const float* d_ye = dev(ye);
+    const float* d_weight = dev(weight);
+    float* d_out = dev(out);
+    float* normed = poisoned(xs);
+    float* rstd = poisoned(N);
+    float* copy = with_copy ? poisoned(xs) : nullptr;
+    gpu_->moe_combine_rmsnorm_forward(d_out, d_ye, d_gates, device_, D,
+                                      {normed, rstd, d_weight, eps, copy});
+    float* out_ref = dev(out);
+    float* normed_ref = poisoned(xs);
+    float* rstd_ref = poisoned(N);
+    gpu_->moe_combine_forward(out_ref, d_ye, d_gates, device_, D);
+    gpu_->rmsnorm_forward(normed_ref, rstd_ref, out_ref, d_weight, N, D, eps);
+    const auto got = back(d_out, xs);
+    EXPECT_TRUE(close(got, back(out_ref, xs), kExact)) << "out";
+    EXPECT_TRUE(close(back(normed, xs), back(normed_ref, xs), kExact)) << "normed";
+    EXPECT_TRUE(close(back(rstd, N), back(rstd_ref, N), kExact)) << "rstd";
+    if (with_copy) {
+      EXPECT_TRUE(close(back(copy, xs), got, kExact)) << "copy";
+    }
+  }
 }
 
 // ---------------------------------------------------------------- loss
