@@ -150,11 +150,8 @@ struct Fp4Weights {
     const uint2 packed = *reinterpret_cast<const uint2*>(&smem.codes[stage][n][quarter * 8]);
     float* dst = &smem.decoded[n][quarter * 16];
 #pragma unroll
-    for (int b = 0; b < 8; ++b) {
-      const uint32_t word = b < 4 ? packed.x : packed.y;
-      const uint8_t byte = static_cast<uint8_t>(word >> (8 * (b % 4)));
-      dst[2 * b] = fp4_decode_scaled(static_cast<uint8_t>(byte & 15u), multiplier);
-      dst[2 * b + 1] = fp4_decode_scaled(static_cast<uint8_t>(byte >> 4), multiplier);
+    for (int i = 0; i < 16; ++i) {
+      dst[i] = fp4_decode_nibble_scaled(i < 8 ? packed.x : packed.y, i % 8, multiplier);
     }
     __syncthreads();  // the decoded chunk is complete before any warp reads it
     return smem.decoded;

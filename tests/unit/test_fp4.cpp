@@ -92,6 +92,37 @@ TEST(Fp4E2m1, EveryCodeDecodesAndRoundTrips) {
   }
 }
 
+// The kernels' decoder (exponent and mantissa bits placed straight into a float) against
+// fp4_decode_scaled, bit for bit: every code at every nibble position, times every MXFP4 scale
+// (NaN included), NVFP4 multipliers (every E4M3 scale code times a few global scales, subnormal
+// products among them), and zero.
+TEST(Fp4E2m1, NibbleDecoderEqualsTheScalarDecoder) {
+  std::vector<float> multipliers = {0.0f};
+  for (int s = 0; s < 256; ++s) {
+    multipliers.push_back(fp4_block_multiplier(Fp4Format::mxfp4, uint8_t(s), 1.0f));
+  }
+  for (const float global : {1.0f, 3.7e-3f, 1.0e-30f, 2.5e30f}) {
+    for (int s = 0; s < 256; ++s) {
+      multipliers.push_back(fp4_block_multiplier(Fp4Format::nvfp4, uint8_t(s), global));
+    }
+  }
+  int compared = 0;
+  for (const float multiplier : multipliers) {
+    for (int code = 0; code < 16; ++code) {
+      for (int i = 0; i < 8; ++i) {
+        // The other nibbles hold other codes, so a decoder that leaks a neighbour's bits fails.
+        const uint32_t word = (0x9e3779b9u & ~(15u << (4 * i))) | (uint32_t(code) << (4 * i));
+        const float got = fp4_decode_nibble_scaled(word, i, multiplier);
+        const float want = fp4_decode_scaled(uint8_t(code), multiplier);
+        ASSERT_EQ(bits(got), bits(want)) << "code " << code << " nibble " << i << " multiplier "
+                                         << multiplier;
+        ++compared;
+      }
+    }
+  }
+  EXPECT_EQ(compared, int(multipliers.size()) * 16 * 8);
+}
+
 TEST(Fp4E2m1, TiesGoToTheEvenMantissa) {
   // tie -> the neighbour whose mantissa bit is 0
   const struct { float tie; uint8_t code; } ties[] = {
