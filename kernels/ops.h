@@ -119,6 +119,17 @@ class Ops {
     throw std::logic_error("this backend cannot record ops");
   }
 
+  // ---- a side branch: independent work that may overlap the main sequence ----
+  // Ops called between side_branch_begin() and side_branch_end() start after every op called
+  // before side_branch_begin(), and may run concurrently with the ops called after
+  // side_branch_end() until side_branch_join(); the ops called after the join see the branch's
+  // results. The caller promises that the branch and the ops it overlaps write disjoint memory
+  // and read nothing the other writes (atomic counters aside). A branch may be recorded. The
+  // CPU backend runs every op at once, in call order.
+  virtual void side_branch_begin() {}
+  virtual void side_branch_end() {}
+  virtual void side_branch_join() {}
+
   // ---- dense algebra ----
   // out[M,N] = in[M,K] . w[N,K]^T   (out += ... when accumulate)
   virtual void matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,

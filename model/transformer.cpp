@@ -613,16 +613,24 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   } else if (selection_router_on_) {
     select_with_selection_router(m, N);
   }
-  // With a replayed trace or a selection router, r.expert_ids is already chosen: the latest
-  // router only supplies the scores and gates (and so its gradient).
-  ops_.router_forward(a.scores, a.gates, r, router_logits_, router_bias_[m], c.route_scale,
-                      replay != nullptr || selection_router_on_);
-
+  // The shared experts do not depend on the routing. Packed, their three products run in a
+  // side branch that may overlap the routed experts' launches: it writes a.gate, a.up, a.h and
+  // adds to out; the routed path writes the routing, a.xe, a.e_*, a.ye and reads ffn_in, and
+  // combine, which adds to out too, comes after the join. On an H100 that took 4 to 10% off a
+  // packed decode step; held in float (gate and up already done above, only SwiGLU and down
+  // left to overlap), a branch made the step 1 to 5% slower, so it runs in order (docs/perf.md).
+  const bool shared_in_branch = c.n_shared_experts > 0 && !shared_gate_up_here;
+  if (shared_in_branch) ops_.side_branch_begin();
   if (c.n_shared_experts > 0) {
     dense_swiglu(w.shared_gate, w.shared_up, w.shared_down, shared_width,
                  packed ? &w.packed_shared_gate : nullptr, packed ? &w.packed_shared_up : nullptr,
                  packed ? &w.packed_shared_down : nullptr, shared_gate_up_here);
   }
+  if (shared_in_branch) ops_.side_branch_end();
+  // With a replayed trace or a selection router, r.expert_ids is already chosen: the latest
+  // router only supplies the scores and gates (and so its gradient).
+  ops_.router_forward(a.scores, a.gates, r, router_logits_, router_bias_[m], c.route_scale,
+                      replay != nullptr || selection_router_on_);
   const int64_t rows = int64_t(N) * K;
   ops_.moe_dispatch_forward(a.xe, a.ffn_in, r, D);
   if (packed) {
@@ -640,6 +648,7 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   } else {
     ops_.grouped_matmul_forward(a.ye, a.e_h, w.expert_down, r.offsets, E, int(rows), D, Fe);
   }
+  if (shared_in_branch) ops_.side_branch_join();
   ops_.moe_combine_rmsnorm_forward(out, a.ye, a.gates, r, D, after);
 }
 

@@ -60,6 +60,13 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
     RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FUSED_NORM is '{}'; expected off or on", m);
     fused_norm_enabled_ = m == "on";
   }
+  // RLHF_CUDA_SIDE_BRANCH=off|on (default on): whether side branches (side_branch_begin) run
+  // on a stream of their own or in order on the main one, for A/B measurements (docs/cuda.md).
+  if (const char* mode = std::getenv("RLHF_CUDA_SIDE_BRANCH")) {
+    const std::string m = mode;
+    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_SIDE_BRANCH is '{}'; expected off or on", m);
+    side_branch_enabled_ = m == "on";
+  }
   // RLHF_CUDA_GRAPHS=off|on (default on): whether callers may record ops into CUDA graphs.
   if (const char* mode = std::getenv("RLHF_CUDA_GRAPHS")) {
     const std::string m = mode;
@@ -70,14 +77,24 @@ CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
   // Non-blocking: a blocking stream synchronizes with the legacy stream, so another thread's
   // cudaMemcpy (the actor builds a new model version beside the one generating) would break a
   // capture in progress. Every copy of ours goes through this stream instead.
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  cublasHandle_t handle = nullptr;
-  CUBLAS_CHECK(cublasCreate(&handle));
-  cublas_ = handle;
-  CUBLAS_CHECK(cublasSetStream(handle, stream_));
-  // Plain FP32 products: no TF32 tensor-op shortcut, so the GEMMs differ from the CPU BLAS by
-  // summation order only.
-  CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  // The side branch's stream is made the same way, with a cuBLAS handle of its own (a handle's
+  // workspace must not serve two streams at once).
+  const auto make_stream = [](CUstream_st*& stream, cublasContext*& cublas) {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cublasHandle_t handle = nullptr;
+    CUBLAS_CHECK(cublasCreate(&handle));
+    cublas = handle;
+    CUBLAS_CHECK(cublasSetStream(handle, stream));
+    // Plain FP32 products: no TF32 tensor-op shortcut, so the GEMMs differ from the CPU BLAS
+    // by summation order only.
+    CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  };
+  make_stream(main_stream_, main_cublas_);
+  make_stream(side_stream_, side_cublas_);
+  stream_ = main_stream_;
+  cublas_ = main_cublas_;
+  CUDA_CHECK(cudaEventCreateWithFlags(&fork_event_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&join_event_, cudaEventDisableTiming));
   CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&device_flags_host_), sizeof(int32_t),
                            cudaHostAllocMapped));
   *device_flags_host_ = 0;
@@ -97,13 +114,18 @@ void CudaOps<T>::check_device_flags() {
 template <typename T>
 CudaOps<T>::~CudaOps() {
   // Unchecked: a destructor may run while an exception unwinds, and must not abort then.
-  if (scratch_) cudaFree(scratch_);
+  if (main_scratch_.ptr) cudaFree(main_scratch_.ptr);
+  if (side_scratch_.ptr) cudaFree(side_scratch_.ptr);
   for (CUevent_st* event : grouped_events_) cudaEventDestroy(event);
   if (grouped_staging_) cudaFreeHost(grouped_staging_);
   if (grouped_device_) cudaFree(grouped_device_);
   if (device_flags_host_) cudaFreeHost(device_flags_host_);
-  if (cublas_) cublasDestroy(cublas_);
-  if (stream_) cudaStreamDestroy(stream_);
+  if (fork_event_) cudaEventDestroy(fork_event_);
+  if (join_event_) cudaEventDestroy(join_event_);
+  if (side_cublas_) cublasDestroy(side_cublas_);
+  if (main_cublas_) cublasDestroy(main_cublas_);
+  if (side_stream_) cudaStreamDestroy(side_stream_);
+  if (main_stream_) cudaStreamDestroy(main_stream_);
 }
 
 // ---------------------------------------------------------------- recording
@@ -119,11 +141,12 @@ class CudaOps<T>::Recording final : public OpsRecording {
 
   bool replay() override {
     RLHF_CHECK(!owner_.recording_, "a recording replayed while another is being recorded");
+    RLHF_CHECK(owner_.branch_ == Branch::none, "a recording replayed inside a side branch");
     if (owner_.scratch_epoch_ != scratch_epoch_) return false;
     // The graph rewrites memory (routing offsets among it) without passing through the ops
     // that drop host mirrors of offsets, so none may survive it.
     owner_.offsets_mirror_.clear();
-    CUDA_CHECK(cudaGraphLaunch(exec_, owner_.stream_));
+    CUDA_CHECK(cudaGraphLaunch(exec_, owner_.main_stream_));
     return true;
   }
 
@@ -137,17 +160,19 @@ template <typename T>
 void CudaOps<T>::begin_recording() {
   RLHF_CHECK(graphs_enabled_, "recording asked of a backend with RLHF_CUDA_GRAPHS=off");
   RLHF_CHECK(!recording_, "begin_recording while already recording");
+  RLHF_CHECK(branch_ == Branch::none, "begin_recording inside a side branch");
   // Thread-local mode: other threads' CUDA calls (another model's ops) stay unaffected.
-  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  CUDA_CHECK(cudaStreamBeginCapture(main_stream_, cudaStreamCaptureModeThreadLocal));
   recording_ = true;
 }
 
 template <typename T>
 std::unique_ptr<OpsRecording> CudaOps<T>::end_recording() {
   RLHF_CHECK(recording_, "end_recording without begin_recording");
+  RLHF_CHECK(branch_ == Branch::none, "end_recording inside a side branch that was not joined");
   recording_ = false;
   cudaGraph_t graph = nullptr;
-  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  CUDA_CHECK(cudaStreamEndCapture(main_stream_, &graph));
   cudaGraphExec_t exec = nullptr;
   const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);  // the executable graph is independent of it
@@ -159,8 +184,9 @@ template <typename T>
 void CudaOps<T>::refuse_while_recording(const char* op) {
   if (!recording_) return;
   recording_ = false;
+  close_side_branch();  // a capture ends only with its side streams joined
   cudaGraph_t graph = nullptr;
-  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  CUDA_CHECK(cudaStreamEndCapture(main_stream_, &graph));
   if (graph) cudaGraphDestroy(graph);
   throw OpNotRecordable(fmt::format(
       "{} cannot be recorded into a CUDA graph: it waits for the device or allocates", op));
@@ -168,18 +194,57 @@ void CudaOps<T>::refuse_while_recording(const char* op) {
 
 template <typename T>
 void* CudaOps<T>::scratch(size_t bytes) {
-  if (bytes > scratch_bytes_) {
+  Scratch& s = branch_ == Branch::open ? side_scratch_ : main_scratch_;
+  if (bytes > s.bytes) {
     refuse_while_recording("growing the scratch");
     ++scratch_epoch_;
-    // Work queued on the stream may still read the old buffer.
+    // Work queued on the streams may still read the old buffer.
     CUDA_CHECK(cudaDeviceSynchronize());
-    if (scratch_) CUDA_CHECK(cudaFree(scratch_));
-    scratch_ = nullptr;
-    const size_t grown = std::max(bytes, 2 * scratch_bytes_);
-    CUDA_CHECK(cudaMalloc(&scratch_, grown));
-    scratch_bytes_ = grown;
+    if (s.ptr) CUDA_CHECK(cudaFree(s.ptr));
+    s.ptr = nullptr;
+    const size_t grown = std::max(bytes, 2 * s.bytes);
+    CUDA_CHECK(cudaMalloc(&s.ptr, grown));
+    s.bytes = grown;
   }
-  return scratch_;
+  return s.ptr;
+}
+
+// ---------------------------------------------------------------- side branch
+
+template <typename T>
+void CudaOps<T>::side_branch_begin() {
+  // A forward that threw inside a branch left it open: join it, then fork anew.
+  close_side_branch();
+  if (!side_branch_enabled_) return;
+  CUDA_CHECK(cudaEventRecord(fork_event_, main_stream_));
+  CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_event_, 0));
+  stream_ = side_stream_;
+  cublas_ = side_cublas_;
+  branch_ = Branch::open;
+}
+
+template <typename T>
+void CudaOps<T>::side_branch_end() {
+  if (!side_branch_enabled_) return;
+  RLHF_CHECK(branch_ == Branch::open, "side_branch_end without side_branch_begin");
+  CUDA_CHECK(cudaEventRecord(join_event_, side_stream_));
+  stream_ = main_stream_;
+  cublas_ = main_cublas_;
+  branch_ = Branch::unjoined;
+}
+
+template <typename T>
+void CudaOps<T>::side_branch_join() {
+  if (!side_branch_enabled_) return;
+  RLHF_CHECK(branch_ == Branch::unjoined, "side_branch_join without side_branch_end");
+  CUDA_CHECK(cudaStreamWaitEvent(main_stream_, join_event_, 0));
+  branch_ = Branch::none;
+}
+
+template <typename T>
+void CudaOps<T>::close_side_branch() {
+  if (branch_ == Branch::open) side_branch_end();
+  if (branch_ == Branch::unjoined) side_branch_join();
 }
 
 template <typename T>

@@ -84,6 +84,12 @@ class CudaOps final : public Ops<T> {
   bool can_record() const override { return graphs_enabled_; }
   void begin_recording() override;
   std::unique_ptr<OpsRecording> end_recording() override;
+  // The branch runs on a second stream with its own cuBLAS handle and scratch; the fork and
+  // the join are events (graph edges when recording). RLHF_CUDA_SIDE_BRANCH=off keeps every op
+  // on the main stream, for A/B runs.
+  void side_branch_begin() override;
+  void side_branch_end() override;
+  void side_branch_join() override;
 
   using typename Ops<T>::Projection;
   void rope_forward_qk(T* q, T* k, const int32_t* positions, int N, int Hq, int Hk, int hd,
@@ -245,10 +251,27 @@ class CudaOps final : public Ops<T> {
   // Bumped whenever the scratch is reallocated: a recording made before reads freed memory.
   uint64_t scratch_epoch_ = 0;
 
+  // The stream and cuBLAS handle ops queue on: the main ones, or the side branch's between
+  // side_branch_begin and side_branch_end.
   CUstream_st* stream_ = nullptr;
   cublasContext* cublas_ = nullptr;
-  void* scratch_ = nullptr;
-  size_t scratch_bytes_ = 0;
+  CUstream_st* main_stream_ = nullptr;
+  cublasContext* main_cublas_ = nullptr;
+  CUstream_st* side_stream_ = nullptr;
+  cublasContext* side_cublas_ = nullptr;
+  CUevent_st* fork_event_ = nullptr;
+  CUevent_st* join_event_ = nullptr;
+  enum class Branch { none, open, unjoined };  // open: ops go to the side stream
+  Branch branch_ = Branch::none;
+  bool side_branch_enabled_ = true;  // RLHF_CUDA_SIDE_BRANCH
+  // Ends a branch at once (joined), when a recording is abandoned.
+  void close_side_branch();
+  // Each stream's scratch: a branch's ops may run while the main ones use theirs.
+  struct Scratch {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+  Scratch main_scratch_, side_scratch_;
   // Host mirrors of expert offsets read back, keyed by device address, so the three grouped
   // products of a layer's forward (and the backward's) share one read. A mirror is dropped
   // when its memory may be rewritten: router_forward over it, copy_from_host, copy or fill

@@ -28,14 +28,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "common/rng.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "model/checkpoint.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
@@ -219,21 +223,22 @@ TEST_F(CudaGenerateTest, BatchedGenerationMatchesCpu) {
 // as sequences end (a recording per batch size), and every generate() call allocates its own
 // cache (the second call replays the first call's recordings only if the new cache took the
 // same memory).
-TEST_F(CudaGenerateTest, RecordedDecodeStepsGiveTheUnrecordedBits) {
-  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+void expect_recorded_steps_give_the_unrecorded_bits(Transformer<float>& model,
+                                                    const ByteTokenizer& tokenizer,
+                                                    int max_batch) {
   const auto prompts = mixed_prompts();
-  Generator generator(*gpu_model_, tokenizer_, kMaxBatch);
+  Generator generator(model, tokenizer, max_batch);
   SamplingParams params;
   params.temperature = 1.0;
   params.seed = 77;
   params.max_new_tokens = 12;
-  gpu_model_->record_decode_steps(true);
+  model.record_decode_steps(true);
   const std::vector<Generation> recorded = generator.generate(prompts, params);
   const std::vector<Generation> recorded_again = generator.generate(prompts, params);
-  EXPECT_GE(gpu_model_->recorded_decode_steps(), 2u) << "decode steps did not run as recordings";
-  gpu_model_->record_decode_steps(false);
+  EXPECT_GE(model.recorded_decode_steps(), 2u) << "decode steps did not run as recordings";
+  model.record_decode_steps(false);
   const std::vector<Generation> plain = generator.generate(prompts, params);
-  EXPECT_EQ(gpu_model_->recorded_decode_steps(), 0u);
+  EXPECT_EQ(model.recorded_decode_steps(), 0u);
   for (const auto* run : {&recorded, &recorded_again}) {
     ASSERT_EQ(run->size(), plain.size());
     for (size_t i = 0; i < plain.size(); ++i) {
@@ -243,6 +248,31 @@ TEST_F(CudaGenerateTest, RecordedDecodeStepsGiveTheUnrecordedBits) {
       EXPECT_EQ((*run)[i].routing.expert_ids, plain[i].routing.expert_ids);
     }
   }
+}
+
+TEST_F(CudaGenerateTest, RecordedDecodeStepsGiveTheUnrecordedBits) {
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  expect_recorded_steps_give_the_unrecorded_bits(*gpu_model_, tokenizer_, kMaxBatch);
+}
+
+// The same for a model with packed MXFP4 experts, as the actors serve it: its shared expert
+// runs in a side branch (Ops::side_branch_begin, a second stream), recorded into the graphs
+// with the fork and join as edges, and op by op with the two streams running concurrently.
+TEST_F(CudaGenerateTest, RecordedPackedDecodeStepsGiveTheUnrecordedBits) {
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  ModelConfig config = small_config();
+  config.d_expert = 32;  // whole MXFP4 blocks along the down product's k
+  ASSERT_GT(config.n_shared_experts, 0);
+  Transformer<float> source(cpu_, config, 1, 8);
+  source.init_random(11);
+  const std::filesystem::path path =
+      std::filesystem::temp_directory_path() /
+      ("rlhf_cuda_generate_packed_" + std::to_string(::getpid()) + ".safetensors");
+  checkpoint_save_packed(path.string(), source, "byte", Fp4Format::mxfp4);
+  const auto packed = checkpoint_load_model(path.string(), *gpu_, kMaxBatch);
+  std::filesystem::remove(path);
+  ASSERT_EQ(packed->packed_format(), Fp4Format::mxfp4);
+  expect_recorded_steps_give_the_unrecorded_bits(*packed, tokenizer_, kMaxBatch);
 }
 
 TEST_F(CudaGenerateTest, GatherLogprobsMatchesHostLogSoftmaxOnBothBackends) {

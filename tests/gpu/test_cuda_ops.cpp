@@ -1290,6 +1290,73 @@ TEST_F(CudaOpsTest, RecordedOpsRunOnReplayWithTheSameBits) {
   EXPECT_FALSE(recording->replay()) << "replayed over a scratch buffer that was freed";
 }
 
+// A side branch (side_branch_begin .. end, joined later) runs its ops on a stream of its own:
+// the branch's product, the main sequence's product queued while the branch may still run, and
+// an op after the join that reads the branch's output must all have the bits of the same ops
+// in order; recorded and replayed too. A scratch grown inside a branch while recording refuses
+// the recording (the branch is joined, the capture ends) and the backend works on.
+TEST_F(CudaOpsTest, SideBranchOpsMatchTheSameOpsInOrder) {
+  Rng rng(405);
+  const int M = 4, N = 320, K = 256;  // few rows: the split kernel, with its scratch
+  const std::vector<float> x = normal(rng, size_t(M) * K);
+  const std::vector<float> w1 = normal(rng, size_t(N) * K), w2 = normal(rng, size_t(N) * K);
+  const float* d_x = dev(x);
+  const float* d_w1 = dev(w1);
+  const float* d_w2 = dev(w2);
+  const size_t n = size_t(M) * N;
+  float* a = poisoned(n);
+  float* b = poisoned(n);
+  float* c = poisoned(n);
+  gpu_->matmul_forward(a, d_x, d_w1, M, N, K, false);
+  gpu_->matmul_forward(b, d_x, d_w2, M, N, K, false);
+  gpu_->copy(c, a, int64_t(n));
+  gpu_->matmul_forward(c, d_x, d_w2, M, N, K, true);
+  const auto want_a = back(a, n), want_b = back(b, n), want_c = back(c, n);
+
+  auto branch_ops = [&] {
+    gpu_->side_branch_begin();
+    gpu_->matmul_forward(a, d_x, d_w1, M, N, K, false);
+    gpu_->side_branch_end();
+    gpu_->matmul_forward(b, d_x, d_w2, M, N, K, false);
+    gpu_->side_branch_join();
+    gpu_->copy(c, a, int64_t(n));
+    gpu_->matmul_forward(c, d_x, d_w2, M, N, K, true);
+  };
+  auto expect_results = [&](const char* what) {
+    EXPECT_TRUE(close(back(a, n), want_a, kExact)) << what << ": the branch's product";
+    EXPECT_TRUE(close(back(b, n), want_b, kExact)) << what << ": the main product";
+    EXPECT_TRUE(close(back(c, n), want_c, kExact)) << what << ": after the join";
+  };
+  auto poison = [&] {
+    for (float* p : {a, b, c}) gpu_->fill(p, kNaN, int64_t(n));
+  };
+  poison();
+  branch_ops();
+  expect_results("op by op");
+  if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
+  poison();
+  gpu_->begin_recording();
+  branch_ops();
+  std::unique_ptr<OpsRecording> recording = gpu_->end_recording();
+  ASSERT_TRUE(recording->replay());
+  expect_results("replayed");
+
+  // A fresh backend has no scratch yet: the branch's product must grow it while recording.
+  CudaOps<float> fresh;
+  float* a2 = static_cast<float*>(fresh.alloc_bytes(sizeof(float) * n));
+  fresh.begin_recording();
+  fresh.side_branch_begin();
+  EXPECT_THROW(fresh.matmul_forward(a2, d_x, d_w1, M, N, K, false), OpNotRecordable);
+  fresh.side_branch_begin();  // usable again: a new branch, op by op
+  fresh.matmul_forward(a2, d_x, d_w1, M, N, K, false);
+  fresh.side_branch_end();
+  fresh.side_branch_join();
+  std::vector<float> got(n);
+  fresh.copy_to_host(got.data(), a2, sizeof(float) * n);
+  EXPECT_TRUE(close(got, want_a, kExact)) << "after the refused recording";
+  fresh.free_bytes(a2);
+}
+
 // An op that waits for the device cannot be recorded: it throws, the recording ends, nothing
 // recorded before it has run, and the backend works on as before.
 TEST_F(CudaOpsTest, RecordingRefusesHostCopiesAndRunsNothing) {
