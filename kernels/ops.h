@@ -191,10 +191,10 @@ class Ops {
   virtual void rmsnorm_backward(T* din, T* dweight, const T* dout, const T* in, const T* weight,
                                 const T* rstd, int N, int D) = 0;
 
-  // ---- the end of a residual branch and the start of the next ----
-  // After the residual stream x[N,D] takes a branch's output: the next sublayer's RMSNorm of x
+  // ---- the end of a sublayer and the start of the next ----
+  // After the residual stream x[N,D] takes a sublayer's output: the next sublayer's RMSNorm of x
   // (normed, rstd, as rmsnorm_forward) and, when `copy` is set, a copy of x (the buffer the next
-  // branch adds its output to).
+  // sublayer adds its output to).
   struct NormAfter {
     T* normed;          // [N,D]
     T* rstd;            // [N]
@@ -204,7 +204,7 @@ class Ops {
   };
   // x[M,N] = residual[M,N] + in[M,K] . w[N,K]^T (residual may be x itself), then `after` on x.
   // Each output has the bits of the separate calls (copy, matmul_forward accumulating,
-  // rmsnorm_forward, copy); a backend may fuse them, a decode step being bound by its launches.
+  // rmsnorm_forward, copy); a backend may fuse them into fewer launches.
   virtual void matmul_residual_rmsnorm_forward(T* x, const T* residual, const T* in,
                                                const T* w, int M, int N, int K,
                                                const NormAfter& after) {

@@ -616,7 +616,7 @@ void Transformer<T>::ffn_block(int l, int N, const RoutingTrace* replay) {
   // The shared experts do not depend on the routing. Packed, their three products run in a
   // side branch that may overlap the routed experts' launches: it writes a.gate, a.up, a.h and
   // adds to out; the routed path writes the routing, a.xe, a.e_*, a.ye and reads ffn_in, and
-  // combine, which adds to out too, comes after the join. On an H100 that took 4 to 10% off a
+  // combine, which adds to out too, comes after the join. On an H100 that took 3 to 8% off a
   // packed decode step; held in float (gate and up already done above, only SwiGLU and down
   // left to overlap), a branch made the step 1 to 5% slower, so it runs in order (docs/perf.md).
   const bool shared_in_branch = c.n_shared_experts > 0 && !shared_gate_up_here;

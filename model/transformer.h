@@ -235,8 +235,8 @@ class Transformer {
   void allocate_activations();
   // Each block ends with the norm the next block starts from: the attention block with the
   // FFN's norm of x_mid (and the copy of x_mid the FFN adds to), the FFN with the next layer's
-  // attention norm or the final norm. A backend fuses a residual update with the norm after
-  // it (Ops::NormAfter), a decode step being bound by its launches.
+  // attention norm or the final norm, so that a backend can fuse a residual update with the
+  // norm after it (Ops::NormAfter).
   void attention_block(int layer, int batch, int n_new, KvCache<T>* cache);
   void ffn_block(int layer, int n_tokens, const RoutingTrace* replay);
   typename Ops<T>::NormAfter norm_after_ffn(int layer);

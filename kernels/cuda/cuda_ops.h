@@ -234,6 +234,7 @@ class CudaOps final : public Ops<T> {
   int32_t* device_flags_host_ = nullptr;
   int32_t* device_flags_ = nullptr;
   // Device scratch of at least `bytes`, valid until the next call of scratch(); grows only.
+  // Inside an open side branch it is the branch's own buffer.
   void* scratch(size_t bytes);
   // offsets[n_groups + 1] (device) on the host: the mirror of an earlier read, else read back
   // (a wait for the device) and mirrored.
