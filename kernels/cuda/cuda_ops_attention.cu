@@ -5,8 +5,9 @@
 // - Rows. The query rows of one (b, kv head) are taken together over the group's heads,
 //   r = t * group + g (query head kvh * group + g), so a K/V tile staged once serves every
 //   head that reads it. Row r sees cache positions 0 .. start[b] + t.
-// - Forward: a block owns 32 rows of one (b, kvh), 8 per warp, and streams the keys its last
-//   row sees in tiles of 32, K and V loaded coalesced (thread i takes element i of the tile)
+// - Forward: a block owns 32 rows of one (b, kvh), 8 per warp (a decode step's 4 or 8 rows of
+//   a group on a wide grid: 1 or 2 per warp), and streams the keys its last row sees in tiles
+//   of 32, K and V loaded coalesced (thread i takes element i of the tile)
 //   into shared memory. Scores: lane = key, each lane dots its K row (padded to HD + 1 floats,
 //   so the 32 lanes hit 32 banks) with the warp's 8 Q rows (broadcast reads). Online softmax
 //   per row with warp shuffles; then lane = column for acc += p v, p passed by shuffle.
@@ -254,12 +255,12 @@ __device__ __forceinline__ GroupRow group_row(const AttentionShape& s, int b, in
   return row;
 }
 
-// kTile query rows (starting at row r0 of the group) into dst[kTile][stride], coalesced: a
+// Rows query rows (starting at row r0 of the group) into dst[Rows][stride], coalesced: a
 // group's heads are adjacent in q, so consecutive rows of one t are one contiguous run.
-template <int HD>
+template <int HD, int Rows = kTile>
 __device__ __forceinline__ void load_query_tile(float* dst, int stride, const float* src,
                                                 const AttentionShape& s, int b, int kvh, int r0) {
-  for (int e = threadIdx.x; e < kTile * HD; e += kTileThreads) {
+  for (int e = threadIdx.x; e < Rows * HD; e += kTileThreads) {
     const int i = e / HD, c = e % HD;
     dst[i * stride + c] = src[group_row(s, b, kvh, r0 + i).q_offset + c];
   }
@@ -278,17 +279,17 @@ __device__ __forceinline__ void load_key_tile(float* dst, int stride, const floa
   }
 }
 
-// acc[i] += bcast[row0 + i] . own for the warp's kRowsPerWarp rows, over c ascending. The
-// bcast rows (all lanes read the same address) are 16-byte aligned and read as float4: one
-// shared load per 4 columns and row; own is the lane's padded row, read as scalars.
-template <int HD>
-__device__ __forceinline__ void dot_warp_rows(float (&acc)[kRowsPerWarp], const float* bcast,
-                                              int row0, const float* own) {
+// acc[i] += bcast[row0 + i] . own for the warp's Rows rows (kRowsPerWarp unless said), over c
+// ascending. The bcast rows (all lanes read the same address) are 16-byte aligned and read as
+// float4: one shared load per 4 columns and row; own is the lane's padded row, read as scalars.
+template <int HD, int Rows = kRowsPerWarp>
+__device__ __forceinline__ void dot_warp_rows(float (&acc)[Rows], const float* bcast, int row0,
+                                              const float* own) {
 #pragma unroll 1  // unrolled further, ptxas spills more in dk/dv (sm_90a, CUDA 13)
   for (int c = 0; c < HD; c += 4) {
     const float o0 = own[c], o1 = own[c + 1], o2 = own[c + 2], o3 = own[c + 3];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
+    for (int i = 0; i < Rows; ++i) {
       const float4 b = *reinterpret_cast<const float4*>(bcast + (row0 + i) * HD + c);
       acc[i] += b.x * o0;
       acc[i] += b.y * o1;
@@ -302,51 +303,57 @@ __device__ __forceinline__ void dot_warp_rows(float (&acc)[kRowsPerWarp], const 
 template <int HD>
 constexpr int kCols = (HD + 31) / 32;
 
-// grid (row tiles, key splits, B * Hkv), kTileThreads threads. Warp w owns rows w*8 .. w*8+7
-// of the tile; in the score phase lane = key of the tile, in the PV phase lane = column.
+// grid (row tiles, key splits, B * Hkv), kTileThreads threads. A row tile is 4 RowsPerWarp
+// query rows and warp w owns rows w*RowsPerWarp .. +RowsPerWarp-1 of it; in the score phase
+// lane = key of the tile, in the PV phase lane = column. RowsPerWarp is 8, or 1 or 2 for a
+// decode step's few rows of a group on a wide grid (forward_rows_per_warp): tiles of 32 rows
+// give each warp 8 rows to walk, most of them copies of the last real one. Each row's
+// arithmetic is the same either way (same key order, same sums), so the choice changes no
+// bit.
 // With one split, writes out and lse; with several, each split writes its unnormalized
 // (acc, m, l) to partials and attention_combine_kernel merges them in split order.
-template <int HD>
+template <int HD, int RowsPerWarp>
 __global__ void __launch_bounds__(kTileThreads)
     attention_forward_tiled_kernel(float* out, float* lse, float* partials, const float* q,
                                    const float* k, const float* v, AttentionShape s, float scale,
                                    int keys_per_split) {
   extern __shared__ float smem[];
-  float* q_sh = smem;                              // [kTile][HD]
+  constexpr int kRowTile = kTileWarps * RowsPerWarp;
+  float* q_sh = smem;                              // [kRowTile][HD]
   float* k_sh = q_sh + kTile * HD;                 // [kTile][HD + 1]: lane = key, no conflicts
   float* v_sh = k_sh + kTile * (HD + 1);           // [kTile][HD]
   const int group = s.n_heads / s.n_kv_heads, rows = s.n_new * group;
-  const int r0 = blockIdx.x * kTile, split = blockIdx.y;
+  const int r0 = blockIdx.x * kRowTile, split = blockIdx.y;
   const int b = blockIdx.z / s.n_kv_heads, kvh = blockIdx.z % s.n_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int start = s.start[b];
   // Keys of this block: the split's range, cut at the last key its last row sees.
   const int key_lo = split * keys_per_split;
   const int key_hi =
-      min(key_lo + keys_per_split, start + group_row(s, b, kvh, r0 + kTile - 1).t + 1);
-  int last[kRowsPerWarp];
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kCols<HD>];
+      min(key_lo + keys_per_split, start + group_row(s, b, kvh, r0 + kRowTile - 1).t + 1);
+  int last[RowsPerWarp];
+  float m[RowsPerWarp], l[RowsPerWarp], acc[RowsPerWarp][kCols<HD>];
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    last[i] = start + group_row(s, b, kvh, r0 + warp * kRowsPerWarp + i).t;
+  for (int i = 0; i < RowsPerWarp; ++i) {
+    last[i] = start + group_row(s, b, kvh, r0 + warp * RowsPerWarp + i).t;
     m[i] = -INFINITY;
     l[i] = 0;
 #pragma unroll
     for (int n = 0; n < kCols<HD>; ++n) acc[i][n] = 0;
   }
-  load_query_tile<HD>(q_sh, HD, q, s, b, kvh, r0);
+  load_query_tile<HD, kRowTile>(q_sh, HD, q, s, b, kvh, r0);
   for (int j0 = key_lo; j0 < key_hi; j0 += kTile) {
     __syncthreads();  // the previous tile's readers are done (and q_sh is published)
     load_key_tile<HD>(k_sh, HD + 1, k, s, b, kvh, j0, key_hi);
     load_key_tile<HD>(v_sh, HD, v, s, b, kvh, j0, key_hi);
     __syncthreads();
-    float p[kRowsPerWarp];
+    float p[RowsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) p[i] = 0;
-    dot_warp_rows<HD>(p, q_sh, warp * kRowsPerWarp, k_sh + lane * (HD + 1));
+    for (int i = 0; i < RowsPerWarp; ++i) p[i] = 0;
+    dot_warp_rows<HD, RowsPerWarp>(p, q_sh, warp * RowsPerWarp, k_sh + lane * (HD + 1));
     const int j = j0 + lane;
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
+    for (int i = 0; i < RowsPerWarp; ++i) {
       const bool seen = j < key_hi && j <= last[i];
       const float score = p[i] * scale;
       const float new_m = fmaxf(m[i], warp_max(seen ? score : -INFINITY));
@@ -364,15 +371,15 @@ __global__ void __launch_bounds__(kTileThreads)
         const int c = lane + 32 * n;
         const float vc = c < HD ? v_sh[jj * HD + c] : 0.0f;
 #pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
+        for (int i = 0; i < RowsPerWarp; ++i) {
           acc[i][n] += __shfl_sync(0xffffffffu, p[i], jj) * vc;
         }
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int r = r0 + warp * kRowsPerWarp + i;
+  for (int i = 0; i < RowsPerWarp; ++i) {
+    const int r = r0 + warp * RowsPerWarp + i;
     if (r >= rows) break;
     const GroupRow row = group_row(s, b, kvh, r);
     if (gridDim.y == 1) {
@@ -643,9 +650,25 @@ struct ForwardSplit {
   int row_tiles, splits, keys_per_split;
 };
 
+// Query rows per warp of the forward's row tiles (4 warps). With a wide grid (at least
+// kForwardNarrowTileBlocks blocks even with small tiles: decode at large batches) the fewest
+// that cover a group's rows in one tile, so no warp walks copies of a row; otherwise 8. On an
+// H100 one row per warp took 9% off a decode step at batch 256 (1024 blocks) but made it 6%
+// slower at batch 128 (512 blocks) and 13 to 19% at 64 and below, where a block's latency
+// sets the time (docs/perf.md). Either choice gives the same bits.
+constexpr int64_t kForwardNarrowTileBlocks = 1024;
+int forward_rows_per_warp(const AttentionShape& s) {
+  const int64_t rows = int64_t(s.n_new) * (s.n_heads / s.n_kv_heads);
+  const int narrow = rows <= kTileWarps ? 1 : rows <= 2 * kTileWarps ? 2 : kRowsPerWarp;
+  const int64_t blocks = int64_t(s.batch) * s.n_kv_heads *
+                         ceil_div(rows, int64_t(kTileWarps) * narrow);
+  return blocks >= kForwardNarrowTileBlocks ? narrow : kRowsPerWarp;
+}
+
 ForwardSplit forward_split(const AttentionShape& s) {
   ForwardSplit f;
-  f.row_tiles = ceil_div(int64_t(s.n_new) * (s.n_heads / s.n_kv_heads), kTile);
+  f.row_tiles = ceil_div(int64_t(s.n_new) * (s.n_heads / s.n_kv_heads),
+                         kTileWarps * forward_rows_per_warp(s));
   const int64_t blocks = int64_t(f.row_tiles) * s.batch * s.n_kv_heads;
   int splits = 1;
   if (blocks < kForwardTargetBlocks) {
@@ -693,14 +716,24 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     return;
   }
   const ForwardSplit f = forward_split(shape);
+  const int rows_per_warp = forward_rows_per_warp(shape);
   with_head_dim(shape.head_dim, [&](auto hd) {
     constexpr int HD = decltype(hd)::value;
     const size_t smem = forward_smem_bytes(HD);
-    allow_smem(attention_forward_tiled_kernel<HD>, smem);
     const dim3 grid(f.row_tiles, f.splits, shape.batch * shape.n_kv_heads);
-    attention_forward_tiled_kernel<HD><<<grid, kTileThreads, smem, stream>>>(
-        out, lse, partials, q, k, v, shape, scale, f.keys_per_split);
-    CUDA_CHECK_LAUNCH();
+    const auto launch = [&](auto kernel) {
+      allow_smem(kernel, smem);
+      kernel<<<grid, kTileThreads, smem, stream>>>(out, lse, partials, q, k, v, shape, scale,
+                                                   f.keys_per_split);
+      CUDA_CHECK_LAUNCH();
+    };
+    if (rows_per_warp == 1) {
+      launch(attention_forward_tiled_kernel<HD, 1>);
+    } else if (rows_per_warp == 2) {
+      launch(attention_forward_tiled_kernel<HD, 2>);
+    } else {
+      launch(attention_forward_tiled_kernel<HD, kRowsPerWarp>);
+    }
   });
   if (f.splits > 1) {
     const int64_t rows = int64_t(shape.batch) * shape.n_heads * shape.n_new;

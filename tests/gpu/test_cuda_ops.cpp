@@ -580,8 +580,40 @@ INSTANTIATE_TEST_SUITE_P(
                     // The tiled kernels' shapes: 517 x 4 group rows end in a partial tile.
                     AttnCase{2, 517, 517, 8, 2, 64, true},   // training, GQA 4:1
                     AttnCase{2, 1, 1000, 8, 2, 64, false},   // decode, keys split 8 ways
-                    AttnCase{2, 40, 300, 4, 2, 128, false}), // prefill, split keys, hd 128
+                    AttnCase{2, 40, 300, 4, 2, 128, false},  // prefill, split keys, hd 128
+                    // Decode on a wide grid (1024 blocks): 1 and 2 query rows per warp.
+                    AttnCase{256, 1, 200, 16, 4, 64, false},
+                    AttnCase{1024, 1, 48, 8, 1, 32, false}),
     [](const testing::TestParamInfo<AttnCase>& p) { return attn_case_name(p.param); });
+
+// A decode step's attention on a wide grid takes row tiles of 1 or 2 rows per warp instead of
+// 8 (forward_rows_per_warp); each row's arithmetic is the same, so a sequence's output must
+// have the bits it gets when it runs alone (a narrow grid: 8 rows per warp). A cache of 128
+// positions keeps the lone sequence's keys in one split, as on the wide grid.
+TEST_F(CudaOpsTest, DecodeAttentionOnAWideGridGivesTheBitsOfANarrowOne) {
+  Rng rng(507);
+  const int B = 256, S = 128, Hq = 16, Hkv = 4, hd = 64;
+  std::vector<int32_t> start(B);
+  for (int32_t& st : start) st = int32_t(rng.uniform_int(0, S - 1));
+  const size_t q_row = size_t(Hq) * hd, kv_seq = size_t(S) * Hkv * hd;
+  const auto q = normal(rng, B * q_row), k = normal(rng, B * kv_seq), v = normal(rng, B * kv_seq);
+  const AttentionShape wide{B, 1, S, Hq, Hkv, hd, dev(start)};
+  float* d_out = poisoned(B * q_row);
+  gpu_->attention_forward(d_out, nullptr, dev(q), dev(k), dev(v), wide);
+  const auto out = back(d_out, B * q_row);
+  for (const int b : {0, 77, 255}) {
+    SCOPED_TRACE("sequence " + std::to_string(b));
+    const auto slice = [](const std::vector<float>& x, size_t at, size_t n) {
+      return std::vector<float>(x.begin() + long(at), x.begin() + long(at + n));
+    };
+    const AttentionShape alone{1, 1, S, Hq, Hkv, hd, dev(std::vector<int32_t>{start[b]})};
+    float* d_alone = poisoned(q_row);
+    gpu_->attention_forward(d_alone, nullptr, dev(slice(q, b * q_row, q_row)),
+                            dev(slice(k, b * kv_seq, kv_seq)), dev(slice(v, b * kv_seq, kv_seq)),
+                            alone);
+    EXPECT_TRUE(close(slice(out, b * q_row, q_row), back(d_alone, q_row), kExact));
+  }
+}
 
 TEST_F(CudaOpsTest, KvCacheWrite) {
   Rng rng(107);
