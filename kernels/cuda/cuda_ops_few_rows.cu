@@ -6,7 +6,8 @@
 // and multiply it with every row that needs it. The grouped kernel reads each group's row range
 // from the device offsets, so the host never waits for the router's counts. The dense kernel
 // splits k across blocks (one matrix alone would give too few blocks) and a second kernel adds
-// the splits in order. The FP4 variant streams packed expert weights (codes and block scales,
+// the splits in order; from 1 to 4 rows a GEMV (a warp per output column, no shared memory,
+// one launch) takes the dense products instead. The FP4 variant streams packed expert weights (codes and block scales,
 // fp4.h's layout) and decodes each chunk into shared memory with fp4.h's functions, so a
 // packed model's decode reads 4.25 or 4.5 bits per weight and keeps no full-precision copy.
 //
@@ -565,6 +566,81 @@ __global__ void reduce_splits_rmsnorm_kernel(const DenseUnits p, int M,
               after.eps, shared);
 }
 
+// ---- Dense products of 1 to kGemvMaxRows rows (decode at batch 1 to 4) ----
+// The split kernel above stages 64-column tiles through shared memory and needs a second
+// kernel for its k splits: at one row most of its time is that pipeline and launch. Here a
+// warp computes one output column for all rows: its lanes load the column's weight row
+// (lane l: values 4 l + 128 j .. +3) straight from global memory, all of a row's loads in
+// flight at once, multiply them with the rows of x (small, from L1/L2) in k order per lane,
+// and add the lanes' sums by a fixed butterfly. One launch, no scratch, a fixed order.
+constexpr int kGemvMaxRows = 4;
+constexpr int kGemvWarps = 8;  // columns per block
+
+template <int Rows>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_kernel(const DenseLaunch launch, const float* __restrict__ in, int K, bool accumulate,
+                const float* residual) {
+  const int lane = threadIdx.x & 31;
+  const int64_t column = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  int i = 0;
+  while (i + 1 < launch.count && column >= launch.product[i + 1].first_out) ++i;
+  const DenseUnits& p = launch.product[i];
+  const int64_t n = column - p.first_out;  // here first_out is the product's first column
+  if (n >= p.N) return;  // the last block's spare warps
+  const float* w = p.w + n * K;
+  float acc[Rows] = {};
+#pragma unroll 8
+  for (int k = 4 * lane; k < K; k += 128) {
+    const float4 wv = *reinterpret_cast<const float4*>(w + k);
+#pragma unroll
+    for (int r = 0; r < Rows; ++r) {
+      const float4 xv = *reinterpret_cast<const float4*>(in + int64_t(r) * K + k);
+      acc[r] = fmaf(wv.x, xv.x, acc[r]);
+      acc[r] = fmaf(wv.y, xv.y, acc[r]);
+      acc[r] = fmaf(wv.z, xv.z, acc[r]);
+      acc[r] = fmaf(wv.w, xv.w, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) {
+    const float sum = warp_sum(acc[r]);
+    if (lane == 0) {
+      float* out = p.out + int64_t(r) * p.N + n;
+      if (residual) {
+        *out = residual[int64_t(r) * p.N + n] + sum;
+      } else {
+        *out = accumulate ? *out + sum : sum;
+      }
+    }
+  }
+}
+
+// The products' columns, one after another, one warp each; `residual` (one product only):
+// out = residual + sum.
+void launch_gemv(std::span<const FewRowsDenseProduct> products, const float* in, int M, int K,
+                 bool accumulate, const float* residual, cudaStream_t stream) {
+  DenseLaunch launch{};
+  int64_t columns = 0;
+  for (const FewRowsDenseProduct& product : products) {
+    if (product.N <= 0) continue;
+    DenseUnits& p = launch.product[launch.count++];
+    p = {product.out, nullptr, product.w, product.N, 0, 0, 0, columns};
+    columns += product.N;
+  }
+  if (launch.count == 0) return;
+  const unsigned blocks = unsigned((columns + kGemvWarps - 1) / kGemvWarps);
+  const auto go = [&](auto kernel) {
+    kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(launch, in, K, accumulate, residual);
+    CUDA_CHECK_LAUNCH();
+  };
+  switch (M) {
+    case 1: go(gemv_kernel<1>); break;
+    case 2: go(gemv_kernel<2>); break;
+    case 3: go(gemv_kernel<3>); break;
+    default: go(gemv_kernel<4>); break;
+  }
+}
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -697,6 +773,7 @@ void few_rows_fp4_matmul(std::span<const FewRowsFp4GroupedProduct> products, con
 
 int64_t few_rows_dense_scratch_floats(int M, std::span<const FewRowsDenseProduct> products,
                                       int K) {
+  if (M <= kGemvMaxRows) return 0;  // the GEMV needs none
   int64_t floats = 0;
   for (const FewRowsDenseProduct& p : products) {
     floats += int64_t(few_rows_dense_splits(M, p.N, K)) * M * p.N;
@@ -744,6 +821,12 @@ void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const 
                            int M, int K, bool accumulate, float* partial, bool tensor_cores,
                            cudaStream_t stream) {
   if (M <= 0) return;
+  if (M <= kGemvMaxRows) {
+    CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
+                 "more products than one few-rows launch takes");
+    launch_gemv(products, in, M, K, accumulate, nullptr, stream);
+    return;
+  }
   const DenseLaunch launch = launch_dense_splits(products, in, M, K, partial, tensor_cores, stream);
   if (launch.count == 0) return;
   const DenseUnits& last = launch.product[launch.count - 1];
@@ -758,6 +841,19 @@ void few_rows_dense_matmul_rmsnorm(const FewRowsDenseProduct& product, const flo
                                    bool tensor_cores, const NormAfterArgs& after,
                                    cudaStream_t stream) {
   if (M <= 0 || product.N <= 0) return;
+  if (M <= kGemvMaxRows) {
+    // The GEMV writes x = residual + the product, then the norm and the copy as their own
+    // launches: at these row counts a GEMV and a norm beat the split kernel and a fused
+    // reduction.
+    launch_gemv(std::span(&product, 1), in, M, K, false, residual, stream);
+    rmsnorm_forward(after.normed, after.rstd, product.out, after.weight, M, product.N,
+                    after.eps, stream);
+    if (after.copy) {
+      CUDA_CHECK(cudaMemcpyAsync(after.copy, product.out, sizeof(float) * size_t(M) * product.N,
+                                 cudaMemcpyDeviceToDevice, stream));
+    }
+    return;
+  }
   const DenseLaunch launch =
       launch_dense_splits(std::span(&product, 1), in, M, K, partial, tensor_cores, stream);
   reduce_splits_rmsnorm_kernel<<<M, kThreads, 0, stream>>>(launch.product[0], M, residual,

@@ -110,8 +110,9 @@ void few_rows_fp4_matmul(std::span<const FewRowsFp4GroupedProduct> products, con
 // up to kFewRowsMaxProducts weight matrices against one input in one launch (the projections of
 // a decode step, each too small to fill the GPU alone). The k range is split across blocks,
 // each split's sum goes to `partial` (few_rows_dense_scratch_floats floats of scratch), and a
-// second kernel adds the splits in order. Each output has the same bits as in a launch of its
-// own. Same layout needs as few_rows_matmul.
+// second kernel adds the splits in order; 1 to 4 rows take one GEMV launch instead (a warp per
+// output column) and no scratch. Each output has the same bits as in a launch of its own. Same
+// layout needs as few_rows_matmul.
 struct FewRowsDenseProduct {
   float* out;
   const float* w;

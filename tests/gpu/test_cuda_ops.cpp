@@ -260,10 +260,10 @@ TEST_F(CudaOpsTest, FewRowsProductsMatchTheCpu) {
       gpu_->grouped_matmul_forward(d_out, d_in, d_w, d_off, E, R, N, K);
       EXPECT_EQ(back(d_out, out.size()), first) << "repeat";
 
-      // Dense products of up to 64 rows take the split-k variant (k cut across blocks, the
-      // splits added in order by a second kernel), with and without accumulation; 64 rows are
-      // two row tiles.
-      for (const int M : {1, 7, 64}) {
+      // Dense products of 1 to 4 rows take the GEMV (a warp per column), up to 64 rows the
+      // split-k variant (k cut across blocks, the splits added in order by a second kernel),
+      // with and without accumulation; 64 rows are two row tiles.
+      for (const int M : {1, 2, 3, 4, 7, 64}) {
         for (const bool accumulate : {false, true}) {
           auto dense = normal(rng, size_t(M) * N);
           float* d_dense = accumulate ? dev(dense) : poisoned(dense.size());
@@ -1288,7 +1288,7 @@ TEST_F(CudaOpsTest, AdamW) {
 TEST_F(CudaOpsTest, RecordedOpsRunOnReplayWithTheSameBits) {
   if (!gpu_->can_record()) GTEST_SKIP() << "RLHF_CUDA_GRAPHS=off";
   Rng rng(404);
-  const int M = 3, N = 96, K = 128;  // few rows: the split-k kernel, which uses the scratch
+  const int M = 8, N = 96, K = 128;  // the split-k kernel (above the GEMV's rows): scratch
   const std::vector<float> x = normal(rng, size_t(M) * K), w = normal(rng, size_t(N) * K);
   float* d_x = dev(x);
   const float* d_w = dev(w);
@@ -1329,7 +1329,7 @@ TEST_F(CudaOpsTest, RecordedOpsRunOnReplayWithTheSameBits) {
 // the recording (the branch is joined, the capture ends) and the backend works on.
 TEST_F(CudaOpsTest, SideBranchOpsMatchTheSameOpsInOrder) {
   Rng rng(405);
-  const int M = 4, N = 320, K = 256;  // few rows: the split kernel, with its scratch
+  const int M = 8, N = 320, K = 256;  // the split kernel (above the GEMV's rows), with scratch
   const std::vector<float> x = normal(rng, size_t(M) * K);
   const std::vector<float> w1 = normal(rng, size_t(N) * K), w2 = normal(rng, size_t(N) * K);
   const float* d_x = dev(x);
