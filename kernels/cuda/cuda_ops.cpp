@@ -840,6 +840,14 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
   RLHF_CHECK(K % block == 0, "packed FP4 matrix with {} columns is not whole {}-value blocks", K,
              block);
   if (M == 0 || N == 0) return;
+  // A decode step's few rows: a warp per output column decodes the packed column in registers.
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (few_rows_enabled_ && cuda::fp4_gemv_fits(M, int(K)) && aligned16(in) &&
+      aligned16(w.codes)) {
+    cuda::fp4_gemv(out, in, w.codes, w.scales, w.global_scale, w.format, M, int(N), int(K),
+                   accumulate, stream_);
+    return;
+  }
   // Decode a tile of weight rows at a time (at most 4M values, 16 MB) and multiply it through
   // cuBLAS: the full-precision weight never exists, only one tile of it.
   constexpr int64_t kTileValues = int64_t(1) << 22;

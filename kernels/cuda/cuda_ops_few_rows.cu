@@ -641,6 +641,58 @@ void launch_gemv(std::span<const FewRowsDenseProduct> products, const float* in,
   }
 }
 
+// The GEMV on a packed FP4 matrix (a packed model's shared experts): lane l of a column's warp
+// takes the 32 values 32 l + 1024 j .. +31 (16 bytes of codes, one MXFP4 or two NVFP4 block
+// scales), decodes them with fp4_decode_nibble_scaled (fp4.h's values, exact) and multiplies
+// them with the rows of x in k order; the lanes' sums are added by a fixed butterfly.
+template <Fp4Format Format, int Rows>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    fp4_gemv_kernel(float* __restrict__ out, const float* __restrict__ in,
+                    const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
+                    float global_scale, int N, int K, bool accumulate) {
+  constexpr int kBlock = fp4_block_size(Format);
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const uint8_t* row_codes = codes + n * (K / 2);
+  const uint8_t* row_scales = scales + n * (K / kBlock);
+  float acc[Rows] = {};
+  for (int k0 = 32 * lane; k0 < K; k0 += 1024) {
+    const uint4 packed = *reinterpret_cast<const uint4*>(row_codes + k0 / 2);
+    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // 8 values per word
+      const int k = k0 + 8 * q;
+      const float multiplier =
+          fp4_block_multiplier(Format, row_scales[k / kBlock], global_scale);
+      float w[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) w[i] = fp4_decode_nibble_scaled(words[q], i, multiplier);
+#pragma unroll
+      for (int r = 0; r < Rows; ++r) {
+        const float4 x0 = *reinterpret_cast<const float4*>(in + int64_t(r) * K + k);
+        const float4 x1 = *reinterpret_cast<const float4*>(in + int64_t(r) * K + k + 4);
+        acc[r] = fmaf(w[0], x0.x, acc[r]);
+        acc[r] = fmaf(w[1], x0.y, acc[r]);
+        acc[r] = fmaf(w[2], x0.z, acc[r]);
+        acc[r] = fmaf(w[3], x0.w, acc[r]);
+        acc[r] = fmaf(w[4], x1.x, acc[r]);
+        acc[r] = fmaf(w[5], x1.y, acc[r]);
+        acc[r] = fmaf(w[6], x1.z, acc[r]);
+        acc[r] = fmaf(w[7], x1.w, acc[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < Rows; ++r) {
+    const float sum = warp_sum(acc[r]);
+    if (lane == 0) {
+      float* o = out + int64_t(r) * N + n;
+      *o = accumulate ? *o + sum : sum;
+    }
+  }
+}
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -768,6 +820,35 @@ void few_rows_fp4_matmul(std::span<const FewRowsFp4GroupedProduct> products, con
     tensor_cores ? launch(Mx{}, std::true_type{}) : launch(Mx{}, std::false_type{});
   } else {
     tensor_cores ? launch(Nv{}, std::true_type{}) : launch(Nv{}, std::false_type{});
+  }
+}
+
+bool fp4_gemv_fits(int M, int K) { return M >= 1 && M <= kGemvMaxRows && K % 32 == 0; }
+
+void fp4_gemv(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
+              float global_scale, Fp4Format format, int M, int N, int K, bool accumulate,
+              cudaStream_t stream) {
+  CUDA_REQUIRE(fp4_gemv_fits(M, K), "the FP4 GEMV takes 1 to 4 rows and k in blocks of 32");
+  if (N <= 0) return;
+  const unsigned blocks = unsigned((int64_t(N) + kGemvWarps - 1) / kGemvWarps);
+  const auto go = [&](auto kernel) {
+    kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(out, in, codes, scales, global_scale, N, K,
+                                                   accumulate);
+    CUDA_CHECK_LAUNCH();
+  };
+  const auto rows = [&](auto format_tag) {
+    constexpr Fp4Format F = decltype(format_tag)::value;
+    switch (M) {
+      case 1: go(fp4_gemv_kernel<F, 1>); break;
+      case 2: go(fp4_gemv_kernel<F, 2>); break;
+      case 3: go(fp4_gemv_kernel<F, 3>); break;
+      default: go(fp4_gemv_kernel<F, 4>); break;
+    }
+  };
+  if (format == Fp4Format::mxfp4) {
+    rows(std::integral_constant<Fp4Format, Fp4Format::mxfp4>{});
+  } else {
+    rows(std::integral_constant<Fp4Format, Fp4Format::nvfp4>{});
   }
 }
 

@@ -97,6 +97,14 @@ void few_rows_matmul(std::span<const FewRowsGroupedProduct> products, const floa
 // Needs K % 32 == 0 and the block's scales for all of K within the kernel's shared memory.
 // Products as for few_rows_matmul, all in `format`.
 bool few_rows_fp4_fits(Fp4Format format, int K);
+// out[M, N] (+)= in[M, K] . dequantize(w)^T for a packed matrix of N rows (codes, scales in
+// fp4.h's layout) and 1 to 4 rows of x: a warp per output column decodes the column in
+// registers (a packed model's shared experts at decode). Needs fp4_gemv_fits and 16-byte
+// aligned codes rows and x (K a multiple of 32).
+bool fp4_gemv_fits(int M, int K);
+void fp4_gemv(float* out, const float* in, const uint8_t* codes, const uint8_t* scales,
+              float global_scale, Fp4Format format, int M, int N, int K, bool accumulate,
+              cudaStream_t stream);
 struct FewRowsFp4GroupedProduct {
   float* out;
   const uint8_t* codes;

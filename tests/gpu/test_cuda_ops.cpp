@@ -1196,19 +1196,38 @@ TEST_F(CudaOpsTest, Fp4Matmuls) {
   for (const Fp4Format format : {Fp4Format::mxfp4, Fp4Format::nvfp4}) {
     SCOPED_TRACE(fp4_format_name(format));
     const int64_t N = 70, K = 64;
-    const int M = 5;
     const Fp4Tensor w = fp4_quantize(fp4_input(rng, N * K).data(), N, K, format, "w");
     PackedFp4Matrix cpu_w{format, N, K, w.codes.data(), w.scales.data(), w.global_scale};
     PackedFp4Matrix gpu_w = cpu_w;
     gpu_w.codes = dev(w.codes);
     gpu_w.scales = dev(w.scales);
-    const auto in = normal(rng, size_t(M) * K);
-    for (bool accumulate : {false, true}) {
-      auto out = normal(rng, size_t(M) * N);
-      float* d_out = dev(out);
-      gpu_->fp4_matmul_forward(d_out, dev(in), gpu_w, M, accumulate);
-      cpu_.fp4_matmul_forward(out.data(), in.data(), cpu_w, M, accumulate);
-      EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "accumulate " << accumulate;
+    // 1 to 4 rows take the FP4 GEMV (a warp per column), 5 the decode-and-SGEMM route.
+    for (const int M : {1, 2, 4, 5}) {
+      const auto in = normal(rng, size_t(M) * K);
+      for (bool accumulate : {false, true}) {
+        auto out = normal(rng, size_t(M) * N);
+        float* d_out = dev(out);
+        gpu_->fp4_matmul_forward(d_out, dev(in), gpu_w, M, accumulate);
+        cpu_.fp4_matmul_forward(out.data(), in.data(), cpu_w, M, accumulate);
+        EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction))
+            << "M " << M << " accumulate " << accumulate;
+      }
+    }
+    // A longer k (3 x 1024 + 32 values: lanes loop, and a partial pass) through the GEMV.
+    {
+      const int64_t N2 = 9, K2 = 3 * 1024 + 32;
+      const int M = 3;
+      const Fp4Tensor w2 = fp4_quantize(fp4_input(rng, N2 * K2).data(), N2, K2, format, "w2");
+      PackedFp4Matrix cpu_w2{format, N2, K2, w2.codes.data(), w2.scales.data(), w2.global_scale};
+      PackedFp4Matrix gpu_w2 = cpu_w2;
+      gpu_w2.codes = dev(w2.codes);
+      gpu_w2.scales = dev(w2.scales);
+      const auto in = normal(rng, size_t(M) * K2);
+      std::vector<float> out(size_t(M) * N2);
+      float* d_out = poisoned(out.size());
+      gpu_->fp4_matmul_forward(d_out, dev(in), gpu_w2, M, false);
+      cpu_.fp4_matmul_forward(out.data(), in.data(), cpu_w2, M, false);
+      EXPECT_TRUE(close(back(d_out, out.size()), out, kReduction)) << "k " << K2;
     }
     // Grouped: 5 experts of 14 rows each, one without tokens.
     const std::vector<int32_t> offsets = {0, 3, 3, 11, 12, 20};
