@@ -36,43 +36,35 @@ struct CudaOps<T>::GroupedCallArrays {
   std::vector<int> lda, ldb, ldc, size;
 };
 
+namespace {
+// An on/off switch from the environment: on unless `name` is set to off; any other value is an
+// error naming it.
+bool env_switch(const char* name) {
+  const char* mode = std::getenv(name);
+  if (!mode) return true;
+  const std::string m = mode;
+  RLHF_CHECK(m == "off" || m == "on", "{} is '{}'; expected off or on", name, m);
+  return m == "on";
+}
+}  // namespace
+
 template <typename T>
 CudaOps<T>::CudaOps() : grouped_call_(std::make_unique<GroupedCallArrays>()) {
-  // RLHF_CUDA_FEW_ROWS=off|on (default on): whether small products may take the few-rows
-  // kernels. For A/B measurements against cuBLAS with one binary (docs/cuda.md).
-  if (const char* mode = std::getenv("RLHF_CUDA_FEW_ROWS")) {
-    const std::string m = mode;
-    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS is '{}'; expected off or on", m);
-    few_rows_enabled_ = m == "on";
-  }
-  // RLHF_CUDA_FEW_ROWS_TC=off|on (default on): whether the few-rows kernels may take their
-  // 3xTF32 tensor-core variant (for A/B measurements, docs/cuda.md).
-  if (const char* mode = std::getenv("RLHF_CUDA_FEW_ROWS_TC")) {
-    const std::string m = mode;
-    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FEW_ROWS_TC is '{}'; expected off or on", m);
-    if (m == "off") few_rows_math_ = FewRowsMath::fma;
-  }
-  // RLHF_CUDA_FUSED_NORM=off|on (default on): whether a residual update and the RMSNorm after
-  // it run as one kernel (matmul_residual_rmsnorm_forward, moe_combine_rmsnorm_forward) or as
-  // the separate calls, for A/B measurements (docs/cuda.md). Same bits either way.
-  if (const char* mode = std::getenv("RLHF_CUDA_FUSED_NORM")) {
-    const std::string m = mode;
-    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_FUSED_NORM is '{}'; expected off or on", m);
-    fused_norm_enabled_ = m == "on";
-  }
-  // RLHF_CUDA_SIDE_BRANCH=off|on (default on): whether side branches (side_branch_begin) run
-  // on a stream of their own or in order on the main one, for A/B measurements (docs/cuda.md).
-  if (const char* mode = std::getenv("RLHF_CUDA_SIDE_BRANCH")) {
-    const std::string m = mode;
-    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_SIDE_BRANCH is '{}'; expected off or on", m);
-    side_branch_enabled_ = m == "on";
-  }
-  // RLHF_CUDA_GRAPHS=off|on (default on): whether callers may record ops into CUDA graphs.
-  if (const char* mode = std::getenv("RLHF_CUDA_GRAPHS")) {
-    const std::string m = mode;
-    RLHF_CHECK(m == "off" || m == "on", "RLHF_CUDA_GRAPHS is '{}'; expected off or on", m);
-    graphs_enabled_ = m == "on";
-  }
+  // A/B switches, each RLHF_CUDA_...=off|on (default on), for measurements with one binary
+  // (docs/cuda.md):
+  // FEW_ROWS: whether small products may take the few-rows kernels (else cuBLAS).
+  few_rows_enabled_ = env_switch("RLHF_CUDA_FEW_ROWS");
+  // FEW_ROWS_TC: whether the few-rows kernels may take their 3xTF32 tensor-core variant.
+  if (!env_switch("RLHF_CUDA_FEW_ROWS_TC")) few_rows_math_ = FewRowsMath::fma;
+  // FUSED_NORM: whether a residual update and the RMSNorm after it run as one kernel
+  // (matmul_residual_rmsnorm_forward, moe_combine_rmsnorm_forward) or as the separate calls.
+  // Same bits either way.
+  fused_norm_enabled_ = env_switch("RLHF_CUDA_FUSED_NORM");
+  // SIDE_BRANCH: whether side branches (side_branch_begin) run on a stream of their own or in
+  // order on the main one.
+  side_branch_enabled_ = env_switch("RLHF_CUDA_SIDE_BRANCH");
+  // GRAPHS: whether callers may record ops into CUDA graphs.
+  graphs_enabled_ = env_switch("RLHF_CUDA_GRAPHS");
   // A stream of our own because the legacy default stream cannot be captured into a graph.
   // Non-blocking: a blocking stream synchronizes with the legacy stream, so another thread's
   // cudaMemcpy (the actor builds a new model version beside the one generating) would break a
@@ -399,7 +391,7 @@ template <typename T>
 void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, int K,
                                 bool accumulate) {
   if (M == 0 || N == 0) return;
-  if (few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K)) {
+  if (few_rows_dense_fits(in, w, M, K)) {
     const cuda::FewRowsDenseProduct product[] = {{out, w, N}};
     few_rows_dense(product, in, M, K, accumulate);
     return;
@@ -410,9 +402,8 @@ void CudaOps<T>::matmul_forward(T* out, const T* in, const T* w, int M, int N, i
 template <typename T>
 void CudaOps<T>::matmul_forward_projections(const T* in, int M, int K,
                                             std::span<const Projection> projections) {
-  bool one_launch = few_rows_enabled_ && M > 0 && M <= kFewRowsDenseMaxRows &&
-                    projections.size() <= size_t(cuda::kFewRowsMaxProducts);
-  for (const Projection& p : projections) one_launch &= few_rows_kernel_fits(in, p.w, K);
+  bool one_launch = M > 0 && projections.size() <= size_t(cuda::kFewRowsMaxProducts);
+  for (const Projection& p : projections) one_launch &= few_rows_dense_fits(in, p.w, M, K);
   if (!one_launch) {
     Ops<T>::matmul_forward_projections(in, M, K, projections);
     return;
@@ -427,10 +418,21 @@ void CudaOps<T>::matmul_forward_projections(const T* in, int M, int K,
 template <typename T>
 void CudaOps<T>::few_rows_dense(std::span<const cuda::FewRowsDenseProduct> products,
                                 const T* in, int M, int K, bool accumulate) {
-  auto* partial = static_cast<float*>(
+  cuda::few_rows_dense_matmul(products, in, M, K, accumulate,
+                              few_rows_dense_partial(products, M, K), few_rows_tensor_cores(M, 1),
+                              stream_);
+}
+
+template <typename T>
+bool CudaOps<T>::few_rows_dense_fits(const void* in, const void* w, int M, int K) const {
+  return few_rows_enabled_ && M <= kFewRowsDenseMaxRows && few_rows_kernel_fits(in, w, K);
+}
+
+template <typename T>
+float* CudaOps<T>::few_rows_dense_partial(std::span<const cuda::FewRowsDenseProduct> products,
+                                          int M, int K) {
+  return static_cast<float*>(
       scratch(sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, products, K))));
-  cuda::few_rows_dense_matmul(products, in, M, K, accumulate, partial,
-                              few_rows_tensor_cores(M, 1), stream_);
 }
 
 template <typename T>
@@ -591,14 +593,12 @@ void CudaOps<T>::matmul_residual_rmsnorm_forward(T* x, const T* residual, const 
                                                  const T* w, int M, int N, int K,
                                                  const NormAfter& after) {
   if (M == 0 || N == 0) return;
-  if (!(fused_norm_enabled_ && few_rows_enabled_ && M <= kFewRowsDenseMaxRows &&
-        few_rows_kernel_fits(in, w, K))) {
+  if (!(fused_norm_enabled_ && few_rows_dense_fits(in, w, M, K))) {
     Ops<T>::matmul_residual_rmsnorm_forward(x, residual, in, w, M, N, K, after);
     return;
   }
   const cuda::FewRowsDenseProduct product{x, w, N};
-  auto* partial = static_cast<float*>(scratch(
-      sizeof(float) * size_t(cuda::few_rows_dense_scratch_floats(M, std::span(&product, 1), K))));
+  float* partial = few_rows_dense_partial(std::span(&product, 1), M, K);
   cuda::few_rows_dense_matmul_rmsnorm(product, residual, in, M, K, partial,
                                       few_rows_tensor_cores(M, 1), norm_after_args(after),
                                       stream_);
@@ -841,9 +841,8 @@ void CudaOps<T>::fp4_matmul_forward(T* out, const T* in, const PackedFp4Matrix& 
              block);
   if (M == 0 || N == 0) return;
   // A decode step's few rows: a warp per output column decodes the packed column in registers.
-  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (few_rows_enabled_ && cuda::fp4_gemv_fits(M, int(K)) && aligned16(in) &&
-      aligned16(w.codes)) {
+  if (few_rows_enabled_ && cuda::fp4_gemv_fits(M, int(K)) &&
+      few_rows_kernel_fits(in, w.codes, int(K))) {
     cuda::fp4_gemv(out, in, w.codes, w.scales, w.global_scale, w.format, M, int(N), int(K),
                    accumulate, stream_);
     return;

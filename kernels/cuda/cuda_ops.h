@@ -216,6 +216,11 @@ class CudaOps final : public Ops<T> {
   FewRowsMath few_rows_math_ = FewRowsMath::by_shape;
   // Whether a few-rows product of `rows` rows over n_groups weight matrices takes tensor cores.
   bool few_rows_tensor_cores(int rows, int n_groups) const;
+  // Whether a dense product of M rows goes to the few-rows kernels.
+  bool few_rows_dense_fits(const void* in, const void* w, int M, int K) const;
+  // The scratch for the split sums of few-rows dense products.
+  float* few_rows_dense_partial(std::span<const cuda::FewRowsDenseProduct> products, int M,
+                                int K);
   // Dense products of M <= kFewRowsDenseMaxRows rows through the few-rows kernel, in one launch.
   void few_rows_dense(std::span<const cuda::FewRowsDenseProduct> products, const T* in, int M,
                       int K, bool accumulate);

@@ -532,8 +532,17 @@ __global__ void __launch_bounds__(kFewRowsThreads, 2)
                                p.N, in + k0, 0, M, n_valid, k_len, K);
 }
 
-// out[i] (+)= partial[0][i] + partial[1][i] + ... in split order (deterministic), for every
-// element of every product: element e of the products' outputs taken one after another.
+// partial[0][at] + partial[1][at] + ... of one product, in split order (deterministic): the sum
+// of both reduction kernels, so they give the same bits.
+__device__ __forceinline__ float split_sum(const DenseUnits& p, int M, int64_t at) {
+  const int64_t n = int64_t(M) * p.N;
+  float sum = 0.0f;
+  for (int s = 0; s < p.splits; ++s) sum += p.partial[s * n + at];
+  return sum;
+}
+
+// out[i] (+)= partial[0][i] + partial[1][i] + ... in split order, for every element of every
+// product: element e of the products' outputs taken one after another.
 __global__ void reduce_splits_kernel(const DenseLaunch launch, int M, int64_t total,
                                      bool accumulate) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
@@ -541,9 +550,8 @@ __global__ void reduce_splits_kernel(const DenseLaunch launch, int M, int64_t to
     int i = 0;
     while (i + 1 < launch.count && e >= launch.product[i + 1].first_out) ++i;
     const DenseUnits& p = launch.product[i];
-    const int64_t at = e - p.first_out, n = int64_t(M) * p.N;
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += p.partial[s * n + at];
+    const int64_t at = e - p.first_out;
+    const float sum = split_sum(p, M, at);
     p.out[at] = accumulate ? p.out[at] + sum : sum;
   }
 }
@@ -553,12 +561,10 @@ __global__ void reduce_splits_kernel(const DenseLaunch launch, int M, int64_t to
 __global__ void reduce_splits_rmsnorm_kernel(const DenseUnits p, int M,
                                              const float* residual, NormAfterArgs after) {
   __shared__ float shared[32];
-  const int64_t m = blockIdx.x, n = int64_t(M) * p.N;
+  const int64_t m = blockIdx.x;
   for (int c = threadIdx.x; c < p.N; c += blockDim.x) {
     const int64_t at = m * p.N + c;
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) sum += p.partial[s * n + at];
-    const float x = residual[at] + sum;
+    const float x = residual[at] + split_sum(p, M, at);
     p.out[at] = x;
     if (after.copy) after.copy[at] = x;
   }
@@ -575,6 +581,13 @@ __global__ void reduce_splits_rmsnorm_kernel(const DenseUnits p, int M,
 // and add the lanes' sums by a fixed butterfly. One launch, no scratch, a fixed order.
 constexpr int kGemvMaxRows = 4;
 constexpr int kGemvWarps = 8;  // columns per block
+
+// The write of one GEMV output (lane 0 after the butterfly): residual + sum where a residual
+// is given, else out + sum when accumulating, else sum.
+__device__ __forceinline__ void store_gemv_output(float* out, float sum, bool accumulate,
+                                                  const float* residual) {
+  *out = residual ? *residual + sum : accumulate ? *out + sum : sum;
+}
 
 template <int Rows>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -604,13 +617,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
   for (int r = 0; r < Rows; ++r) {
     const float sum = warp_sum(acc[r]);
+    const int64_t at = int64_t(r) * p.N + n;
     if (lane == 0) {
-      float* out = p.out + int64_t(r) * p.N + n;
-      if (residual) {
-        *out = residual[int64_t(r) * p.N + n] + sum;
-      } else {
-        *out = accumulate ? *out + sum : sum;
-      }
+      store_gemv_output(p.out + at, sum, accumulate, residual ? residual + at : nullptr);
     }
   }
 }
@@ -686,10 +695,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
   for (int r = 0; r < Rows; ++r) {
     const float sum = warp_sum(acc[r]);
-    if (lane == 0) {
-      float* o = out + int64_t(r) * N + n;
-      *o = accumulate ? *o + sum : sum;
-    }
+    if (lane == 0) store_gemv_output(out + int64_t(r) * N + n, sum, accumulate, nullptr);
   }
 }
 
@@ -869,8 +875,6 @@ namespace {
 DenseLaunch launch_dense_splits(std::span<const FewRowsDenseProduct> products, const float* in,
                                 int M, int K, float* partial, bool tensor_cores,
                                 cudaStream_t stream) {
-  CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
-               "more products than one few-rows launch takes");
   DenseLaunch launch{};
   int units = 0;
   int64_t outputs = 0;
@@ -901,10 +905,10 @@ DenseLaunch launch_dense_splits(std::span<const FewRowsDenseProduct> products, c
 void few_rows_dense_matmul(std::span<const FewRowsDenseProduct> products, const float* in,
                            int M, int K, bool accumulate, float* partial, bool tensor_cores,
                            cudaStream_t stream) {
+  CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
+               "more products than one few-rows launch takes");
   if (M <= 0) return;
   if (M <= kGemvMaxRows) {
-    CUDA_REQUIRE(products.size() <= size_t(kFewRowsMaxProducts),
-                 "more products than one few-rows launch takes");
     launch_gemv(products, in, M, K, accumulate, nullptr, stream);
     return;
   }

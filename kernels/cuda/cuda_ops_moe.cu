@@ -341,18 +341,24 @@ __global__ void dispatch_backward_kernel(float* dx, const float* dxe, MoeRouting
   }
 }
 
+// out[t, c] + the token's gated expert rows at column c, choices in order: the one formula of
+// both combine kernels, so they give the same bits.
+__device__ __forceinline__ float combined(const float* out, const float* ye, const float* gates,
+                                          const MoeRouting& r, int D, int64_t t, int64_t c) {
+  float acc = out[t * D + c];
+  for (int j = 0; j < r.top_k; ++j) {
+    const int64_t pair = t * r.top_k + j;
+    acc += gates[pair] * ye[int64_t(r.slot[pair]) * D + c];
+  }
+  return acc;
+}
+
 __global__ void combine_forward_kernel(float* out, const float* ye, const float* gates,
                                        MoeRouting r, int D) {
   const int64_t n = int64_t(r.n_tokens) * D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / D, c = i % D;
-    float acc = out[i];
-    for (int j = 0; j < r.top_k; ++j) {
-      const int64_t pair = t * r.top_k + j;
-      acc += gates[pair] * ye[int64_t(r.slot[pair]) * D + c];
-    }
-    out[i] = acc;
+    out[i] = combined(out, ye, gates, r, D, i / D, i % D);
   }
 }
 
@@ -363,14 +369,9 @@ __global__ void combine_rmsnorm_kernel(float* out, const float* ye, const float*
   __shared__ float shared[32];
   const int64_t t = blockIdx.x;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    const int64_t i = t * D + c;
-    float acc = out[i];
-    for (int j = 0; j < r.top_k; ++j) {
-      const int64_t pair = t * r.top_k + j;
-      acc += gates[pair] * ye[int64_t(r.slot[pair]) * D + c];
-    }
-    out[i] = acc;
-    if (after.copy) after.copy[i] = acc;
+    const float x = combined(out, ye, gates, r, D, t, c);
+    out[t * D + c] = x;
+    if (after.copy) after.copy[t * D + c] = x;
   }
   rmsnorm_row(after.normed + t * D, after.rstd + t, out + t * D, after.weight, D, after.eps,
               shared);
